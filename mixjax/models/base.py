@@ -1,0 +1,119 @@
+"""The decoder skeleton both families share: embedding, decoder layers, MoE block, final norm and LM head.
+
+All of it is local-view code that runs inside the strategy's `shard_map` (see mixjax.sharding.runner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mixjax.models.layers import MLP, Experts, RMSNorm, Source, param
+from mixjax.sharding.dispatch import dense_gates, moe_unfused
+from mixjax.sharding.fused import fused_moe_residual
+from mixjax.sharding.strategies import ParallelContext
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """One per-layer cache array: shape without the leading [batch, max_len], and logical axes of those dims."""
+
+    name: str
+    feature_shape: tuple[int, ...]
+    feature_axes: tuple[str | None, ...]
+
+
+class MoE(nnx.Module):
+    """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x) -> (ids, weights)`."""
+
+    num_experts: int
+    top_k: int
+    experts: Experts
+    shared: MLP | None
+
+    def __call__(self, x, par: ParallelContext):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, w = self.route(flat)
+        y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k)
+        if self.shared is not None:
+            y = y + self.shared(flat, par)
+        return y.reshape(shape)
+
+
+class DecoderLayer(nnx.Module):
+    """x -> h = x + Attn(norm1(x)) -> h + FFN(norm2(h)); FFN is a dense MLP or an MoE block."""
+
+    def __init__(self, attn, ffn, *, d_model, eps, prefix, dtype):
+        self.input_norm = RMSNorm(d_model, f"{prefix}.input_layernorm.weight", eps=eps, dtype=dtype)
+        self.post_norm = RMSNorm(d_model, f"{prefix}.post_attention_layernorm.weight", eps=eps, dtype=dtype)
+        self.attn = attn
+        self.ffn = ffn
+        self.is_moe = isinstance(ffn, MoE)
+
+    def __call__(self, x, positions, cache, par: ParallelContext):
+        fused = par.strategy.fused and self.is_moe
+        a, cache = self.attn(self.input_norm(x), positions, cache, par, reduce=not fused)
+        if fused:  # the attention all-reduce is folded into the MoE's chunked RS / A2A / AG pipeline
+            b, t, d = x.shape
+            out = fused_moe_residual(
+                x.reshape(-1, d), a.reshape(-1, d), norm=self.post_norm, route=self.ffn.route,
+                experts=self.ffn.experts, shared=self.ffn.shared, num_experts=self.ffn.num_experts,
+                top_k=self.ffn.top_k, par=par)
+            return out.reshape(b, t, d), cache
+        h = x + a
+        return h + self.ffn(self.post_norm(h), par), cache
+
+
+class CausalLM(nnx.Module):
+    """Embedding (vocabulary split over the attention TP group), layers, final norm, LM head."""
+
+    config: object
+    layers: nnx.List
+
+    def _init_embeddings(self, cfg, vocab_padded, *, dtype, rngs):
+        self.embed = param((vocab_padded, cfg.hidden_size), ("vocab", None), Source("model.embed_tokens.weight"),
+                           dtype, rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, "model.norm.weight", eps=cfg.rms_norm_eps, dtype=dtype)
+        self.tied = cfg.tie_word_embeddings
+        if not self.tied:
+            self.lm_head = param((cfg.hidden_size, vocab_padded), (None, "vocab"),
+                                 Source("lm_head.weight", transpose=True), dtype, rngs)
+
+    def embed_tokens(self, tokens, par: ParallelContext):
+        table = self.embed[...]
+        v_local = table.shape[0]
+        local = tokens - par.attn_tp_index() * v_local
+        ok = (local >= 0) & (local < v_local)
+        x = jnp.where(ok[..., None], table[jnp.clip(local, 0, v_local - 1)], 0)
+        return par.psum_attn_tp(x)
+
+    def __call__(self, tokens, positions, cache, par: ParallelContext):
+        """tokens, positions [B, T] -> logits [B, T, V_local] (this device's vocabulary block), new cache."""
+        x = self.embed_tokens(tokens, par)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, positions, layer_cache, par)
+            new_cache.append(layer_cache)
+        x = self.final_norm(x)
+        w = self.embed[...].T if self.tied else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+        return logits, new_cache
+
+    def cache_entries(self, layer: int) -> list[CacheEntry]:
+        return self.layers[layer].attn.cache_entries()
+
+
+def kv_heads_stored(num_kv_heads: int, num_heads: int, tp: int) -> int:
+    """KV heads held in the (global) weights: repeated when the TP degree exceeds the number of KV heads."""
+    if tp <= num_kv_heads:
+        if num_kv_heads % tp:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over a tensor-parallel group of {tp}")
+        return num_kv_heads
+    if tp % num_kv_heads or num_heads % tp:
+        raise ValueError(f"tensor-parallel degree {tp} must be a multiple of the {num_kv_heads} KV heads and "
+                         f"divide the {num_heads} query heads")
+    return tp
+

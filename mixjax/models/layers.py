@@ -1,0 +1,213 @@
+"""Building blocks shared by the model families, written in the per-device (local) view.
+
+Every module runs inside one `shard_map` over the (node, gpu) mesh: a weight split by a strategy arrives here as
+this device's block, so shapes are read from the arrays, never from the config. Each weight is an `nnx.Param`
+with two pieces of metadata:
+  * `axes`: logical axis names per dimension ("heads", "experts", ...), mapped to mesh axes by the strategy;
+  * `source`: where the weight comes from in a Hugging Face checkpoint (see `Source`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixjax.sharding.strategies import ParallelContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """How a parameter is read from a Hugging Face checkpoint.
+
+    name: tensor name; for stacked experts a template with "{e}".
+    transpose: HF linear weights are [out, in]; mixjax keeps [in, out].
+    experts: stack this many per-expert tensors along a new leading axis.
+    repeat_heads: (head_dim, reps): repeat each head block of the output dimension reps times, so that a
+        tensor-parallel degree larger than the number of KV heads gives every device a whole KV head.
+    """
+
+    name: str
+    transpose: bool = False
+    experts: int | None = None
+    repeat_heads: tuple[int, int] | None = None
+
+
+def _init(rngs: nnx.Rngs | None, shape, dtype, scale: float | None):
+    if rngs is None or scale is None:  # norms start at one
+        return jnp.ones(shape, dtype)
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
+
+
+def param(shape, axes, source: Source, dtype, rngs, scale: float | None = 0.02) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(_init(rngs, shape, dtype, scale), axes=tuple(axes), source=source)
+
+
+def zeros_param(shape, axes, source: Source, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), axes=tuple(axes), source=source)
+
+
+def matmul(x, w):
+    """x @ w with float32 accumulation, result in x's dtype."""
+    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W, with W stored [in, out] (no bias: none of the supported families has one)."""
+
+    def __init__(self, d_in, d_out, axes, name: str, *, dtype, rngs, repeat_heads=None):
+        self.w = param((d_in, d_out), axes, Source(name, transpose=True, repeat_heads=repeat_heads), dtype, rngs)
+
+    def __call__(self, x):
+        return matmul(x, self.w[...])
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), the statistics in float32 (as Hugging Face computes them)."""
+
+    def __init__(self, dim, name: str, *, eps: float, dtype, rngs=None):
+        self.w = param((dim,), (None,), Source(name), dtype, None, scale=None)
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.w[...] * xf.astype(x.dtype)
+
+
+# --- rotary position embedding ------------------------------------------------------------------------------
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None, max_position_embeddings: int):
+    """Inverse frequencies and the cos/sin scale ("attention factor") for plain RoPE and YaRN."""
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    pos_freqs = theta ** exponents
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type in ("default", None):
+        return 1.0 / pos_freqs, 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, yarn)")
+    original = scaling.get("original_max_position_embeddings") or max_position_embeddings
+    factor = scaling.get("factor") or max_position_embeddings / original
+    attention_factor = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1.0 - ramp  # 1 keeps the original frequency, 0 interpolates it by `factor`
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_cos_sin(positions, inv_freq, attention_factor):
+    """cos, sin of shape [B, T, dim/2] for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+
+
+def apply_rope(x, cos, sin, interleaved: bool = False):
+    """Rotate x [B, T, H, D]. Half-split pairs (x_i, x_{i+D/2}) by default; interleaved pairs (x_2i, x_2i+1)
+    come out in half-split order, as in DeepSeek's reference (keys and queries alike, so scores are unchanged)."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# --- attention helpers ---------------------------------------------------------------------------------------
+
+
+def write_cache(cache, new, starts):
+    """Write new [B, T, ...] into cache [B, S, ...] at per-row offsets starts [B]."""
+
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+
+    return jax.vmap(one)(cache, new, starts)
+
+
+def causal_mask(positions, cache_len: int):
+    """[B, 1, T, S]: query at position p sees cache slots 0..p (later slots hold stale or padded entries)."""
+    keys = jnp.arange(cache_len)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
+def attend(q, k, v, mask, scale):
+    """Softmax attention in float32. q [B,T,H,D], k [B,S,K,D], v [B,S,K,Dv] with H = K * group -> [B,T,H,Dv]."""
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
+
+
+# --- feed-forward --------------------------------------------------------------------------------------------
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), intermediate width split over the attention TP group."""
+
+    def __init__(self, d_model, d_ff, prefix: str, *, dtype, rngs):
+        self.gate = Linear(d_model, d_ff, (None, "mlp"), f"{prefix}.gate_proj.weight", dtype=dtype, rngs=rngs)
+        self.up = Linear(d_model, d_ff, (None, "mlp"), f"{prefix}.up_proj.weight", dtype=dtype, rngs=rngs)
+        self.down = Linear(d_ff, d_model, ("mlp", None), f"{prefix}.down_proj.weight", dtype=dtype, rngs=rngs)
+
+    def partial(self, x):
+        """This device's share of the output; the sum over the TP group is the MLP's output."""
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+    def __call__(self, x, par: ParallelContext):
+        return par.psum_attn_tp(self.partial(x))
+
+
+class Experts(nnx.Module):
+    """The routed experts as stacked SwiGLU weights [E, D, F] / [E, F, D] (experts split by EP, F by TP)."""
+
+    def __init__(self, num_experts, d_model, d_ff, prefix: str, *, dtype, rngs):
+        def stacked(proj, shape, axes):
+            src = Source(f"{prefix}.experts.{{e}}.{proj}.weight", transpose=True, experts=num_experts)
+            return param(shape, axes, src, dtype, rngs)
+
+        self.gate = stacked("gate_proj", (num_experts, d_model, d_ff), ("experts", None, "expert_mlp"))
+        self.up = stacked("up_proj", (num_experts, d_model, d_ff), ("experts", None, "expert_mlp"))
+        self.down = stacked("down_proj", (num_experts, d_ff, d_model), ("experts", "expert_mlp", None))
+
+    def __call__(self, x, gates):
+        """sum_e gates[:, e] * FFN_e(x) over this device's experts: x [n, D], gates [n, E_local] -> [n, D].
+
+        Every local expert runs on every row (rows whose gate is zero contribute exactly zero). Exact and
+        static-shaped; the cost is n * E_local expert evaluations."""
+        dt = x.dtype
+        g = jnp.einsum("nd,edf->enf", x, self.gate[...], preferred_element_type=jnp.float32)
+        u = jnp.einsum("nd,edf->enf", x, self.up[...], preferred_element_type=jnp.float32)
+        h = (jax.nn.silu(g) * u).astype(dt)
+        y = jnp.einsum("enf,efd->end", h, self.down[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("end,ne->nd", y, gates.astype(jnp.float32)).astype(dt)

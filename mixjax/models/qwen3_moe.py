@@ -1,0 +1,154 @@
+"""Qwen3-MoE (`Qwen3MoeForCausalLM`): GQA attention with per-head q/k RMSNorm and RoPE, softmax top-k router,
+SwiGLU experts, optional dense layers (`mlp_only_layers`, `decoder_sparse_step`).
+
+Local view: runs inside the strategy's shard_map; heads, vocabulary and dense MLP width are split over the
+attention TP group, experts over the EP group and their FFN width over the MoE TP group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixjax.models.base import CacheEntry, CausalLM, DecoderLayer, MoE, kv_heads_stored
+from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
+                                  rope_cos_sin, rope_inv_freq, write_cache)
+from mixjax.sharding.strategies import ParallelContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3MoeConfig:
+    architecture = "Qwen3MoeForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense layers
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: tuple[int, ...]
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    num_shared_experts: int = 0
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "Qwen3MoeConfig":
+        rope = c.get("rope_parameters") or {}
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            moe_intermediate_size=c["moe_intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"], num_key_value_heads=c["num_key_value_heads"],
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            num_experts=c["num_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+            norm_topk_prob=c.get("norm_topk_prob", False), decoder_sparse_step=c.get("decoder_sparse_step", 1),
+            mlp_only_layers=tuple(c.get("mlp_only_layers") or ()), rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(c), max_position_embeddings=c.get("max_position_embeddings", 32768),
+            tie_word_embeddings=c.get("tie_word_embeddings", False))
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (i not in self.mlp_only_layers and self.num_experts > 0
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+    @property
+    def attention_heads(self) -> int:
+        return self.num_attention_heads
+
+    def kv_cache_bytes_per_token(self, bytes_per_elem: int) -> int:
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * bytes_per_elem
+
+
+def _rope_scaling(c: dict) -> dict | None:
+    rs = c.get("rope_scaling") or c.get("rope_parameters")
+    if not rs or rs.get("rope_type", rs.get("type", "default")) == "default":
+        return None
+    return dict(rs)
+
+
+class Qwen3Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, prefix: str, tp: int, *, dtype, rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        kv = kv_heads_stored(cfg.num_key_value_heads, cfg.num_attention_heads, tp)
+        rep = (hd, kv // cfg.num_key_value_heads) if kv != cfg.num_key_value_heads else None
+        self.q_proj = Linear(d, cfg.num_attention_heads * hd, (None, "heads"), f"{prefix}.q_proj.weight",
+                             dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, kv * hd, (None, "kv_heads"), f"{prefix}.k_proj.weight", dtype=dtype, rngs=rngs,
+                             repeat_heads=rep)
+        self.v_proj = Linear(d, kv * hd, (None, "kv_heads"), f"{prefix}.v_proj.weight", dtype=dtype, rngs=rngs,
+                             repeat_heads=rep)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, d, ("heads", None), f"{prefix}.o_proj.weight",
+                             dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(hd, f"{prefix}.q_norm.weight", eps=cfg.rms_norm_eps, dtype=dtype)
+        self.k_norm = RMSNorm(hd, f"{prefix}.k_norm.weight", eps=cfg.rms_norm_eps, dtype=dtype)
+        self.head_dim = hd
+        self.kv_heads = kv
+        self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+
+    def cache_entries(self):
+        return [CacheEntry("k", (self.kv_heads, self.head_dim), ("kv_heads", None)),
+                CacheEntry("v", (self.kv_heads, self.head_dim), ("kv_heads", None))]
+
+    def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True):
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q = self.q_norm(self.q_proj(x).reshape(b, t, -1, hd))
+        k = self.k_norm(self.k_proj(x).reshape(b, t, -1, hd))
+        v = self.v_proj(x).reshape(b, t, -1, hd)
+        inv_freq, factor = rope_inv_freq(*self.rope)
+        cos, sin = rope_cos_sin(positions, inv_freq, factor)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        starts = positions[:, 0]
+        cache = {"k": write_cache(cache["k"], k, starts), "v": write_cache(cache["v"], v, starts)}
+        mask = causal_mask(positions, cache["k"].shape[1])
+        out = attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask, hd ** -0.5)
+        out = self.o_proj(out.reshape(b, t, -1))
+        return (par.psum_attn_tp(out) if reduce else out), cache
+
+
+class Qwen3MoE(MoE):
+    def __init__(self, cfg: Qwen3MoeConfig, prefix: str, *, dtype, rngs):
+        self.router = Linear(cfg.hidden_size, cfg.num_experts, (None, None), f"{prefix}.gate.weight",
+                             dtype=dtype, rngs=rngs)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, prefix,
+                               dtype=dtype, rngs=rngs)
+        self.shared = None
+        self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
+
+    def route(self, x):
+        """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen."""
+        probs = jax.nn.softmax(matmul(x, self.router.w[...]).astype(jnp.float32), axis=-1)
+        w, ids = jax.lax.top_k(probs, self.top_k)
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdims=True)
+        return ids, w.astype(x.dtype)
+
+
+class Qwen3MoeForCausalLM(CausalLM):
+    def __init__(self, cfg: Qwen3MoeConfig, *, tp: int = 1, vocab_padded: int | None = None,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self._init_embeddings(cfg, vocab_padded or cfg.vocab_size, dtype=dtype, rngs=rngs)
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}"
+            attn = Qwen3Attention(cfg, f"{p}.self_attn", tp, dtype=dtype, rngs=rngs)
+            ffn = (Qwen3MoE(cfg, f"{p}.mlp", dtype=dtype, rngs=rngs) if cfg.is_moe_layer(i)
+                   else MLP(cfg.hidden_size, cfg.intermediate_size, f"{p}.mlp", dtype=dtype, rngs=rngs))
+            layers.append(DecoderLayer(attn, ffn, d_model=cfg.hidden_size, eps=cfg.rms_norm_eps, prefix=p,
+                                       dtype=dtype))
+        self.layers = nnx.List(layers)

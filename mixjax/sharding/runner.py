@@ -1,0 +1,108 @@
+"""A model placed on a mesh by a strategy: weights and KV cache as global sharded arrays, and the forward step as
+one jit-compiled `shard_map` whose body is the model's local-view code with explicit collectives."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mixjax.checkpoint import Checkpoint, is_param, load_params
+from mixjax.models import load_config, model_class
+from mixjax.sharding.mesh import check_layout, mesh_sizes
+from mixjax.sharding.strategies import ParallelContext, Strategy, logical_to_mesh, spec_for
+
+
+class ShardedModel:
+    def __init__(self, cfg, mesh, strategy: Strategy, *, dtype=jnp.float32, fused_chunks: int = 2,
+                 capacity_factor: float | None = None):
+        check_layout(cfg, mesh, strategy)
+        self.cfg, self.mesh, self.strategy, self.dtype = cfg, mesh, strategy, jnp.dtype(dtype)
+        self.par = ParallelContext(strategy, mesh_sizes(mesh), fused_chunks=fused_chunks,
+                                   capacity_factor=capacity_factor)
+        tp = self.par.attn_tp_size
+        self.vocab_size = cfg.vocab_size
+        self.vocab_padded = -(-cfg.vocab_size // tp) * tp
+        cls = model_class(cfg)
+        abstract = nnx.eval_shape(lambda: cls(cfg, tp=tp, vocab_padded=self.vocab_padded, dtype=self.dtype,
+                                              rngs=nnx.Rngs(0)))
+        self.graphdef, self.abstract_state = nnx.split(abstract)
+        self.param_specs = jax.tree.map(lambda v: spec_for(v.get_metadata()["axes"], strategy),
+                                        self.abstract_state, is_leaf=is_param)
+        self.param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), self.param_specs)
+        self.cache_layout = [abstract.cache_entries(i) for i in range(cfg.num_hidden_layers)]
+        self.state = None
+        self.dp_size = self.par.size(strategy.attn_dp)
+        rules = logical_to_mesh(strategy)
+        self.token_spec = P(tuple(rules["batch"]) or None, None)
+        self.logits_spec = P(tuple(rules["batch"]) or None, None, tuple(rules["vocab"]) or None)
+        self.cache_specs = [{e.name: spec_for(("batch", None) + e.feature_axes, strategy) for e in entries}
+                            for entries in self.cache_layout]
+        self._forward = jax.jit(self._build_forward(), donate_argnums=(3,))
+
+    # --- weights -----------------------------------------------------------------------------------------------
+    def load(self, model_dir: str | Path, progress: bool = True) -> "ShardedModel":
+        self.state = load_params(Checkpoint(model_dir), self.abstract_state, self.param_shardings, progress=progress)
+        return self
+
+    def set_state(self, state) -> "ShardedModel":
+        """Use weights from a model built in this process (e.g. training), resharded onto the mesh."""
+        want = jax.tree.map(lambda v: tuple(v.shape), self.abstract_state, is_leaf=is_param)
+        got = jax.tree.map(lambda v: tuple(v.shape), state, is_leaf=is_param)
+        if want != got:
+            raise ValueError("weights do not match this layout's shapes (a TP degree above the KV-head count "
+                             "repeats KV heads: build the model with the same tp, or load from a checkpoint)")
+        self.state = jax.device_put(state, self.param_shardings)
+        return self
+
+    # --- KV cache ----------------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int):
+        """Zeroed KV cache for `batch` rows of `max_len` positions, sharded like the strategy says."""
+        if batch % self.dp_size:
+            raise ValueError(f"batch {batch} must be a multiple of the data-parallel degree {self.dp_size}")
+
+        def make():
+            return [{e.name: jnp.zeros((batch, max_len) + e.feature_shape, self.dtype) for e in entries}
+                    for entries in self.cache_layout]
+
+        shardings = [{k: NamedSharding(self.mesh, s) for k, s in spec.items()} for spec in self.cache_specs]
+        return jax.jit(make, out_shardings=shardings)()
+
+    def cache_bytes(self, batch: int, max_len: int) -> int:
+        return sum(batch * max_len * math.prod(e.feature_shape) * self.dtype.itemsize
+                   for entries in self.cache_layout for e in entries)
+
+    # --- forward -----------------------------------------------------------------------------------------------
+    def _build_forward(self):
+        graphdef, par = self.graphdef, self.par
+
+        def local(state, tokens, positions, cache):
+            model = nnx.merge(graphdef, state)
+            return model(tokens, positions, cache, par)
+
+        return jax.shard_map(local, mesh=self.mesh,
+                             in_specs=(self.param_specs, self.token_spec, self.token_spec, self.cache_specs),
+                             out_specs=(self.logits_spec, self.cache_specs), check_vma=False)
+
+    def forward(self, tokens, positions, cache):
+        """tokens, positions [B, T] int32 -> (logits [B, T, vocab_padded] float32, new cache). Donates `cache`."""
+        if self.state is None:
+            raise RuntimeError("no weights: call load() or set_state() first")
+        return self._forward(self.state, tokens, positions, cache)
+
+    def lower_forward(self, batch: int, seq: int, max_len: int):
+        """The lowered forward for given shapes (for HLO inspection and compile-time checks)."""
+        tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=NamedSharding(self.mesh, self.token_spec))
+        cache = jax.eval_shape(lambda: self.init_cache(batch, max_len))
+        state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                             self.abstract_state, self.param_shardings, is_leaf=is_param)
+        return self._forward.lower(state, tok, tok, cache)
+
+
+def load_sharded(model_dir, mesh, strategy: Strategy, dtype=jnp.float32, progress=True, **kw) -> ShardedModel:
+    return ShardedModel(load_config(model_dir), mesh, strategy, dtype=dtype, **kw).load(model_dir, progress)

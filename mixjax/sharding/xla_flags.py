@@ -1,0 +1,29 @@
+"""XLA flags that let collectives on different mesh axes run at the same time on GPU (the fused AR-A2A relies on
+them). They must be in XLA_FLAGS before the GPU backend starts; `apply()` adds them unless already set."""
+
+from __future__ import annotations
+
+import os
+
+GPU_OVERLAP_FLAGS = (
+    "--xla_gpu_experimental_parallel_collective_overlap_limit=2",
+    "--xla_gpu_experimental_enable_collective_multi_streaming=true",
+)
+
+
+def gpu_plugin_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
+
+
+def apply() -> None:
+    """Called on `import mixjax`, before JAX starts a backend. Only on machines with JAX's CUDA plugin: other
+    XLA builds reject flags they do not know."""
+    if not gpu_plugin_installed():
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    for f in GPU_OVERLAP_FLAGS:
+        if f.split("=")[0] not in flags:
+            flags = f"{flags} {f}".strip()
+    os.environ["XLA_FLAGS"] = flags
