@@ -182,7 +182,7 @@ def load_params(ckpt: Checkpoint, abstract_state, shardings, progress: bool = Tr
         for var, sharding in zip(leaves, sh_leaves):
             src: Source = var.get_metadata()["source"]
             shape = tuple(var.shape)
-            want_dtype = var.value.dtype  # the model chose it (float32 for routers, the serving dtype elsewhere)
+            want_dtype = var.get_value().dtype  # the model chose it (float32 for routers, the serving dtype elsewhere)
             arr = jax.make_array_from_callback(
                 shape, sharding, lambda idx, src=src, shape=shape, dt=want_dtype: read_slice(ckpt, src, shape, idx, dt))
             out.append(var.replace(arr))

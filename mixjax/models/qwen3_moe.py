@@ -50,7 +50,7 @@ class Qwen3MoeConfig:
             moe_intermediate_size=c["moe_intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
             num_attention_heads=c["num_attention_heads"], num_key_value_heads=c["num_key_value_heads"],
             head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            num_experts=c["num_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+            num_experts=c["num_experts"] if "num_experts" in c else c["num_local_experts"], num_experts_per_tok=c["num_experts_per_tok"],
             norm_topk_prob=c.get("norm_topk_prob", False), decoder_sparse_step=c.get("decoder_sparse_step", 1),
             mlp_only_layers=tuple(c.get("mlp_only_layers") or ()), rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),

@@ -1,0 +1,161 @@
+"""The Python API for notebooks and scripts.
+
+    import mixjax
+    llm = mixjax.LLM("path/to/hf_checkpoint_dir", mesh="1x1", strategy="auto", dtype="float32")
+    logits = llm.logits([[1, 5, 9, 2]])          # numpy [batch, seq, vocab]
+    outs = llm.generate([[1, 5, 9, 2]], max_new_tokens=16, temperature=0.0)   # new-token-id lists
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax.models import load_config
+from mixjax.sampling import sample
+from mixjax.sharding.mesh import LayoutError, check_layout, make_mesh
+from mixjax.sharding.runner import ShardedModel
+from mixjax.sharding.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
+from mixjax.tokenizer import Tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).parent / "default_model"
+
+
+def choose_strategy(cfg, mesh) -> tuple[str, str]:
+    """Strategy for strategy="auto": the planner's choice when it is available, else the first strategy of the
+    documented preference order (hybrid_fused, hybrid, tp, ep, dp_ep) that the mesh admits."""
+    try:
+        from mixjax.planner import auto_plan  # noqa: PLC0415 (optional until the planner lands)
+    except ImportError:
+        auto_plan = None
+    if auto_plan is not None:
+        return auto_plan(cfg, mesh)
+    order = [DEFAULT_STRATEGY] + [s for s in ("hybrid", "tp", "ep", "dp_ep") if s != DEFAULT_STRATEGY]
+    for name in order:
+        try:
+            check_layout(cfg, mesh, STRATEGIES[name])
+            return name, f"first strategy in the default order {order} that this mesh admits"
+        except LayoutError:
+            continue
+    raise LayoutError("no strategy can lay this model out on this mesh")
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, mesh="1x1", strategy: str = "auto",
+                 dtype: str = "float32", *, fused_chunks: int = 2, capacity_factor: float | None = None,
+                 progress: bool = True, devices=None):
+        self.model_dir = Path(model) if model is not None else default_model_dir()
+        self.config = load_config(self.model_dir)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        self.mesh = make_mesh(mesh, devices)
+        self.plan_reason = "chosen by the caller"
+        if strategy == "auto":
+            strategy, self.plan_reason = choose_strategy(self.config, self.mesh)
+        self.strategy = get_strategy(strategy)
+        self.model = ShardedModel(self.config, self.mesh, self.strategy, dtype=DTYPES[dtype],
+                                  fused_chunks=fused_chunks, capacity_factor=capacity_factor)
+        self.model.load(self.model_dir, progress=progress)
+        self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
+
+    # --- inputs ------------------------------------------------------------------------------------------------
+    def _encode(self, prompts) -> tuple[list[list[int]], bool]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        as_text = isinstance(prompts[0], str)
+        if as_text:
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir} has no tokenizer.json: pass token ids instead of strings")
+            prompts = [self.tokenizer.encode(p) for p in prompts]
+        out = []
+        for p in prompts:
+            ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError("empty prompt")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            out.append(ids)
+        return out, as_text
+
+    def _batch(self, rows: int) -> int:
+        dp = self.model.dp_size
+        return -(-rows // dp) * dp
+
+    # --- API ---------------------------------------------------------------------------------------------------
+    def logits(self, prompts) -> np.ndarray:
+        """Full forward pass: float32 logits [batch, seq, vocab] for prompts of equal length."""
+        ids, _ = self._encode(prompts)
+        t = len(ids[0])
+        if any(len(p) != t for p in ids):
+            raise ValueError("logits() needs prompts of equal length")
+        self._check_length(t)
+        b = self._batch(len(ids))
+        tokens = np.zeros((b, t), np.int32)
+        tokens[: len(ids)] = ids
+        positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+        logits, _ = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), self.model.init_cache(b, t))
+        return np.asarray(logits)[: len(ids), :, : self.config.vocab_size]
+
+    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop_token_ids=None):
+        """New tokens for each prompt (lists of ids, or strings when the prompts were strings).
+
+        Stops a row at max_new_tokens or at a stop token (default: the checkpoint's EOS ids, if it has a
+        tokenizer); the stop token is not returned."""
+        ids, as_text = self._encode(prompts)
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if stop_token_ids is None:
+            stop_token_ids = self.tokenizer.eos_ids if self.tokenizer else set()
+        lengths = np.array([len(p) for p in ids])
+        t = int(lengths.max())
+        max_len = t + max_new_tokens
+        self._check_length(max_len)
+        b = self._batch(len(ids))
+        tokens = np.zeros((b, t), np.int32)
+        for i, p in enumerate(ids):
+            tokens[i, : len(p)] = p
+        lengths = np.concatenate([lengths, np.ones(b - len(ids), int)])
+        positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+        cache = self.model.init_cache(b, max_len)
+        logits, cache = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), cache)
+        last = jnp.asarray(logits)[jnp.arange(b), jnp.asarray(lengths - 1), : self.config.vocab_size]
+        keys = jax.random.split(jax.random.key(seed), b)
+        temp = jnp.full((b,), temperature, jnp.float32)
+        tk = jnp.full((b,), top_k, jnp.int32)
+        tp = jnp.full((b,), top_p, jnp.float32)
+        out = [[] for _ in range(b)]
+        done = np.zeros(b, bool)
+        done[len(ids):] = True
+        for step in range(max_new_tokens):
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+            nxt, _ = sample(last, step_keys, temp, tk, tp)
+            nxt = np.asarray(nxt)
+            for i in range(b):
+                if not done[i]:
+                    if int(nxt[i]) in stop_token_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(int(nxt[i]))
+            if done.all() or step == max_new_tokens - 1:
+                break
+            pos = (lengths + step).astype(np.int32)[:, None]
+            logits, cache = self.model.forward(jnp.asarray(nxt[:, None]), jnp.asarray(pos), cache)
+            last = logits[:, 0, : self.config.vocab_size]
+        out = out[: len(ids)]
+        return [self.tokenizer.decode(o) for o in out] if as_text else out
+
+    def _check_length(self, n: int):
+        limit = self.config.max_position_embeddings
+        if n > limit:
+            raise ValueError(f"{n} positions exceed the model's context limit of {limit}")
