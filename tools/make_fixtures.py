@@ -165,6 +165,36 @@ SPECS: dict[str, dict] = {
             initializer_range=0.1,
         ),
     ),
+    # For the sharding tests: dimensions that 1, 2, 4 and 8 devices all divide (8 heads, 8 experts, FFN widths
+    # multiples of 8), 2 KV heads (so TP 4 and 8 repeat KV heads) and a vocabulary that 8 does not divide
+    # (so the vocabulary is padded).
+    "qwen3_moe_shard": dict(
+        family="qwen3_moe",
+        seed=3001,
+        hub_style=True,
+        config=dict(
+            vocab_size=100, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+            num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+            mlp_only_layers=[0], tie_word_embeddings=False, rope_theta=10_000.0,
+            max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.1,
+        ),
+    ),
+    "deepseek_v3_shard": dict(
+        family="deepseek_v3",
+        seed=3002,
+        hub_style=True,
+        config=dict(
+            vocab_size=96, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+            num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8,
+            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=2, topk_group=1,
+            first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            rope_theta=10_000.0, max_position_embeddings=128,
+            rms_norm_eps=1e-6, tie_word_embeddings=True, num_nextn_predict_layers=0,
+            initializer_range=0.1,
+        ),
+    ),
 }
 
 FAMILIES = {
@@ -311,6 +341,8 @@ def pick_input_ids(model, rng: np.random.Generator, vocab: int):
 def pick_prompt(model, rng: np.random.Generator, vocab: int):
     for _ in range(500):
         prompt = torch.from_numpy(rng.integers(0, vocab, size=(1, PROMPT_LEN))).long()
+        if (prompt == 0).any():  # generate(pad_token_id=0) would mask token 0 out of the prompt
+            continue
         greedy, gmargin = greedy_no_cache(model, prompt, N_NEW)
         if gmargin < LOGIT_MARGIN or len(set(greedy.tolist())) < MIN_DISTINCT_GREEDY:
             continue

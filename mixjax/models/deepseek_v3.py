@@ -90,6 +90,9 @@ class DeepseekV3Config:
 
 
 class MLA(nnx.Module):
+    """q/kv low-rank projections; the reference's q_a_layernorm and kv_a_layernorm use eps 1e-6 whatever the
+    config's rms_norm_eps (transformers' DeepseekV3Attention), and so do these."""
+
     def __init__(self, cfg: DeepseekV3Config, prefix: str, *, dtype, rngs):
         d, h = cfg.hidden_size, cfg.num_attention_heads
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
@@ -98,13 +101,13 @@ class MLA(nnx.Module):
         else:
             self.q_a_proj = Linear(d, cfg.q_lora_rank, (None, None), f"{prefix}.q_a_proj.weight",
                                    dtype=dtype, rngs=rngs)
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, f"{prefix}.q_a_layernorm.weight", eps=cfg.rms_norm_eps,
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, f"{prefix}.q_a_layernorm.weight", eps=1e-6,
                                     dtype=dtype)
             self.q_b_proj = Linear(cfg.q_lora_rank, h * qk, (None, "heads"), f"{prefix}.q_b_proj.weight",
                                    dtype=dtype, rngs=rngs)
         self.kv_a_proj = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, (None, None),
                                 f"{prefix}.kv_a_proj_with_mqa.weight", dtype=dtype, rngs=rngs)
-        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, f"{prefix}.kv_a_layernorm.weight", eps=cfg.rms_norm_eps,
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, f"{prefix}.kv_a_layernorm.weight", eps=1e-6,
                                  dtype=dtype)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), (None, "heads"),
                                 f"{prefix}.kv_b_proj.weight", dtype=dtype, rngs=rngs)

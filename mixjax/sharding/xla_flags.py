@@ -8,6 +8,11 @@ import os
 GPU_OVERLAP_FLAGS = (
     "--xla_gpu_experimental_parallel_collective_overlap_limit=2",
     "--xla_gpu_experimental_enable_collective_multi_streaming=true",
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    # XLA's combiners otherwise merge the chunks' reduce-scatters and all-gathers into one collective each,
+    # which serialises the fused pipeline (seen in the scheduled HLO on an H100, 2026-11-24; docs/FUSED_SCHEDULE.md)
+    "--xla_gpu_all_gather_combine_threshold_bytes=0",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=0",
 )
 
 
