@@ -25,6 +25,21 @@ class CacheEntry:
     feature_axes: tuple[str | None, ...]
 
 
+class ConfigBase:
+    """Names shared by every family's config (the planner and the sharding checks read these)."""
+
+    num_experts_per_tok: int
+    num_attention_heads: int
+
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+    @property
+    def attention_heads(self) -> int:
+        return self.num_attention_heads
+
+
 class MoE(nnx.Module):
     """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x) -> (ids, weights)`."""
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixjax.models.base import CacheEntry, CausalLM, DecoderLayer, MoE
+from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, Source, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache, yarn_mscale, zeros_param)
 from mixjax.models.qwen3_moe import _rope_scaling
@@ -22,7 +22,7 @@ from mixjax.sharding.strategies import ParallelContext
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepseekV3Config:
+class DeepseekV3Config(ConfigBase):
     architecture = "DeepseekV3ForCausalLM"
     vocab_size: int
     hidden_size: int
@@ -72,14 +72,6 @@ class DeepseekV3Config:
 
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense_replace and self.num_experts > 0
-
-    @property
-    def top_k(self) -> int:
-        return self.num_experts_per_tok
-
-    @property
-    def attention_heads(self) -> int:
-        return self.num_attention_heads
 
     @property
     def num_key_value_heads(self) -> int:  # MLA: one latent shared by all heads

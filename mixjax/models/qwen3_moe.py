@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixjax.models.base import CacheEntry, CausalLM, DecoderLayer, MoE, kv_heads_stored
+from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.sharding.strategies import ParallelContext
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3MoeConfig:
+class Qwen3MoeConfig(ConfigBase):
     architecture = "Qwen3MoeForCausalLM"
     vocab_size: int
     hidden_size: int
@@ -60,14 +60,6 @@ class Qwen3MoeConfig:
     def is_moe_layer(self, i: int) -> bool:
         return (i not in self.mlp_only_layers and self.num_experts > 0
                 and (i + 1) % self.decoder_sparse_step == 0)
-
-    @property
-    def top_k(self) -> int:
-        return self.num_experts_per_tok
-
-    @property
-    def attention_heads(self) -> int:
-        return self.num_attention_heads
 
     def kv_cache_bytes_per_token(self, bytes_per_elem: int) -> int:
         return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * bytes_per_elem
