@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: engine (continuous batching), HTTP API, `python -m mixjax.serve`."""

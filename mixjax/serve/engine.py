@@ -1,0 +1,416 @@
+"""The serving engine: a preallocated, sharded KV cache with a fixed number of slots, jit-compiled bucketed prefill
+and a decode step over all slots, and continuous batching driven by one background thread.
+
+Every step of the loop: drop cancelled requests (their slots are free at once), admit waiting requests into free
+slots (prefill into a small separate cache, then copy that row into the slot of the big cache), then run one
+decode step for all slots together. Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device;
+stop tokens, stop strings and max_tokens are checked on the host after each step.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax.sampling import sample
+from mixjax.serve.metrics import Metrics
+
+log = logging.getLogger("mixjax.serve")
+
+TOP_LOGPROBS = 5  # alternatives computed on device for every token (requests may ask for 0..5)
+
+
+class QueueFull(Exception):
+    """The waiting queue is full: the request is rejected (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; n = the chosen token's logprob plus n alternatives
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One generation. The engine calls `sink(event)` from its thread with dicts:
+    {"type": "token", "text": delta, "ids": [...], "logprobs": [...], "top": [...]}, then exactly one of
+    {"type": "done", "finish_reason": "stop"|"length"|"cancelled", ...usage} or {"type": "error", "message": ...}."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[dict], None]):
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sink = sink
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+        self.cancelled = False
+        self.finished = False
+        self.slot: int | None = None
+        self.out_ids: list[int] = []
+        self.out_logprobs: list[float] = []
+        self.emitted_text = ""  # text already sent
+        self.pending_ids: list[int] = []  # tokens not yet sent (held back while text is incomplete)
+        self.pending_lp: list[float] = []
+        self.pending_top: list = []
+        self.pos = 0  # position of the next token fed to decode
+        self.last_token = 0
+        self.t_submit = time.monotonic()
+        self.t_last: float | None = None
+
+    def emit(self, ev: dict):
+        try:
+            self.sink(ev)
+        except Exception:  # a closed event loop (client gone) must not hurt the engine
+            pass
+
+
+class Engine:
+    def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
+                 prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None):
+        self.sm = sm
+        self.tok = tokenizer
+        self.vocab = sm.vocab_size
+        dp = sm.dp_size
+        self.slots = -(-max_batch // dp) * dp
+        limit = sm.cfg.max_position_embeddings
+        self.max_seq_len = min(max_seq_len, limit)
+        if prefill_buckets is None:
+            prefill_buckets = [b for b in (32, 128, 512) if b < self.max_seq_len] or [self.max_seq_len]
+        self.buckets = sorted({min(int(b), self.max_seq_len) for b in prefill_buckets})
+        self.max_queue = max_queue
+        self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer else ()))
+        self.metrics = metrics or Metrics()
+        self.metrics.slots_total = self.slots
+
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: dict[int, Request] = {}
+        self._stop = False
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+
+        # host copies of the per-slot sampling parameters
+        n = self.slots
+        self._h_temp = np.zeros(n, np.float32)
+        self._h_topk = np.zeros(n, np.int32)
+        self._h_topp = np.ones(n, np.float32)
+        self._h_seed = np.zeros(n, np.uint32)
+
+        self._build()
+        self.cache = sm.init_cache(self.slots, self.max_seq_len)
+        self.small = sm.init_cache(dp, self.max_seq_len + self.buckets[-1])
+        self.cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
+        self._copy = jax.jit(self._copy_fn, donate_argnums=0, out_shardings=self.cache_shardings)
+
+    # --- compiled functions ------------------------------------------------------------------------------------
+    def _build(self):
+        fwd, V = self.sm._forward, self.vocab
+
+        def pick(logits, seeds, steps, temp, topk, topp):
+            keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+            ids, lp = sample(logits, keys, temp, topk, topp)
+            top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), min(TOP_LOGPROBS, V))
+            return ids, lp, top_ids.astype(jnp.int32), top_lp
+
+        def prefill(state, tokens, positions, cache, last_idx, seed, temp, topk, topp):
+            logits, cache = fwd(state, tokens, positions, cache)
+            last = jax.lax.dynamic_index_in_dim(logits[0], last_idx, axis=0, keepdims=True)[:, :V]
+            zero = jnp.zeros((1,), jnp.int32)
+            return pick(last, seed[None], zero, temp[None], topk[None], topp[None]), cache
+
+        def decode(state, tokens, positions, cache, seeds, steps, temp, topk, topp):
+            logits, cache = fwd(state, tokens[:, None], positions[:, None], cache)
+            return pick(logits[:, 0, :V], seeds, steps, temp, topk, topp), cache
+
+        self._prefill = jax.jit(prefill, donate_argnums=(3,))
+        self._decode = jax.jit(decode, donate_argnums=(3,))
+
+    @staticmethod
+    def _copy_fn(big, small, slot):
+        return jax.tree.map(
+            lambda b, s: jax.lax.dynamic_update_slice_in_dim(b, s[:1, : b.shape[1]], slot, axis=0), big, small)
+
+    def warmup(self):
+        """Compile every shape the loop uses (each prefill bucket, the slot copy, the decode step)."""
+        t0 = time.monotonic()
+        dp = self.sm.dp_size
+        for b in self.buckets:
+            (ids, *_), self.small = self._prefill(
+                self.sm.state, np.zeros((dp, b), np.int32), np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)),
+                self.small, np.int32(0), np.uint32(0), np.float32(1.0), np.int32(0), np.float32(1.0))
+            np.asarray(ids)
+        self.cache = self._copy(self.cache, self.small, np.int32(0))
+        self._decode_step()
+        jax.block_until_ready(self.cache)
+        return time.monotonic() - t0
+
+    # --- public API (any thread) -------------------------------------------------------------------------------
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="mixjax-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request) -> Request:
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self.metrics.requests_rejected += 1
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting): try again later")
+            self._waiting.append(req)
+            self.metrics.queue_length = len(self._waiting)
+            self._lock.notify()
+        return req
+
+    def cancel(self, req: Request):
+        """Free the request's slot (on the next loop iteration, at most one step away)."""
+        if not req.finished:
+            req.cancelled = True
+            with self._lock:
+                self._lock.notify()
+
+    def stop(self, cancel: bool = True, timeout: float = 30.0):
+        """Stop taking requests; cancel (or, with cancel=False, finish) the ones in flight; end the loop."""
+        with self._lock:
+            self._accepting = False
+            if cancel:
+                for r in list(self._waiting) + list(self._active.values()):
+                    r.cancelled = True
+            self._lock.notify()
+        deadline = time.monotonic() + timeout
+        while not cancel and (self._waiting or self._active) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+
+    def generate(self, prompt_ids, params: SamplingParams) -> tuple[list[int], str, str]:
+        """Blocking helper: (token ids, text, finish_reason)."""
+        import queue
+
+        q: queue.Queue = queue.Queue()
+        self.submit(Request(prompt_ids, params, q.put))
+        ids, text = [], ""
+        while True:
+            ev = q.get()
+            if ev["type"] == "token":
+                ids += ev["ids"]
+                text += ev["text"]
+            elif ev["type"] == "error":
+                raise RuntimeError(ev["message"])
+            else:
+                return ids, text, ev["finish_reason"]
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    # --- the loop (engine thread) ------------------------------------------------------------------------------
+    def _loop(self):
+        while True:
+            with self._lock:
+                if self._stop:
+                    break
+                if not self._waiting and not self._active:
+                    self._lock.wait(0.1)
+                    continue
+            try:
+                self._iteration()
+            except Exception as e:  # a failed decode step: fail the requests in it, start from a fresh cache
+                log.error("engine step failed: %s\n%s", e, traceback.format_exc())
+                for slot, r in list(self._active.items()):
+                    self._finish(r, error=f"engine step failed: {e}")
+                try:
+                    self.cache = self.sm.init_cache(self.slots, self.max_seq_len)
+                except Exception:
+                    log.error("could not re-create the KV cache:\n%s", traceback.format_exc())
+        for r in list(self._active.values()):
+            self._finish(r, reason="cancelled")
+        with self._lock:
+            rest = list(self._waiting)
+            self._waiting.clear()
+        for r in rest:
+            self._finish(r, reason="cancelled")
+
+    def _iteration(self):
+        for r in [r for r in self._active.values() if r.cancelled]:
+            self._finish(r, reason="cancelled")
+        free = [s for s in range(self.slots) if s not in self._active]
+        while free:
+            with self._lock:
+                if not self._waiting:
+                    break
+                req = self._waiting.popleft()
+                self.metrics.queue_length = len(self._waiting)
+            if req.cancelled:
+                self._finish(req, reason="cancelled")
+                continue
+            slot = free.pop(0)
+            try:
+                self._admit(req, slot)
+            except Exception as e:  # a bad request fails alone
+                log.error("prefill failed for request %d: %s\n%s", req.id, e, traceback.format_exc())
+                self._active.pop(slot, None)
+                self._finish(req, error=f"prefill failed: {e}")
+                free.insert(0, slot)
+                if not isinstance(e, ValueError):  # the small cache was donated: make a new one
+                    self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
+        self._update_gauges()
+        if self._active:
+            self._step()
+        self._update_gauges()
+
+    def _admit(self, req: Request, slot: int):
+        ids, p = req.prompt_ids, req.params
+        L = len(ids)
+        if not 0 < L < self.max_seq_len:
+            raise ValueError(f"prompt of {L} tokens does not fit the context limit of {self.max_seq_len}")
+        dp, bmax = self.sm.dp_size, self.buckets[-1]
+        seed, temp = np.uint32(req.seed), np.float32(p.temperature)
+        topk, topp = np.int32(p.top_k), np.float32(p.top_p)
+        p0 = 0
+        while True:
+            rem = L - p0
+            b = bmax if rem > bmax else next(x for x in self.buckets if x >= rem)
+            chunk = ids[p0: p0 + b]
+            tokens = np.zeros((dp, b), np.int32)
+            tokens[:, : len(chunk)] = chunk
+            positions = np.broadcast_to(p0 + np.arange(b, dtype=np.int32), (dp, b))
+            last_idx = np.int32(min(rem, b) - 1)
+            out, self.small = self._prefill(self.sm.state, tokens, positions, self.small, last_idx, seed, temp,
+                                            topk, topp)
+            if rem <= bmax:
+                break
+            p0 += bmax
+        self.cache = self._copy(self.cache, self.small, np.int32(slot))
+        tok, lp, top_ids, top_lp = (np.asarray(x)[0] for x in out)
+        req.slot = slot
+        self._active[slot] = req
+        self._h_temp[slot], self._h_topk[slot], self._h_topp[slot], self._h_seed[slot] = temp, topk, topp, seed
+        req.pos = L
+        now = time.monotonic()
+        self.metrics.ttft.observe(now - req.t_submit)
+        self.metrics.prompt_tokens += L
+        req.t_last = now
+        self._on_token(req, int(tok), float(lp), top_ids, top_lp)
+
+    def _decode_step(self):
+        n = self.slots
+        tokens = np.zeros(n, np.int32)
+        positions = np.zeros(n, np.int32)
+        steps = np.zeros(n, np.int32)
+        for s, r in self._active.items():
+            tokens[s], positions[s], steps[s] = r.last_token, r.pos, len(r.out_ids)
+        out, self.cache = self._decode(self.sm.state, tokens, positions, self.cache, self._h_seed, steps,
+                                       self._h_temp, self._h_topk, self._h_topp)
+        return [np.asarray(x) for x in out]
+
+    def _step(self):
+        ids, lps, top_ids, top_lp = self._decode_step()
+        now = time.monotonic()
+        for s, r in list(self._active.items()):
+            r.pos += 1
+            if r.t_last is not None:
+                self.metrics.itl.observe(now - r.t_last)
+            r.t_last = now
+            if r.cancelled:
+                self._finish(r, reason="cancelled")
+            else:
+                self._on_token(r, int(ids[s]), float(lps[s]), top_ids[s], top_lp[s])
+
+    # --- per-token bookkeeping ---------------------------------------------------------------------------------
+    def _on_token(self, r: Request, tok: int, lp: float, top_ids, top_lp):
+        p = r.params
+        self.metrics.generation_tokens += 1
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        if tok in stop_ids:
+            self._flush(r, final=True)
+            return self._finish(r, reason="stop")
+        r.out_ids.append(tok)
+        r.out_logprobs.append(lp)
+        r.last_token = tok
+        r.pending_ids.append(tok)
+        r.pending_lp.append(lp)
+        r.pending_top.append(list(zip(top_ids.tolist(), top_lp.tolist())))
+        if self._flush(r, final=False):
+            return self._finish(r, reason="stop")
+        if len(r.out_ids) >= p.max_tokens or r.pos >= self.max_seq_len:
+            self._flush(r, final=True)
+            return self._finish(r, reason="length")
+
+    def _flush(self, r: Request, final: bool) -> bool:
+        """Send the text that is safe to send; True when a stop string ended the request."""
+        stops = r.params.stop
+        if self.tok is None:
+            full = ""
+        else:
+            full = self.tok.decode(r.out_ids)
+        hit = False
+        if stops and full:
+            found = [i for i in (full.find(s, max(0, len(r.emitted_text) - max(map(len, stops)))) for s in stops)
+                     if i >= 0]
+            if found:
+                full, hit, final = full[: min(found)], True, True
+        if final or hit:
+            safe = full
+        else:
+            safe = full[:-1] if full.endswith("\ufffd") else full  # an incomplete UTF-8 sequence
+            if stops:  # hold back what could be the start of a stop string
+                hold = max(len(s) for s in stops) - 1
+                safe = safe[: max(len(r.emitted_text), len(safe) - hold)]
+        delta = safe[len(r.emitted_text):] if safe.startswith(r.emitted_text) else ""
+        if (delta or r.pending_ids) and (delta or final or self.tok is None):
+            r.emit({"type": "token", "text": delta, "ids": r.pending_ids, "logprobs": r.pending_lp,
+                    "top": r.pending_top})
+            r.emitted_text += delta
+            r.pending_ids, r.pending_lp, r.pending_top = [], [], []
+        return hit
+
+    def _finish(self, r: Request, reason: str | None = None, error: str | None = None):
+        if r.finished:
+            return
+        r.finished = True
+        if r.slot is not None and self._active.get(r.slot) is r:
+            del self._active[r.slot]
+        if error is not None:
+            self.metrics.requests_failed += 1
+            r.emit({"type": "error", "message": error})
+        else:
+            self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
+            r.emit({"type": "done", "finish_reason": reason, "prompt_tokens": len(r.prompt_ids),
+                    "completion_tokens": len(r.out_ids)})
+
+    def _update_gauges(self):
+        m = self.metrics
+        m.running = len(self._active)
+        m.queue_length = len(self._waiting)
+        m.kv_used = sum(r.pos for r in self._active.values())
+        m.kv_capacity = self.slots * self.max_seq_len

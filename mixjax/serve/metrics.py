@@ -1,0 +1,80 @@
+"""Server metrics in the Prometheus text exposition format (written by hand: no client library needed)."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, buckets):
+        self.name, self.help = name, help
+        self.buckets = sorted(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, v: float):
+        with self._lock:
+            self.counts[bisect.bisect_left(self.buckets, v)] += 1
+            self.sum += v
+            self.count += 1
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        with self._lock:
+            acc = 0
+            for b, c in zip(self.buckets, self.counts):
+                acc += c
+                out.append(f'{self.name}_bucket{{le="{b:g}"}} {acc}')
+            out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+            out.append(f"{self.name}_sum {self.sum:.6f}")
+            out.append(f"{self.name}_count {self.count}")
+        return out
+
+
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.ttft = Histogram("mixjax_time_to_first_token_seconds",
+                              "Time from request arrival to its first generated token.", _LAT)
+        self.itl = Histogram("mixjax_inter_token_latency_seconds", "Time between two tokens of one request.", _LAT)
+        self.queue_length = 0
+        self.running = 0
+        self.slots_total = 0
+        self.kv_used = 0
+        self.kv_capacity = 1
+        self.generation_tokens = 0
+        self.prompt_tokens = 0
+        self.requests_rejected = 0
+        self.requests_failed = 0
+        self.finished: dict[str, int] = {}
+
+    def render(self) -> str:
+        def metric(name, kind, help, value, labels=""):
+            return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
+
+        lines = []
+        lines += metric("mixjax_queue_length", "gauge", "Requests waiting for a slot.", self.queue_length)
+        lines += metric("mixjax_running_slots", "gauge", "Slots generating now.", self.running)
+        lines += metric("mixjax_slots_total", "gauge", "Decode slots (maximum batch).", self.slots_total)
+        lines += metric("mixjax_kv_cache_usage_ratio", "gauge",
+                        "Fraction of KV-cache positions held by running requests.",
+                        f"{self.kv_used / max(self.kv_capacity, 1):.6f}")
+        lines += metric("mixjax_kv_cache_used_tokens", "gauge", "KV-cache positions held by running requests.",
+                        self.kv_used)
+        lines += metric("mixjax_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
+        lines += metric("mixjax_prompt_tokens_total", "counter", "Prompt tokens prefilled.", self.prompt_tokens)
+        lines += metric("mixjax_requests_rejected_total", "counter", "Requests rejected (queue full).",
+                        self.requests_rejected)
+        lines += metric("mixjax_requests_failed_total", "counter", "Requests that failed in the engine.",
+                        self.requests_failed)
+        lines += ["# HELP mixjax_requests_finished_total Requests finished, by reason.",
+                  "# TYPE mixjax_requests_finished_total counter"]
+        for k, v in sorted(self.finished.items()):
+            lines.append(f'mixjax_requests_finished_total{{reason="{k}"}} {v}')
+        lines += self.ttft.render() + self.itl.render()
+        return "\n".join(lines) + "\n"
