@@ -102,6 +102,16 @@ def server(model_dir):
     s = ServerProc(model_dir, "--max-queue", "4")
     print(f"server start-up (load + warm-up compiles): {s.startup_s:.1f}s")
     yield s
+    # SIGTERM while a stream is in flight: the stream finishes, then the process exits 0
+    body = {"prompt": "Last one", "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+        it = r.iter_lines()
+        first = next(l for l in it if l.startswith("data:"))
+        s.proc.send_signal(signal.SIGTERM)
+        rest = [l for l in it if l.startswith("data:")]
+    assert first and rest[-1] == "data: [DONE]"
+    chunks = [json.loads(l[5:])["choices"][0] for l in [first] + rest[:-1]]
+    assert sum(len(c.get("token_ids", [])) for c in chunks) == 60 and chunks[-1]["finish_reason"] == "length"
     rc = s.stop()
     assert rc == 0, "".join(s.lines[-30:])
     assert any("mixjax stopped" in l for l in s.lines)
