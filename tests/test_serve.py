@@ -299,3 +299,16 @@ def test_queue_full_429(server):
     err = next(r for r in rs if r.status_code == 429).json()["error"]
     assert err["code"] == "queue_full"
     assert _wait_idle(server)
+
+
+def test_load_generator_reports_percentiles(server, tmp_path):
+    from mixjax.bench.serve import main as bench_main
+
+    out = tmp_path / "report.json"
+    # queue is 4 and slots 4: a rate that stays inside them, so every request must succeed
+    rc = bench_main(["--url", server.url, "--requests", "6", "--rate", "20", "--prompt-len", "4:12",
+                     "--output-len", "3:6", "--vocab-lo", "3", "--vocab-hi", "60", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["ok"] == 6 and report["errors"] == {}
+    assert 18 <= report["generated_tokens"] <= 36  # ignore_eos: each request makes its drawn length
+    assert report["ttft_ms"]["p50"] > 0 and report["itl_ms"]["p99"] >= report["itl_ms"]["p50"]
