@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixjax.bench.layers import PRESETS
+from mixjax.bench.layers import PRESETS, time_step
 from mixjax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
@@ -52,22 +52,6 @@ def step_bytes(cfg: Qwen3MoeConfig, batch: int, ctx: int, elem: int = 2) -> floa
     return cfg.num_hidden_layers * (attn + experts + router + kv_cache) + head
 
 
-def time_decode(model: ShardedModel, batch: int, ctx: int, iters: int) -> float:
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, 1)), jnp.int32)
-    pos = jnp.full((batch, 1), ctx - 1, jnp.int32)
-    cache = model.init_cache(batch, ctx)
-    for _ in range(3):
-        logits, cache = model.forward(tokens, pos, cache)
-    logits.block_until_ready()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        logits, cache = model.forward(tokens, pos, cache)
-        logits.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
@@ -90,7 +74,7 @@ def main(argv=None):
           f"{args.layers} layers, ctx {args.ctx}, bf16")
     print(f"{'batch':>6s} {'step ms':>9s} {'roofline ms':>12s} {'ratio':>7s} {'tok/s':>9s}")
     for b in (int(x) for x in args.batch.split(",")):
-        t = time_decode(model, b, args.ctx, args.iters)
+        t = time_step(model, b, 1, args.ctx, args.iters)  # one new token per sequence at position ctx-1
         roof = step_bytes(cfg, b, args.ctx) / bw
         rows.append(dict(batch=b, step_s=t, roofline_s=roof, ratio=roof / t, tokens_per_s=b / t))
         print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f}", flush=True)
