@@ -10,7 +10,7 @@ from flax import nnx
 from mixjax.models import load_config
 from mixjax.sharding.mesh import LayoutError, check_layout, make_mesh
 from mixjax.sharding.runner import ShardedModel, load_sharded
-from mixjax.sharding.strategies import STRATEGIES
+from mixjax.sharding.strategies import STRATEGIES, Strategy
 from conftest import FIXTURES, prefill_and_greedy, reference, rel_err
 
 SHARD_FIXTURES = ["qwen3_moe_shard", "deepseek_v3_shard"]
@@ -68,3 +68,17 @@ def test_worst_case_imbalance(strategy):
     logits, greedy = skewed("2x4", strategy)
     assert rel_err(logits, ref_logits) < 1e-5
     np.testing.assert_array_equal(greedy, ref_greedy)
+
+
+def test_bad_meshes_fail_before_compiling():
+    with pytest.raises(LayoutError, match="3x1 needs 3 devices, which must divide the 8"):
+        make_mesh("3x1")
+    with pytest.raises(LayoutError, match="NODExGPU"):
+        make_mesh("eight")
+    cfg = load_config(FIXTURES / "qwen3_moe_a")  # 4 heads, 2 KV heads, 6 experts, expert FFN 24
+    with pytest.raises(LayoutError, match=r"4 attention heads do not split over attention TP degree 8.*"
+                                          r"6 experts do not split over EP degree 8"):
+        # attention TP and EP over all 8 devices: both problems are named in one error
+        check_layout(cfg, make_mesh("1x8"), Strategy("tp_attn_ep", ("node", "gpu"), (), (), ("node", "gpu")))
+    with pytest.raises(LayoutError, match="6 experts do not split over EP degree 4"):
+        check_layout(cfg, make_mesh("1x4"), STRATEGIES["dp_ep"])
