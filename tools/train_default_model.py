@@ -51,7 +51,7 @@ def hf_config(cfg: Qwen3MoeConfig, eos: int) -> dict:
             "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": [],
             "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
             "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": True,
-            "bos_token_id": eos, "eos_token_id": eos, "hidden_act": "silu", "torch_dtype": "float32"}
+            "bos_token_id": eos, "eos_token_id": eos, "hidden_act": "silu", "torch_dtype": "float16"}
 
 
 def main(argv=None):
