@@ -1,26 +1,43 @@
-"""Decode-step time against the HBM roofline on the current device.
+"""Decode-step and prefill time against the hardware limits of the current device, with a peer in the same run.
 
-    python -m mixjax.bench.decode --preset qwen3-30b-a3b --layers 4 --batch 1,8,32,128 [--ctx 1024]
+    python -m mixjax.bench.decode --preset qwen3-30b-a3b --layers 4 --batch 1,8,32,128,256 --ctx 1024 \\
+        --prefill 512,2048,8192 --peer --plot decode.png --json decode.json
 
 Random bf16 weights of the preset's real shapes (fewer layers), the real decode step (`ShardedModel.forward` with
-one token per sequence and a KV cache of --ctx positions), timed on the device after warm-up (median of --iters).
-The roofline time is the bytes a step must read once (attention and dense weights, embedding/LM head, the experts
-the batch touches in expectation under uniform routing, the KV cache up to the current position) over the HBM
-bandwidth measured in the same run (a large device-to-device copy, bytes read + written).
+one token per sequence and a KV cache of --ctx positions), timed on the device after warm-up (median of --iters),
+for each expert implementation in --impl (the grouped Pallas kernels and the dense einsum over all experts).
+
+Decode roofline: the bytes a step must read once (attention and dense weights, LM head, router, the experts the
+batch touches in expectation under uniform routing, the KV cache up to the current position) over the HBM
+bandwidth measured in the same run (a large elementwise pass, bytes read + written).
+
+Prefill (batch 1, prompts of --prefill tokens, logits of the last position only, as the server does): tokens/s and
+the achieved FLOP rate as a fraction of the bf16 matmul rate measured in the same run (one 8192^3 matmul). FLOPs
+counted: 2 x (attention, router and active expert parameters) per token, the causal attention scores and values
+(2 x 2 x heads x head_dim x T(T+1)/2 per layer) and the LM head for one position.
+
+"step ms" is the median of steps each waited for on the host (what the server sees today: it reads every step's
+tokens); "b2b" is the mean of steps dispatched back to back without waiting (host dispatch hidden under the device).
+
+--peer runs mixjax.bench.peer (Hugging Face transformers, same shapes) in a subprocess first, before JAX takes the
+GPU's memory, and reports mixjax / peer throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixjax.bench.experts import measure_hbm_bandwidth, measure_matmul_rate, timeit
 from mixjax.bench.layers import PRESETS, time_step
 from mixjax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from mixjax.sharding.mesh import make_mesh
@@ -28,28 +45,88 @@ from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
 
 
-def measure_hbm_bandwidth(n_bytes: int = 2 << 30, iters: int = 10) -> float:
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n_bytes / statistics.median(times)
+def bench_config(preset: str, layers: int, vocab: int) -> Qwen3MoeConfig:
+    p = dict(PRESETS[preset], vocab_size=vocab)
+    return Qwen3MoeConfig(num_hidden_layers=layers, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(),
+                          rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None, max_position_embeddings=32768,
+                          tie_word_embeddings=False, **p)
+
+
+def _attn_params(cfg) -> int:
+    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return d * hd * (2 * h + 2 * kv)
 
 
 def step_bytes(cfg: Qwen3MoeConfig, batch: int, ctx: int, elem: int = 2) -> float:
-    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    attn = d * hd * (2 * h + 2 * kv) * elem
+    d, kv, hd = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
     e, k, f = cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size
     touched = e * (1 - (1 - k / e) ** batch)
     experts = touched * 3 * d * f * elem
     router = d * e * elem
     kv_cache = batch * ctx * 2 * kv * hd * elem
     head = cfg.vocab_size * d * elem
-    return cfg.num_hidden_layers * (attn + experts + router + kv_cache) + head
+    return cfg.num_hidden_layers * (_attn_params(cfg) * elem + experts + router + kv_cache) + head
+
+
+def prefill_flops(cfg: Qwen3MoeConfig, t: int) -> float:
+    d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    per_token = _attn_params(cfg) + d * cfg.num_experts + cfg.top_k * 3 * d * cfg.moe_intermediate_size
+    scores = 2 * 2 * h * hd * t * (t + 1) / 2
+    return cfg.num_hidden_layers * (2 * per_token * t + scores) + 2 * d * cfg.vocab_size
+
+
+def time_prefill(model: ShardedModel, t: int, iters: int) -> float:
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (1, t)), jnp.int32)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    last = jnp.full((1,), t - 1, jnp.int32)
+    state = {"cache": model.init_cache(1, t)}
+
+    def run():
+        logits, state["cache"] = model.forward_last(tokens, pos, state["cache"], last)
+        return logits
+
+    return timeit(run, iters=iters)
+
+
+def run_peer(args) -> dict | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peer.json")
+        cmd = [sys.executable, "-m", "mixjax.bench.peer", "--preset", args.preset, "--layers", str(args.layers),
+               "--vocab", str(args.vocab), "--batch", args.batch, "--ctx", str(args.ctx), "--json", out]
+        r = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        if r.returncode or not os.path.exists(out):
+            print(f"peer run failed (exit {r.returncode}); no peer figures", flush=True)
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
+def plot(path: str, result: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dec = result["decode"]
+    for impl in result["args"]["impl"].split(","):
+        rows = [r for r in dec if r["impl"] == impl]
+        ax.plot([r["batch"] for r in rows], [r["step_s"] * 1e3 for r in rows], "o-", label=f"mixjax ({impl} experts)")
+    rows = [r for r in dec if r["impl"] == dec[0]["impl"]]
+    ax.plot([r["batch"] for r in rows], [r["roofline_s"] * 1e3 for r in rows], "k--", label="HBM roofline")
+    if result.get("peer"):
+        pr = result["peer"]["rows"]
+        ax.plot([r["batch"] for r in pr], [r["step_s"] * 1e3 for r in pr], "s-", label=result["peer"]["peer"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (sequences, one new token each)")
+    ax.set_ylabel("decode step (ms)")
+    a = result["args"]
+    ax.set_title(f"{a['preset']}, {a['layers']} layers, ctx {a['ctx']}, bf16 — {result['device']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
@@ -57,31 +134,54 @@ def main(argv=None):
     ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--batch", default="1,8,32,128")
+    ap.add_argument("--batch", default="1,8,32,128,256")
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--impl", default="grouped,dense", help="expert implementations to time, comma-separated")
+    ap.add_argument("--prefill", default="", help="prompt lengths for the prefill measurement, e.g. 512,2048,8192")
+    ap.add_argument("--peer", action="store_true", help="also time Hugging Face transformers (same shapes)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of step time against batch, roofline drawn in")
     args = ap.parse_args(argv)
-    p = dict(PRESETS[args.preset], vocab_size=args.vocab)
-    cfg = Qwen3MoeConfig(num_hidden_layers=args.layers, norm_topk_prob=True, decoder_sparse_step=1,
-                         mlp_only_layers=(), rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
-                         max_position_embeddings=32768, tie_word_embeddings=False, **p)
-    bw = measure_hbm_bandwidth()
-    model = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16)
-    model.set_state(nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
-    rows = []
-    print(f"{jax.devices()[0].device_kind}; measured HBM bandwidth {bw / 1e12:.2f} TB/s; preset {args.preset}, "
-          f"{args.layers} layers, ctx {args.ctx}, bf16")
-    print(f"{'batch':>6s} {'step ms':>9s} {'roofline ms':>12s} {'ratio':>7s} {'tok/s':>9s}")
-    for b in (int(x) for x in args.batch.split(",")):
-        t = time_step(model, b, 1, args.ctx, args.iters)  # one new token per sequence at position ctx-1
-        roof = step_bytes(cfg, b, args.ctx) / bw
-        rows.append(dict(batch=b, step_s=t, roofline_s=roof, ratio=roof / t, tokens_per_s=b / t))
-        print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f}", flush=True)
+    peer = run_peer(args) if args.peer else None
+    cfg = bench_config(args.preset, args.layers, args.vocab)
+    bw, rate = measure_hbm_bandwidth(), measure_matmul_rate()
+    device = jax.devices()[0].device_kind
+    weights = nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    print(f"{device}; measured HBM {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; preset "
+          f"{args.preset}, {args.layers} layers, ctx {args.ctx}, bf16")
+    peer_t = {r["batch"]: r["step_s"] for r in peer["rows"]} if peer else {}
+    decode, prefill = [], []
+    for impl in args.impl.split(","):
+        model = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=impl)
+        model.set_state(weights)
+        print(f"[{impl} experts]\n{'batch':>6s} {'step ms':>9s} {'roofline ms':>12s} {'ratio':>7s} {'tok/s':>9s} "
+              f"{'vs peer':>8s} {'b2b ms':>8s} {'b2b ratio':>9s}")
+        for b in (int(x) for x in args.batch.split(",")):
+            # one new token per sequence at position ctx-1
+            t, t_b2b = time_step(model, b, 1, args.ctx, args.iters, back_to_back=True)
+            roof = step_bytes(cfg, b, args.ctx) / bw
+            vs = peer_t[b] / t if b in peer_t else float("nan")
+            decode.append(dict(impl=impl, batch=b, step_s=t, roofline_s=roof, ratio=roof / t, tokens_per_s=b / t,
+                               speedup_vs_peer=vs, back_to_back_step_s=t_b2b, back_to_back_ratio=roof / t_b2b))
+            print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f} {vs:7.1f}x "
+                  f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}", flush=True)
+        if args.prefill:
+            print(f"{'prompt':>6s} {'ms':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'of matmul':>9s}")
+        for t_len in (int(x) for x in args.prefill.split(",") if x):
+            t = time_prefill(model, t_len, max(3, args.iters // 4))
+            fl = prefill_flops(cfg, t_len)
+            prefill.append(dict(impl=impl, tokens=t_len, time_s=t, tokens_per_s=t_len / t, flops=fl,
+                                flop_rate=fl / t, matmul_fraction=fl / t / rate))
+            print(f"{t_len:6d} {t * 1e3:9.2f} {t_len / t:9.0f} {fl / t / 1e12:8.1f} {fl / t / rate:9.1%}", flush=True)
+        del model
+    result = {"device": device, "hbm_bw": bw, "matmul_rate": rate, "args": vars(args), "decode": decode,
+              "prefill": prefill, "peer": peer}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "hbm_bw": bw, "args": vars(args), "rows": rows}, f,
-                      indent=1)
+            json.dump(result, f, indent=1)
+    if args.plot:
+        plot(args.plot, result)
     return 0
 
 

@@ -142,11 +142,12 @@ def apply_rope(x, cos, sin, interleaved: bool = False):
 # --- attention helpers ---------------------------------------------------------------------------------------
 
 
-def write_cache(cache, new, starts):
-    """Write new [B, T, ...] into cache [B, S, ...] at per-row offsets starts [B]."""
+def write_cache(cache, new, starts, seq_axis: int = 1):
+    """Write new into cache at per-row offsets starts [B] along seq_axis (new [B, ..., T, ...] and cache
+    [B, ..., S, ...] in the same layout)."""
 
     def one(c, n, s):
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=seq_axis - 1)
 
     return jax.vmap(one)(cache, new, starts)
 
@@ -157,15 +158,17 @@ def causal_mask(positions, cache_len: int):
     return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
-def attend(q, k, v, mask, scale):
-    """Softmax attention in float32. q [B,T,H,D], k [B,S,K,D], v [B,S,K,Dv] with H = K * group -> [B,T,H,Dv]."""
+def attend(q, k, v, mask, scale, heads_major: bool = False):
+    """Softmax attention in float32. q [B,T,H,D], k [B,S,K,D], v [B,S,K,Dv] with H = K * group -> [B,T,H,Dv].
+    heads_major: k [B,K,S,D], v [B,K,S,Dv] (the layout in which the dots need no transpose of the cache)."""
     b, t, h, d = q.shape
-    kh = k.shape[2]
+    kh = k.shape[1 if heads_major else 2]
+    kv = "bksd" if heads_major else "bskd"
     qg = q.reshape(b, t, kh, h // kh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, :, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
 
 
@@ -200,11 +203,23 @@ class Experts(nnx.Module):
         self.up = stacked("up_proj", (num_experts, d_model, d_ff), ("experts", None, "expert_mlp"))
         self.down = stacked("down_proj", (num_experts, d_ff, d_model), ("experts", "expert_mlp", None))
 
-    def __call__(self, x, gates):
+    def __call__(self, x, gates, *, impl: str = "dense", top_k: int | None = None):
         """sum_e gates[:, e] * FFN_e(x) over this device's experts: x [n, D], gates [n, E_local] -> [n, D].
 
-        Every local expert runs on every row (rows whose gate is zero contribute exactly zero). Exact and
-        static-shaped; the cost is n * E_local expert evaluations."""
+        impl "dense": every local expert runs on every row (rows whose gate is zero contribute exactly zero).
+        Exact and static-shaped; the cost is n * E_local expert evaluations and all expert weights are read.
+        impl "grouped" / "grouped-interpret": only the (row, expert) pairs with a non-zero gate are computed,
+        by the Pallas kernels of mixjax.kernels.grouped_experts (on GPU / interpreted anywhere); untouched
+        experts' weights are not read. `top_k` bounds the non-zeros per row."""
+        if impl != "dense":
+            from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu
+
+            e, d, f = self.gate.shape
+            k = min(top_k or e, e)
+            blk = choose_blocks(x.shape[0] * k, e, d, f)
+            if blk is not None:
+                return grouped_swiglu(x, gates, self.gate[...], self.up[...], self.down[...], k=k, blk=blk,
+                                      interpret=impl == "grouped-interpret")
         dt = x.dtype
         g = jnp.einsum("nd,edf->enf", x, self.gate[...], preferred_element_type=jnp.float32)
         u = jnp.einsum("nd,edf->enf", x, self.up[...], preferred_element_type=jnp.float32)

@@ -92,8 +92,8 @@ class Qwen3Attention(nnx.Module):
         self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
     def cache_entries(self):
-        return [CacheEntry("k", (self.kv_heads, self.head_dim), ("kv_heads", None)),
-                CacheEntry("v", (self.kv_heads, self.head_dim), ("kv_heads", None))]
+        return [CacheEntry("k", (self.kv_heads, self.head_dim), ("kv_heads", None), seq_axis=2),
+                CacheEntry("v", (self.kv_heads, self.head_dim), ("kv_heads", None), seq_axis=2)]
 
     def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True):
         b, t, _ = x.shape
@@ -105,9 +105,11 @@ class Qwen3Attention(nnx.Module):
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         starts = positions[:, 0]
-        cache = {"k": write_cache(cache["k"], k, starts), "v": write_cache(cache["v"], v, starts)}
-        mask = causal_mask(positions, cache["k"].shape[1])
-        out = attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask, hd ** -0.5)
+        heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, K, D] -> the cache's [B, K, T, D]
+        cache = {"k": write_cache(cache["k"], heads_major(k), starts, seq_axis=2),
+                 "v": write_cache(cache["v"], heads_major(v), starts, seq_axis=2)}
+        mask = causal_mask(positions, cache["k"].shape[2])
+        out = attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask, hd ** -0.5, heads_major=True)
         out = self.o_proj(out.reshape(b, t, -1))
         return (par.psum_attn_tp(out) if reduce else out), cache
 

@@ -127,7 +127,7 @@ class Engine:
 
     # --- compiled functions ------------------------------------------------------------------------------------
     def _build(self):
-        fwd, V = self.sm._forward, self.vocab
+        fwd, fwd_last, V = self.sm._forward, self.sm._forward_last, self.vocab
 
         def pick(logits, seeds, steps, temp, topk, topp):
             keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
@@ -136,8 +136,9 @@ class Engine:
             return ids, lp, top_ids.astype(jnp.int32), top_lp
 
         def prefill(state, tokens, positions, cache, last_idx, seed, temp, topk, topp):
-            logits, cache = fwd(state, tokens, positions, cache)
-            last = jax.lax.dynamic_index_in_dim(logits[0], last_idx, axis=0, keepdims=True)[:, :V]
+            at = jnp.full((tokens.shape[0],), last_idx, jnp.int32)
+            logits, cache = fwd_last(state, tokens, positions, cache, at)
+            last = logits[0, :, :V]
             zero = jnp.zeros((1,), jnp.int32)
             return pick(last, seed[None], zero, temp[None], topk[None], topp[None]), cache
 
@@ -151,7 +152,8 @@ class Engine:
     @staticmethod
     def _copy_fn(big, small, slot):
         return jax.tree.map(
-            lambda b, s: jax.lax.dynamic_update_slice_in_dim(b, s[:1, : b.shape[1]], slot, axis=0), big, small)
+            lambda b, s: jax.lax.dynamic_update_slice_in_dim(b, jax.lax.slice(s, (0,) * s.ndim, (1,) + b.shape[1:]),
+                                                             slot, axis=0), big, small)
 
     def warmup(self):
         """Compile every shape the loop uses (each prefill bucket, the slot copy, the decode step)."""
@@ -159,7 +161,7 @@ class Engine:
         dp = self.sm.dp_size
         for b in self.buckets:
             (ids, *_), self.small = self._prefill(
-                self.sm.state, np.zeros((dp, b), np.int32), np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)),
+                self.sm.leaves, np.zeros((dp, b), np.int32), np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)),
                 self.small, np.int32(0), np.uint32(0), np.float32(1.0), np.int32(0), np.float32(1.0))
             np.asarray(ids)
         self.cache = self._copy(self.cache, self.small, np.int32(0))
@@ -305,7 +307,7 @@ class Engine:
             tokens[:, : len(chunk)] = chunk
             positions = np.broadcast_to(p0 + np.arange(b, dtype=np.int32), (dp, b))
             last_idx = np.int32(min(rem, b) - 1)
-            out, self.small = self._prefill(self.sm.state, tokens, positions, self.small, last_idx, seed, temp,
+            out, self.small = self._prefill(self.sm.leaves, tokens, positions, self.small, last_idx, seed, temp,
                                             topk, topp)
             if rem <= bmax:
                 break
@@ -329,7 +331,7 @@ class Engine:
         steps = np.zeros(n, np.int32)
         for s, r in self._active.items():
             tokens[s], positions[s], steps[s] = r.last_token, r.pos, len(r.out_ids)
-        out, self.cache = self._decode(self.sm.state, tokens, positions, self.cache, self._h_seed, steps,
+        out, self.cache = self._decode(self.sm.leaves, tokens, positions, self.cache, self._h_seed, steps,
                                        self._h_temp, self._h_topk, self._h_topp)
         return [np.asarray(x) for x in out]
 

@@ -89,7 +89,7 @@ def moe_unfused(x, gates, experts, par, top_k: int):
     st = par.strategy
     sizes = dict(par.axis_sizes)
     if not st.moe_ep:  # pure TP: every device holds a slice of every expert
-        y = experts(x, gates)
+        y = experts(x, gates, impl=par.expert_impl, top_k=top_k)
         return lax.psum(y, st.moe_tp) if st.moe_tp else y
     # Axes over which tokens are replicated but experts differ: each device dispatches only its share of rows.
     split = tuple(a for a in st.attn_tp if a in st.moe_ep)
@@ -99,7 +99,7 @@ def moe_unfused(x, gates, experts, par, top_k: int):
     cap = capacity(xs.shape[0], top_k, ep, par.capacity_factor)
     send_x, send_g, slot = pack(xs, gs, ep, cap)
     recv_x, recv_g = all_to_all(send_x, st.moe_ep), all_to_all(send_g, st.moe_ep)
-    y = experts(recv_x.reshape(ep * cap, -1), recv_g.reshape(ep * cap, -1))
+    y = experts(recv_x.reshape(ep * cap, -1), recv_g.reshape(ep * cap, -1), impl=par.expert_impl, top_k=top_k)
     if st.moe_tp:
         y = lax.psum(y, st.moe_tp)
     out = unpack(all_to_all(y.reshape(ep, cap, -1), st.moe_ep), slot)

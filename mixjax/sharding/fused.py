@@ -56,7 +56,7 @@ def fused_moe_residual(x, attn_partial, *, norm, route, experts, shared, num_exp
         recv_x, recv_g = all_to_all(send_x, (NODE,)), all_to_all(send_g, (NODE,))
         all_x = lax.all_gather(recv_x.reshape(ep * cap, d), GPU, axis=0, tiled=True)
         all_g = lax.all_gather(recv_g.reshape(ep * cap, -1), GPU, axis=0, tiled=True)
-        y = lax.psum_scatter(experts(all_x, all_g), GPU, scatter_dimension=0, tiled=True)  # this GPU's rows
+        y = lax.psum_scatter(experts(all_x, all_g, impl=par.expert_impl, top_k=top_k), GPU, scatter_dimension=0, tiled=True)  # this GPU's rows
         moe = unpack(all_to_all(y.reshape(ep, cap, d), (NODE,)), slot)
         if shared is not None:
             full_u = lax.all_gather(u, GPU, axis=0, tiled=True)

@@ -92,6 +92,7 @@ class ParallelContext:
     axis_sizes: tuple[tuple[str, int], ...]  # (("node", n), ("gpu", g))
     fused_chunks: int = 2
     capacity_factor: float | None = None  # None: exact, no token can be dropped
+    expert_impl: str = "dense"  # "dense" | "grouped" | "grouped-interpret" (see layers.Experts)
 
     def size(self, axes: tuple[str, ...]) -> int:
         sizes = dict(self.axis_sizes)

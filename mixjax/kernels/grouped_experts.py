@@ -1,0 +1,168 @@
+"""SwiGLU experts computed only for the experts a batch touches: tokens sorted by expert, grouped matmuls.
+
+The dense path (`Experts` with impl="dense") runs every local expert on every row: it reads all expert weights
+every step, which is what a decode step of a 128-expert model cannot afford (batch 1 touches 8 of them). Here:
+
+1. Pairs. Each row's non-zero gates give (row, expert, weight) pairs: at most k per row.
+2. Layout. Pairs are sorted by expert into a padded buffer in which expert e owns ceil(count_e / BM) whole
+   blocks of BM rows. `block_expert[b]` names the expert of block b; blocks past the last used one are -1.
+   Untouched experts own no block, so their weights are never read.
+3. Kernel A, grid (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation.
+4. Kernel B, grid (block, D tile):  y = h W_down[e], float32 output.
+5. Combine: out[row] = sum over the row's pairs of weight * y[pair's padded row] (a gather, no scatter-add).
+
+Kernels are Pallas with the Triton backend (GPU). `interpret=True` runs the same kernels on any backend, which is
+how the CPU tests check them. The number of blocks is static: ceil(P / BM) + min(E, P) bounds the blocks any
+routing can need (P pairs), so one compiled program serves every routing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes. bm: rows per block (one expert per block); bk: the D (contraction) tile of kernel A;
+    bf: the F tile of kernel A and the contraction tile of kernel B; bd: the D (output) tile of kernel B."""
+
+    bm: int
+    bk: int
+    bf: int
+    bd: int
+    warps: int = 4
+    stages: int = 3
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Blocks | None:
+    """Tile sizes for this shape, or None when the shape does not tile (the caller then uses the dense path).
+
+    Decode (few rows per expert) is bound by reading weights: 16-row blocks (the smallest tensor-core tile) and
+    narrow F tiles for many programs. Prefill (many rows per expert) is bound by the matmuls: taller blocks so
+    each weight tile is reused by more rows."""
+    per_expert = pairs / max(1, min(num_experts, pairs))
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64 if per_expert <= 256 else 128
+    bk = _pow2_divisor(d_model, 128 if bm <= 32 else 64)  # taller blocks take a shorter K tile (shared memory)
+    bf = _pow2_divisor(d_ff, 64 if bm <= 32 else 128)
+    bd = _pow2_divisor(d_model, 64 if bm <= 32 else 128)
+    if min(bk, bf, bd) < 16:
+        return None
+    return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=4 if bm <= 64 else 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    src_row: jax.Array  # [M] input row that fills each padded row (n: a zero row)
+    block_expert: jax.Array  # [NB] expert of each block, -1 for unused blocks
+    dest: jax.Array  # [n, k] padded row of each pair (M: no pair)
+    weight: jax.Array  # [n, k] float32 gate weight of each pair (0: no pair)
+
+
+def group_layout(gates, k: int, bm: int) -> Layout:
+    """Sort the (row, expert) pairs of a dense gate matrix [n, E] (at most k non-zeros per row) by expert."""
+    n, e = gates.shape
+    k = min(k, e)
+    w, ids = lax.top_k(gates.astype(jnp.float32), k)  # the row's chosen local experts first
+    valid = w != 0
+    p = n * k
+    nb = -(-p // bm) + min(e, p)
+    m = nb * bm
+    ex = jnp.where(valid, ids, e).reshape(p).astype(jnp.int32)  # e = "no expert", sorts last
+    counts = jnp.zeros(e + 1, jnp.int32).at[ex].add(1)
+    blocks = (counts[:e] + bm - 1) // bm
+    block_end = jnp.cumsum(blocks)
+    block_start = jnp.concatenate([jnp.zeros(1, jnp.int32), block_end])  # [E+1]; entry E is unused
+    first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts)])[:-1]  # first sorted index per expert
+    order = jnp.argsort(ex, stable=True)
+    sorted_e = ex[order]
+    rank = jnp.arange(p, dtype=jnp.int32) - first[sorted_e]
+    dest_sorted = jnp.where(sorted_e < e, block_start[sorted_e] * bm + rank, m)
+    dest = jnp.zeros(p, jnp.int32).at[order].set(dest_sorted)
+    src_row = jnp.full(m, n, jnp.int32).at[dest_sorted].set((order // k).astype(jnp.int32), mode="drop")
+    b = jnp.arange(nb, dtype=jnp.int32)
+    block_expert = jnp.sum(block_end[None, :] <= b[:, None], axis=1).astype(jnp.int32)
+    block_expert = jnp.where(block_expert < e, block_expert, -1)
+    return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
+
+
+def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int):
+    i, j = pl.program_id(0), pl.program_id(1)
+    e = block_expert_ref[i]
+
+    @pl.when(e >= 0)
+    def _():
+        rows, cols = pl.ds(i * blk.bm, blk.bm), pl.ds(j * blk.bf, blk.bf)
+
+        def step(t, acc):
+            ag, au = acc
+            ks = pl.ds(t * blk.bk, blk.bk)
+            xt = x_ref[rows, ks]
+            ag += jnp.dot(xt, wg_ref[e, ks, cols], preferred_element_type=jnp.float32)
+            au += jnp.dot(xt, wu_ref[e, ks, cols], preferred_element_type=jnp.float32)
+            return ag, au
+
+        zero = jnp.zeros((blk.bm, blk.bf), jnp.float32)
+        ag, au = lax.fori_loop(0, d // blk.bk, step, (zero, zero))
+        h_ref[rows, cols] = (ag * jax.nn.sigmoid(ag) * au).astype(h_ref.dtype)
+
+
+def _down_kernel(block_expert_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int):
+    i, j = pl.program_id(0), pl.program_id(1)
+    e = block_expert_ref[i]
+
+    @pl.when(e >= 0)
+    def _():
+        rows, cols = pl.ds(i * blk.bm, blk.bm), pl.ds(j * blk.bd, blk.bd)
+
+        def step(t, acc):
+            ks = pl.ds(t * blk.bf, blk.bf)
+            return acc + jnp.dot(h_ref[rows, ks], wd_ref[e, ks, cols], preferred_element_type=jnp.float32)
+
+        y_ref[rows, cols] = lax.fori_loop(0, f // blk.bf, step, jnp.zeros((blk.bm, blk.bd), jnp.float32))
+
+
+def _compiler_params(blk: Blocks, interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=blk.warps, num_stages=blk.stages)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
+def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False):
+    """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
+    row), weights [E, D, F], [E, D, F], [E, F, D]. Returns [n, D] in x's dtype; expert outputs and their
+    weighted sum are float32, as in the dense path."""
+    n, d = x.shape
+    f = w_gate.shape[2]
+    lay = group_layout(gates, k, blk.bm)
+    nb = lay.block_expert.shape[0]
+    m = nb * blk.bm
+    xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]  # [M, D], padding rows are zero
+    h = pl.pallas_call(
+        functools.partial(_gate_up_kernel, blk=blk, d=d),
+        out_shape=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(nb, f // blk.bf),
+        compiler_params=_compiler_params(blk, interpret), interpret=interpret, name="grouped_gate_up",
+    )(lay.block_expert, xp, w_gate, w_up)
+    y = pl.pallas_call(
+        functools.partial(_down_kernel, blk=blk, f=f),
+        out_shape=jax.ShapeDtypeStruct((m, d), jnp.float32), grid=(nb, d // blk.bd),
+        compiler_params=_compiler_params(blk, interpret), interpret=interpret, name="grouped_down",
+    )(lay.block_expert, h, w_down)
+    rows = y[jnp.minimum(lay.dest, m - 1)]  # [n, k, D]; pairs that do not exist have weight 0
+    rows = jnp.where((lay.dest < m)[..., None], rows, 0.0)
+    return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)
