@@ -111,7 +111,10 @@ def plot(path: str, result: dict):
     dec = result["decode"]
     for impl in result["args"]["impl"].split(","):
         rows = [r for r in dec if r["impl"] == impl]
-        ax.plot([r["batch"] for r in rows], [r["step_s"] * 1e3 for r in rows], "o-", label=f"mixjax ({impl} experts)")
+        line, = ax.plot([r["batch"] for r in rows], [r["step_s"] * 1e3 for r in rows], "o-",
+                        label=f"mixjax ({impl} experts), each step waited for")
+        ax.plot([r["batch"] for r in rows], [r["back_to_back_step_s"] * 1e3 for r in rows], "o:",
+                color=line.get_color(), alpha=0.6, label=f"mixjax ({impl} experts), back to back")
     rows = [r for r in dec if r["impl"] == dec[0]["impl"]]
     ax.plot([r["batch"] for r in rows], [r["roofline_s"] * 1e3 for r in rows], "k--", label="HBM roofline")
     if result.get("peer"):
