@@ -336,6 +336,19 @@ class Watchdog:
                               f"s (failure timeout {self.timeout:g} s): it died, hung or lost its network")
                     return
 
+    def fail_after_check(self, message: str):
+        """A step failed (e.g. a collective lost its peer): give the heartbeat check one failure timeout to name the
+        process that is gone (it then exits with that message), else fail with `message`."""
+        log.error("%s; waiting up to %.1f s for the heartbeat check to find the cause", message,
+                  self.timeout + 2 * self.interval)
+        for cb in list(self.on_failure):  # the HTTP front end answers 503 from now on
+            try:
+                cb(message)
+            except Exception:
+                log.exception("failure callback")
+        self._stop.wait(self.timeout + 2 * self.interval)
+        self.fail(message)
+
     def fail(self, message: str):
         """Log the error, tell the listeners (the HTTP front end starts answering 503), wait FAILURE_GRACE seconds,
         exit with EXIT_CLUSTER_FAILURE. Only the first call acts; later ones wait for the exit."""

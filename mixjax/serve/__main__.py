@@ -160,7 +160,7 @@ def _follow(engine, cluster):
     try:
         engine.follow()
     except Exception as e:
-        cluster.fail(f"process {me} could not run a step plan: {e}")  # exits
+        cluster.watchdog.fail_after_check(f"process {me} could not run a step plan: {e}")  # exits
     cluster.shutdown()
     print(f"mixjax process {me} stopped", flush=True)
 

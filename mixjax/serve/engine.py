@@ -284,7 +284,7 @@ class Engine:
             except Exception as e:  # a failed decode step: fail the requests in it, start from a fresh cache
                 log.error("engine step failed: %s\n%s", e, traceback.format_exc())
                 if self.cluster is not None:  # the other processes cannot follow a recovery: stop the cluster
-                    self.cluster.fail(f"engine step failed on process 0: {e}")
+                    self.cluster.watchdog.fail_after_check(f"engine step failed on process 0: {e}")
                     return
                 for slot, r in list(self._active.items()):
                     self._finish(r, error=f"engine step failed: {e}")
