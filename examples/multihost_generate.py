@@ -27,8 +27,7 @@ def main():
     if jax.process_index() == 0:
         print(json.dumps({"mesh": dict(llm.mesh.shape), "processes": jax.process_count(), "token_ids": ids,
                           "text": llm.tokenizer.decode(ids)}), flush=True)
-    if llm.cluster is not None:
-        llm.cluster.shutdown()
+    # at exit every process leaves the cluster together (mixjax.distributed registers cluster.shutdown)
 
 
 if __name__ == "__main__":

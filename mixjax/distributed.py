@@ -16,6 +16,7 @@ backstop: it aborts the process with its own message.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -263,6 +264,9 @@ def initialize(spec: ClusterSpec) -> Cluster:
     coordinator = jax_distributed.global_state.coordinator_address or spec.coordinator or "?"
     cluster = Cluster(spec, client, jax.process_index(), jax.process_count(), coordinator)
     cluster.watchdog.start()
+    # a process that simply ends (a script using mixjax.LLM) leaves together with the others: were process 0 to
+    # go first, JAX would abort the rest when its coordination service disappears
+    atexit.register(cluster.shutdown)
     log.info("joined the cluster as process %d of %d (coordinator %s)", cluster.process_id, cluster.num_processes,
              coordinator)
     return cluster
