@@ -38,8 +38,21 @@ ENV_INIT_TIMEOUT = "MIXJAX_INIT_TIMEOUT"
 
 DEFAULT_FAILURE_TIMEOUT = 20.0  # seconds without a heartbeat before the cluster is declared broken
 DEFAULT_INIT_TIMEOUT = 300.0  # seconds for all processes to join (JAX's default too)
-FAILURE_GRACE = 1.5  # seconds the HTTP front end answers 503 before a failed process exits
+FAILURE_GRACE = 1.5  # seconds process 0 (the HTTP front end) answers 503 before it exits
 EXIT_CLUSTER_FAILURE = 3  # exit status of a process that stops because the cluster broke
+
+
+def heartbeat_interval(failure_timeout: float) -> float:
+    return min(1.0, failure_timeout / 5)
+
+
+def failure_bound(failure_timeout: float, leader: bool = True) -> float:
+    """Seconds from a process's death until the others have exited (docs/MULTIHOST.md): detection within
+    timeout + 2 intervals; then the other processes exit at once, and process 0, which runs the coordination
+    service and the HTTP front end, FAILURE_GRACE + 2 intervals later (it answers 503 meanwhile, and the others,
+    which detect up to about an interval later, leave first: JAX would abort them were its service gone)."""
+    i = heartbeat_interval(failure_timeout)
+    return failure_timeout + 2 * i + ((FAILURE_GRACE + 2 * i) if leader else 0.0)
 
 
 class DistributedError(RuntimeError):
@@ -281,14 +294,14 @@ class Watchdog:
     another process's counter has not changed for `timeout` seconds, or when this process has not completed a
     heartbeat round trip for `timeout` seconds (coordinator gone or unreachable). Then `fail` runs.
 
-    Bound: a failure is detected within timeout + 2 * interval seconds, and the process exits FAILURE_GRACE seconds
-    later (interval = min(1, timeout / 5))."""
+    Bound: a failure is detected within timeout + 2 * interval seconds (interval = min(1, timeout / 5)); see
+    failure_bound for when each process exits."""
 
     PREFIX = "mixjax/hb/"
 
     def __init__(self, cluster: Cluster, timeout: float):
         self.cluster, self.timeout = cluster, float(timeout)
-        self.interval = min(1.0, self.timeout / 5)
+        self.interval = heartbeat_interval(self.timeout)
         self.on_failure: list = []  # callables(message), e.g. the engine's mark_failed
         self._stop = threading.Event()
         self._failed = threading.Lock()
@@ -354,10 +367,11 @@ class Watchdog:
         self.fail(message)
 
     def fail(self, message: str):
-        """Log the error, tell the listeners (the HTTP front end starts answering 503), wait FAILURE_GRACE seconds,
-        exit with EXIT_CLUSTER_FAILURE. Only the first call acts; later ones wait for the exit."""
+        """Log the error, tell the listeners (the HTTP front end starts answering 503), exit with
+        EXIT_CLUSTER_FAILURE: at once, or on process 0 after FAILURE_GRACE + 2 intervals (see failure_bound). Only
+        the first call acts; later ones wait for the exit."""
         if not self._failed.acquire(blocking=False):
-            time.sleep(FAILURE_GRACE + 5)
+            time.sleep(FAILURE_GRACE + 2 * self.interval + 5)
             return
         if self._stop.is_set():  # a clean shutdown is under way
             self._failed.release()
@@ -371,7 +385,8 @@ class Watchdog:
                 cb(message)
             except Exception:
                 log.exception("failure callback")
-        time.sleep(FAILURE_GRACE)
+        if self.cluster.is_leader:
+            time.sleep(FAILURE_GRACE + 2 * self.interval)
         sys.stdout.flush()
         os._exit(EXIT_CLUSTER_FAILURE)
 

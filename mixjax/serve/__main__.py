@@ -90,6 +90,7 @@ def _serve(args, cluster):
 
     import jax.numpy as jnp
 
+    from mixjax import distributed
     from mixjax.models import load_config
     from mixjax.serve.engine import Engine
     from mixjax.serve.plan_choice import choose_plan
@@ -139,6 +140,9 @@ def _serve(args, cluster):
     if cluster is not None:
         engine.metrics.plan_channel = cluster.channel
     _run_http(args, engine, model_dir, mesh_shape, strategy, reason)
+    if cluster is not None and engine.failed is not None:  # a failure raced with a shutdown signal
+        print(f"mixjax: error: engine unhealthy: {engine.failed}", file=sys.stderr, flush=True)
+        os._exit(distributed.EXIT_CLUSTER_FAILURE)
     if cluster is not None:
         ch = cluster.channel
         print(f"mixjax sent {ch.n} step plans ({ch.bytes_sent} bytes) in {ch.send_seconds:.3f}s", flush=True)
