@@ -9,9 +9,12 @@ service (`PlanChannel`).
 Failure handling (`Watchdog`): every process writes a heartbeat into the key-value store and watches everyone
 else's. When a process stops beating for `failure_timeout` seconds, or the coordination service cannot be reached
 for that long, the others log a clear error, mark the engine unhealthy (the HTTP front end answers 503) and exit
-with status EXIT_CLUSTER_FAILURE after a short grace period, instead of hanging in a collective that will never
-finish (gloo and NCCL wait forever for a dead peer). JAX's own heartbeat check is set to a longer timeout, as a
-backstop: it aborts the process with its own message.
+with status EXIT_CLUSTER_FAILURE within `failure_bound(failure_timeout)` seconds, instead of hanging in a
+collective that will never finish (a collective whose peer died may fail, or may wait forever). JAX's own
+heartbeat check is set to a longer timeout, as a backstop: it aborts the process with its own message.
+
+The key-value store is reached through `jax._src.distributed.global_state.client` (JAX 0.11.2 has no public
+accessor for the coordination service's client; jax.experimental.multihost_utils uses the same object).
 """
 
 from __future__ import annotations
