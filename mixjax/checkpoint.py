@@ -84,6 +84,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: no *.safetensors files")
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
+        self.bytes_read = 0  # parameter bytes this process has read (read_slice), in the model's dtypes
+        self.slices_read = 0
         for name in files:
             path = self.dir / name
             if not path.is_file():
@@ -161,8 +163,12 @@ def read_slice(ckpt: Checkpoint, src: Source, shape: tuple[int, ...], index, dty
     if src.experts is not None:
         experts = range(src.experts)[index[0]]
         parts = [np.asarray(_hf_view(ckpt, src.name.format(e=e), src, shape[1:])[index[1:]]) for e in experts]
-        return np.stack(parts).astype(dtype)
-    return np.asarray(_hf_view(ckpt, src.name, src, shape)[index]).astype(dtype)
+        out = np.stack(parts).astype(dtype)
+    else:
+        out = np.asarray(_hf_view(ckpt, src.name, src, shape)[index]).astype(dtype)
+    ckpt.bytes_read += out.nbytes
+    ckpt.slices_read += 1
+    return out
 
 
 def is_param(x) -> bool:
@@ -171,6 +177,10 @@ def is_param(x) -> bool:
 
 def load_params(ckpt: Checkpoint, abstract_state, shardings, progress: bool = True):
     """Fill an abstract parameter state from the checkpoint. Every device reads only its own block.
+
+    jax.make_array_from_callback asks only for the blocks of this process's (addressable) devices, so that on a
+    multi-host mesh each process reads only the slices its devices hold; a block that several local devices share
+    (replicated over some mesh axes) is read once. `ckpt.bytes_read` counts what was read.
 
     abstract_state: nnx.State of Params holding ShapeDtypeStructs; shardings: the same tree of Shardings.
     Returns the state with global jax.Arrays laid out by `shardings`."""
@@ -183,8 +193,15 @@ def load_params(ckpt: Checkpoint, abstract_state, shardings, progress: bool = Tr
             src: Source = var.get_metadata()["source"]
             shape = tuple(var.shape)
             want_dtype = var.get_value().dtype  # the model chose it (float32 for routers, the serving dtype elsewhere)
-            arr = jax.make_array_from_callback(
-                shape, sharding, lambda idx, src=src, shape=shape, dt=want_dtype: read_slice(ckpt, src, shape, idx, dt))
+            blocks: dict = {}  # index -> block, for the local devices that hold the same block
+
+            def block(idx, src=src, shape=shape, dt=want_dtype, blocks=blocks):
+                key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)
+                if key not in blocks:
+                    blocks[key] = read_slice(ckpt, src, shape, idx, dt)
+                return blocks[key]
+
+            arr = jax.make_array_from_callback(shape, sharding, block)
             out.append(var.replace(arr))
             bar.update(math.prod(shape))
     return jax.tree.unflatten(treedef, out)

@@ -4,6 +4,10 @@
     llm = mixjax.LLM("path/to/hf_checkpoint_dir", mesh="1x1", strategy="auto", dtype="float32")
     logits = llm.logits([[1, 5, 9, 2]])          # numpy [batch, seq, vocab]
     outs = llm.generate([[1, 5, 9, 2]], max_new_tokens=16, temperature=0.0)   # new-token-id lists
+
+On several hosts, run the same script on every host with coordinator=, num_processes=, process_id= (or the
+MIXJAX_COORDINATOR, MIXJAX_NUM_PROCESSES, MIXJAX_PROCESS_ID environment variables, or under srun / mpirun with
+nothing): every process gets the same results (docs/MULTIHOST.md).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixjax import distributed
 from mixjax.models import load_config
 from mixjax.sampling import sample
 from mixjax.sharding.mesh import LayoutError, check_layout, make_mesh
@@ -48,13 +53,26 @@ def choose_strategy(cfg, mesh) -> tuple[str, str]:
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, mesh="1x1", strategy: str = "auto",
+    def __init__(self, model: str | Path | None = None, mesh=None, strategy: str = "auto",
                  dtype: str = "float32", *, fused_chunks: int = 2, capacity_factor: float | None = None,
-                 progress: bool = True, devices=None):
+                 progress: bool = True, devices=None, coordinator: str | None = None,
+                 num_processes: int | None = None, process_id: int | None = None,
+                 failure_timeout: float | None = None, init_timeout: float | None = None):
+        """mesh: "NODExGPU"; default 1x1 on one process, (processes) x (local devices) on several.
+        coordinator, num_processes, process_id, failure_timeout, init_timeout: join a multi-host cluster
+        (mixjax.distributed) first; also read from the MIXJAX_* environment variables, or detected under SLURM /
+        Open MPI. Skipped when jax.distributed is already initialized."""
         self.model_dir = Path(model) if model is not None else default_model_dir()
         self.config = load_config(self.model_dir)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        self.cluster = None
+        if not jax.distributed.is_initialized():
+            spec = distributed.resolve_spec(coordinator, num_processes, process_id, failure_timeout, init_timeout)
+            if spec is not None:
+                self.cluster = distributed.initialize(spec)
+        if mesh is None:
+            mesh = f"{jax.process_count()}x{jax.local_device_count()}" if jax.process_count() > 1 else "1x1"
         self.mesh = make_mesh(mesh, devices)
         self.plan_reason = "chosen by the caller"
         if strategy == "auto":
@@ -104,7 +122,7 @@ class LLM:
         tokens[: len(ids)] = ids
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
         logits, _ = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), self.model.init_cache(b, t))
-        return np.asarray(logits)[: len(ids), :, : self.config.vocab_size]
+        return distributed.to_host(logits)[: len(ids), :, : self.config.vocab_size]
 
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_token_ids=None):
@@ -140,7 +158,7 @@ class LLM:
         for step in range(max_new_tokens):
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
             nxt, _ = sample(last, step_keys, temp, tk, tp)
-            nxt = np.asarray(nxt)
+            nxt = distributed.to_host(nxt)
             for i in range(b):
                 if not done[i]:
                     if int(nxt[i]) in stop_token_ids:

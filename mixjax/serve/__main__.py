@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,41 +32,148 @@ def parse_args(argv=None):
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
+    g = p.add_argument_group("multi-host (docs/MULTIHOST.md)", "One process per host, the same options on every "
+                             "process; process 0 serves HTTP. Without these, a SLURM (srun) or Open MPI (mpirun) "
+                             "launch of several processes is detected by jax.distributed.")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordination service (env MIXJAX_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="number of processes (env MIXJAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="this process, 0..N-1; 0 runs the HTTP server (env MIXJAX_PROCESS_ID)")
+    g.add_argument("--failure-timeout", type=float, default=None, metavar="S",
+                   help="seconds without a heartbeat from another process before every process stops with an "
+                        "error (env MIXJAX_FAILURE_TIMEOUT, default 20)")
+    g.add_argument("--init-timeout", type=float, default=None, metavar="S",
+                   help="seconds for all processes to join (env MIXJAX_INIT_TIMEOUT, default 300)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import jax.numpy as jnp
-    import uvicorn
+    from mixjax import distributed
 
+    try:
+        spec = distributed.resolve_spec(args.coordinator, args.num_processes, args.process_id,
+                                        args.failure_timeout, args.init_timeout)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cluster = None
+    if spec is not None:  # before anything starts a JAX backend
+        print(f"mixjax joining a cluster: {spec.describe()}; failure timeout {spec.failure_timeout:g}s", flush=True)
+        try:
+            cluster = distributed.initialize(spec)
+        except distributed.DistributedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(distributed.EXIT_CLUSTER_FAILURE)
+    try:
+        _serve(args, cluster)
+    except distributed.DistributedError as e:
+        if cluster is not None:
+            cluster.fail(str(e))  # exits
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(distributed.EXIT_CLUSTER_FAILURE)
+    except SystemExit as e:
+        if cluster is None or e.code in (0, None):
+            raise
+        # a bad option or checkpoint: say so and leave at once (the other processes, unless they stop for the same
+        # reason, see this one go: JAX ends them when process 0 is gone, the watchdog when another one is)
+        print(e.code if isinstance(e.code, str) else f"error: exit status {e.code}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(e.code if isinstance(e.code, int) else 2)
+
+
+def _serve(args, cluster):
+    import hashlib
+
+    import jax.numpy as jnp
+
+    from mixjax import distributed
     from mixjax.models import load_config
-    from mixjax.serve.api import Server, build_app
     from mixjax.serve.engine import Engine
     from mixjax.serve.plan_choice import choose_plan
-    from mixjax.sharding.mesh import make_mesh
+    from mixjax.sharding.mesh import LayoutError, make_mesh
     from mixjax.sharding.runner import ShardedModel
     from mixjax.sharding.strategies import get_strategy
     from mixjax.tokenizer import Tokenizer
 
+    me = "" if cluster is None else f" process {cluster.process_id}"
     model_dir = Path(args.model) if args.model else Path(mixjax.__file__).parent / "default_model"
     if not (model_dir / "config.json").is_file():
         sys.exit(f"error: {model_dir} is not a checkpoint directory (no config.json)")
     cfg = load_config(model_dir)
-    mesh_shape, strategy, reason = choose_plan(cfg, args.mesh, args.strategy)
-    print(f"mixjax plan: mesh {mesh_shape}, strategy {strategy} ({reason})", flush=True)
-    t0 = time.monotonic()
-    sm = ShardedModel(cfg, make_mesh(mesh_shape), get_strategy(strategy),
-                      dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
-    sm.load(model_dir, progress=False)
-    tok = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    try:
+        mesh_shape, strategy, reason = choose_plan(cfg, args.mesh, args.strategy)
+        mesh = make_mesh(mesh_shape)
+        sm = ShardedModel(cfg, mesh, get_strategy(strategy),
+                          dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
+    except (LayoutError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"mixjax{me} plan: mesh {mesh_shape}, strategy {strategy} ({reason})", flush=True)
     buckets = [int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None
+    if cluster is not None:  # every process must build the same engine, or their compiled steps would not match
+        cluster.agree("serving", {
+            "config.json": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16],
+            "mesh": mesh_shape, "strategy": strategy, "dtype": args.dtype, "max_batch": args.max_batch,
+            "max_seq_len": args.max_seq_len, "prefill_buckets": buckets})
+        hosts = {p: sorted(d.id for d in mesh.devices[p]) for p in range(mesh.devices.shape[0])}
+        print(f"mixjax{me}: node {cluster.process_id} of the mesh = this process, devices {hosts[cluster.process_id]}",
+              flush=True)
+    t0 = time.monotonic()
+    sm.load(model_dir, progress=False)
+    st = sm.load_stats
+    print(f"mixjax{me} read {st['bytes_read']} bytes of weights in {st['slices_read']} slices (the whole model has "
+          f"{st['model_bytes']} bytes)", flush=True)
+    tok = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     engine = Engine(sm, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
-                    max_queue=args.max_queue)
-    print(f"mixjax loaded {model_dir} in {time.monotonic() - t0:.1f}s; {engine.slots} slots x "
+                    max_queue=args.max_queue, cluster=cluster)
+    if cluster is not None:
+        cluster.watchdog.on_failure.append(engine.mark_failed)
+        engine.metrics.processes = cluster.num_processes
+    print(f"mixjax{me} loaded {model_dir} in {time.monotonic() - t0:.1f}s; {engine.slots} slots x "
           f"{engine.max_seq_len} positions, prefill buckets {engine.buckets}; compiling...", flush=True)
-    print(f"mixjax warm-up (all compiles) took {engine.warmup():.1f}s", flush=True)
+    print(f"mixjax{me} warm-up (all compiles) took {engine.warmup():.1f}s", flush=True)
+    if cluster is not None and not cluster.is_leader:
+        return _follow(engine, cluster)
+    if cluster is not None:
+        engine.metrics.plan_channel = cluster.channel
+    _run_http(args, engine, model_dir, mesh_shape, strategy, reason)
+    if cluster is not None and engine.failed is not None:  # a failure raced with a shutdown signal
+        print(f"mixjax: error: engine unhealthy: {engine.failed}", file=sys.stderr, flush=True)
+        os._exit(distributed.EXIT_CLUSTER_FAILURE)
+    if cluster is not None:
+        ch = cluster.channel
+        print(f"mixjax sent {ch.n} step plans ({ch.bytes_sent} bytes) in {ch.send_seconds:.3f}s", flush=True)
+        cluster.shutdown()
+    print("mixjax stopped", flush=True)
+
+
+def _follow(engine, cluster):
+    """Processes other than 0: no HTTP; run process 0's step plans until it stops."""
+    me = cluster.process_id
+
+    def ignore(signum, _frame):
+        print(f"mixjax process {me}: signal {signum} ignored; this process stops when process 0 does (or after "
+              f"the failure timeout if process 0 is gone)", flush=True)
+
+    signal.signal(signal.SIGTERM, ignore)
+    signal.signal(signal.SIGINT, ignore)
+    print(f"mixjax process {me} of {cluster.num_processes} ready; following process 0's step plans", flush=True)
+    try:
+        engine.follow()
+    except Exception as e:
+        cluster.watchdog.fail_after_check(f"process {me} could not run a step plan: {e}")  # exits
+    cluster.shutdown()
+    print(f"mixjax process {me} stopped", flush=True)
+
+
+def _run_http(args, engine, model_dir, mesh_shape, strategy, reason):
+    import uvicorn
+
+    from mixjax.serve.api import Server, build_app
+
     engine.start()
 
     name = args.served_model_name or model_dir.name
@@ -87,7 +195,11 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     engine.stop(cancel=True, timeout=5.0)
-    print("mixjax stopped", flush=True)
+    if not server.started:
+        print(f"error: the HTTP server could not start on {args.host}:{args.port}", file=sys.stderr, flush=True)
+        if engine.cluster is not None:
+            engine.cluster.shutdown()
+        sys.exit(1)
 
 
 if __name__ == "__main__":

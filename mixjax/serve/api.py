@@ -192,6 +192,9 @@ def build_app(server: Server, engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if engine.failed is not None:
+            return JSONResponse({"status": "unhealthy", "error": f"engine unhealthy: {engine.failed}"},
+                                status_code=503)
         return {"status": "ok", "running": engine.running, "queued": engine.queue_length}
 
     @app.get("/metrics")
@@ -224,7 +227,8 @@ def build_app(server: Server, engine: Engine) -> FastAPI:
         except QueueFull as e:
             raise APIError(str(e), None, 429, "rate_limit_exceeded", "queue_full") from None
         except EngineStopped as e:
-            raise APIError(str(e), None, 503, "server_error", "shutting_down") from None
+            code = "engine_unhealthy" if engine.failed is not None else "shutting_down"
+            raise APIError(str(e), None, 503, "server_error", code) from None
         return r, q
 
     async def events(http: HTTPRequest, r: Request, q: asyncio.Queue, poll: bool):

@@ -88,9 +88,16 @@ class Request:
 
 
 class Engine:
+    """With `cluster` (a mixjax.distributed.Cluster of several processes), every process builds the same Engine:
+    process 0 runs the loop and sends each step's plan to the others before running it; the others call `follow()`,
+    which runs the same compiled calls with the same inputs, plan by plan, until process 0 stops."""
+
     def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
-                 prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None):
+                 prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None,
+                 cluster=None):
         self.sm = sm
+        self.cluster = cluster if cluster is not None and cluster.num_processes > 1 else None
+        self.failed: str | None = None  # set when the engine can no longer run (multi-host failure)
         self.tok = tokenizer
         self.vocab = sm.vocab_size
         dp = sm.dp_size
@@ -128,12 +135,15 @@ class Engine:
     # --- compiled functions ------------------------------------------------------------------------------------
     def _build(self):
         fwd, fwd_last, V = self.sm._forward, self.sm._forward_last, self.vocab
+        # several processes: the sampled tokens must be readable on process 0, so they leave the step replicated
+        rep = jax.sharding.NamedSharding(self.sm.mesh, jax.sharding.PartitionSpec()) if self.cluster else None
 
         def pick(logits, seeds, steps, temp, topk, topp):
             keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
             ids, lp = sample(logits, keys, temp, topk, topp)
             top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), min(TOP_LOGPROBS, V))
-            return ids, lp, top_ids.astype(jnp.int32), top_lp
+            out = ids, lp, top_ids.astype(jnp.int32), top_lp
+            return out if rep is None else tuple(jax.lax.with_sharding_constraint(x, rep) for x in out)
 
         def prefill(state, tokens, positions, cache, last_idx, seed, temp, topk, topp):
             at = jnp.full((tokens.shape[0],), last_idx, jnp.int32)
@@ -165,7 +175,8 @@ class Engine:
                 self.small, np.int32(0), np.uint32(0), np.float32(1.0), np.int32(0), np.float32(1.0))
             np.asarray(ids)
         self.cache = self._copy(self.cache, self.small, np.int32(0))
-        self._decode_step()
+        z = np.zeros(self.slots, np.int32)  # (not _decode_step: on a cluster every process warms up by itself)
+        self._run_decode(z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp)
         jax.block_until_ready(self.cache)
         return time.monotonic() - t0
 
@@ -176,6 +187,8 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         with self._lock:
+            if self.failed is not None:
+                raise EngineStopped(f"engine unhealthy: {self.failed}")
             if not self._accepting:
                 raise EngineStopped("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
@@ -227,6 +240,20 @@ class Engine:
             else:
                 return ids, text, ev["finish_reason"]
 
+    def mark_failed(self, message: str):
+        """The engine cannot go on (e.g. another process of a multi-host cluster died): refuse new requests, fail
+        the waiting and running ones. Called from any thread; the engine thread may be stuck in a collective."""
+        with self._lock:
+            self.failed = message
+            self._accepting = False
+            reqs = list(self._waiting) + list(self._active.values())
+        self.metrics.healthy = 0
+        for r in reqs:
+            if not r.finished:
+                r.finished = True
+                self.metrics.requests_failed += 1
+                r.emit({"type": "error", "message": f"engine unhealthy: {message}"})
+
     @property
     def queue_length(self) -> int:
         return len(self._waiting)
@@ -237,6 +264,16 @@ class Engine:
 
     # --- the loop (engine thread) ------------------------------------------------------------------------------
     def _loop(self):
+        try:
+            self._run_loop()
+        finally:
+            if self.cluster is not None and self.failed is None:
+                try:
+                    self.cluster.channel.send("stop")  # the other processes leave follow()
+                except Exception as e:
+                    log.error("could not send the stop plan to the other processes: %s", e)
+
+    def _run_loop(self):
         while True:
             with self._lock:
                 if self._stop:
@@ -248,6 +285,9 @@ class Engine:
                 self._iteration()
             except Exception as e:  # a failed decode step: fail the requests in it, start from a fresh cache
                 log.error("engine step failed: %s\n%s", e, traceback.format_exc())
+                if self.cluster is not None:  # the other processes cannot follow a recovery: stop the cluster
+                    self.cluster.watchdog.fail_after_check(f"engine step failed on process 0: {e}")
+                    return
                 for slot, r in list(self._active.items()):
                     self._finish(r, error=f"engine step failed: {e}")
                 try:
@@ -266,6 +306,7 @@ class Engine:
         for r in [r for r in self._active.values() if r.cancelled]:
             self._finish(r, reason="cancelled")
         free = [s for s in range(self.slots) if s not in self._active]
+        batch = []
         while free:
             with self._lock:
                 if not self._waiting:
@@ -275,29 +316,61 @@ class Engine:
             if req.cancelled:
                 self._finish(req, reason="cancelled")
                 continue
-            slot = free.pop(0)
-            try:
-                self._admit(req, slot)
-            except Exception as e:  # a bad request fails alone
-                log.error("prefill failed for request %d: %s\n%s", req.id, e, traceback.format_exc())
-                self._active.pop(slot, None)
-                self._finish(req, error=f"prefill failed: {e}")
-                free.insert(0, slot)
-                if not isinstance(e, ValueError):  # the small cache was donated: make a new one
-                    self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
+            L = len(req.prompt_ids)
+            if not 0 < L < self.max_seq_len:  # a bad request fails alone
+                msg = f"prompt of {L} tokens does not fit the context limit of {self.max_seq_len}"
+                log.error("prefill failed for request %d: %s", req.id, msg)
+                self._finish(req, error=f"prefill failed: {msg}")
+                continue
+            batch.append((req, free.pop(0)))
+        if batch:
+            self._admit(batch)
         self._update_gauges()
         if self._active:
             self._step()
         self._update_gauges()
 
-    def _admit(self, req: Request, slot: int):
-        ids, p = req.prompt_ids, req.params
+    def _admit(self, batch: list[tuple[Request, int]]):
+        """Prefill each (request, slot) and hand the request its first token."""
+        if self.cluster is not None:
+            self.cluster.channel.send("admit", {
+                "slots": np.array([s for _, s in batch], np.int32),
+                "lengths": np.array([len(r.prompt_ids) for r, _ in batch], np.int32),
+                "ids": np.array([t for r, _ in batch for t in r.prompt_ids], np.int32),
+                "seeds": np.array([r.seed for r, _ in batch], np.uint32),
+                "temp": np.array([r.params.temperature for r, _ in batch], np.float32),
+                "topk": np.array([r.params.top_k for r, _ in batch], np.int32),
+                "topp": np.array([r.params.top_p for r, _ in batch], np.float32)})
+        for req, slot in batch:
+            p = req.params
+            seed, temp = np.uint32(req.seed), np.float32(p.temperature)
+            topk, topp = np.int32(p.top_k), np.float32(p.top_p)
+            try:
+                tok, lp, top_ids, top_lp = self._run_admit(req.prompt_ids, slot, seed, temp, topk, topp)
+            except Exception as e:  # a bad request fails alone
+                if self.cluster is not None:
+                    raise  # the other processes cannot follow a recovery: the loop stops the cluster
+                log.error("prefill failed for request %d: %s\n%s", req.id, e, traceback.format_exc())
+                self._finish(req, error=f"prefill failed: {e}")
+                # the small cache was donated: make a new one
+                self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
+                continue
+            req.slot = slot
+            self._active[slot] = req
+            self._h_temp[slot], self._h_topk[slot], self._h_topp[slot], self._h_seed[slot] = temp, topk, topp, seed
+            L = len(req.prompt_ids)
+            req.pos = L
+            now = time.monotonic()
+            self.metrics.ttft.observe(now - req.t_submit)
+            self.metrics.prompt_tokens += L
+            req.t_last = now
+            self._on_token(req, int(tok), float(lp), top_ids, top_lp)
+
+    def _run_admit(self, ids, slot: int, seed, temp, topk, topp, fetch: bool = True):
+        """The compiled calls of one admission: bucketed (chunked) prefill into the small cache, then the copy of
+        its row into `slot` of the big cache. Returns the first token's (id, logprob, top ids, top logprobs)."""
         L = len(ids)
-        if not 0 < L < self.max_seq_len:
-            raise ValueError(f"prompt of {L} tokens does not fit the context limit of {self.max_seq_len}")
         dp, bmax = self.sm.dp_size, self.buckets[-1]
-        seed, temp = np.uint32(req.seed), np.float32(p.temperature)
-        topk, topp = np.int32(p.top_k), np.float32(p.top_p)
         p0 = 0
         while True:
             rem = L - p0
@@ -313,16 +386,11 @@ class Engine:
                 break
             p0 += bmax
         self.cache = self._copy(self.cache, self.small, np.int32(slot))
-        tok, lp, top_ids, top_lp = (np.asarray(x)[0] for x in out)
-        req.slot = slot
-        self._active[slot] = req
-        self._h_temp[slot], self._h_topk[slot], self._h_topp[slot], self._h_seed[slot] = temp, topk, topp, seed
-        req.pos = L
-        now = time.monotonic()
-        self.metrics.ttft.observe(now - req.t_submit)
-        self.metrics.prompt_tokens += L
-        req.t_last = now
-        self._on_token(req, int(tok), float(lp), top_ids, top_lp)
+        return tuple(np.asarray(x)[0] for x in out) if fetch else None
+
+    def _run_decode(self, tokens, positions, steps, seeds, temp, topk, topp):
+        out, self.cache = self._decode(self.sm.leaves, tokens, positions, self.cache, seeds, steps, temp, topk, topp)
+        return out
 
     def _decode_step(self):
         n = self.slots
@@ -331,8 +399,11 @@ class Engine:
         steps = np.zeros(n, np.int32)
         for s, r in self._active.items():
             tokens[s], positions[s], steps[s] = r.last_token, r.pos, len(r.out_ids)
-        out, self.cache = self._decode(self.sm.leaves, tokens, positions, self.cache, self._h_seed, steps,
-                                       self._h_temp, self._h_topk, self._h_topp)
+        if self.cluster is not None:
+            self.cluster.channel.send("decode", {
+                "tokens": tokens, "positions": positions, "steps": steps, "seeds": self._h_seed,
+                "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp})
+        out = self._run_decode(tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk, self._h_topp)
         return [np.asarray(x) for x in out]
 
     def _step(self):
@@ -347,6 +418,31 @@ class Engine:
                 self._finish(r, reason="cancelled")
             else:
                 self._on_token(r, int(ids[s]), float(lps[s]), top_ids[s], top_lp[s])
+
+    # --- the other processes of a cluster ------------------------------------------------------------------------
+    def follow(self):
+        """Run process 0's step plans, in order, until it sends "stop" (processes other than 0 of a cluster)."""
+        if self.cluster is None or self.cluster.is_leader:
+            raise RuntimeError("follow() is for processes other than 0 of a multi-process cluster")
+        from mixjax.distributed import DistributedError  # noqa: PLC0415
+
+        ch = self.cluster.channel
+        while True:
+            kind, a = ch.receive()
+            if kind == "stop":
+                return
+            if kind == "admit":
+                off = 0
+                for i, slot in enumerate(a["slots"].tolist()):
+                    n = int(a["lengths"][i])
+                    self._run_admit(a["ids"][off: off + n], slot, a["seeds"][i], a["temp"][i], a["topk"][i],
+                                    a["topp"][i], fetch=False)
+                    off += n
+            elif kind == "decode":
+                self._run_decode(a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"], a["topk"],
+                                 a["topp"])
+            else:
+                raise DistributedError(f"received an unknown step plan {kind!r} from process 0")
 
     # --- per-token bookkeeping ---------------------------------------------------------------------------------
     def _on_token(self, r: Request, tok: int, lp: float, top_ids, top_lp):

@@ -52,12 +52,24 @@ class Metrics:
         self.requests_rejected = 0
         self.requests_failed = 0
         self.finished: dict[str, int] = {}
+        self.healthy = 1  # 0 once the engine cannot run any more (e.g. a process of a multi-host cluster died)
+        self.processes = 1  # processes (hosts) that run the model
+        self.plan_channel = None  # process 0 of a cluster: the PlanChannel that sends step plans
 
     def render(self) -> str:
         def metric(name, kind, help, value, labels=""):
             return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
 
         lines = []
+        lines += metric("mixjax_engine_healthy", "gauge", "1 while the engine runs, 0 after a fatal failure.",
+                        self.healthy)
+        lines += metric("mixjax_processes", "gauge", "Processes (hosts) that run the model.", self.processes)
+        if self.plan_channel is not None:
+            ch = self.plan_channel
+            lines += metric("mixjax_step_plans_total", "counter", "Step plans sent to the other processes.", ch.n)
+            lines += metric("mixjax_step_plan_seconds_total", "counter",
+                            "Time process 0 spent sending step plans.", f"{ch.send_seconds:.6f}")
+            lines += metric("mixjax_step_plan_bytes_total", "counter", "Bytes of step plans sent.", ch.bytes_sent)
         lines += metric("mixjax_queue_length", "gauge", "Requests waiting for a slot.", self.queue_length)
         lines += metric("mixjax_running_slots", "gauge", "Slots generating now.", self.running)
         lines += metric("mixjax_slots_total", "gauge", "Decode slots (maximum batch).", self.slots_total)

@@ -38,8 +38,10 @@ def make_mesh(shape="1x1", devices=None) -> Mesh:
         for d in devices:
             per_host.setdefault(d.process_index, []).append(d)
         if nodes != len(per_host) or any(len(v) < gpus for v in per_host.values()):
-            raise LayoutError(f"mesh {nodes}x{gpus} needs one node per process: {len(per_host)} processes with "
-                              f"{sorted(len(v) for v in per_host.values())} devices each")
+            fit = min(len(v) for v in per_host.values())
+            raise LayoutError(f"mesh {nodes}x{gpus} does not fit {len(per_host)} processes with "
+                              f"{sorted(len(v) for v in per_host.values())} devices each: on several processes the "
+                              f"mesh has one node per process (e.g. {len(per_host)}x{fit})")
         grid = [sorted(per_host[p], key=lambda d: d.id)[:gpus] for p in sorted(per_host)]
     else:
         if want > len(devices) or len(devices) % want:

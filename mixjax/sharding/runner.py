@@ -68,8 +68,17 @@ class ShardedModel:
 
     # --- weights -----------------------------------------------------------------------------------------------
     def load(self, model_dir: str | Path, progress: bool = True) -> "ShardedModel":
-        self.state = load_params(Checkpoint(model_dir), self.abstract_state, self.param_shardings, progress=progress)
+        ckpt = Checkpoint(model_dir)
+        self.state = load_params(ckpt, self.abstract_state, self.param_shardings, progress=progress)
+        # what this process read (on several hosts: only its devices' slices) against the whole model
+        self.load_stats = {"bytes_read": ckpt.bytes_read, "slices_read": ckpt.slices_read,
+                           "model_bytes": self.param_bytes()}
         return self
+
+    def param_bytes(self) -> int:
+        """Bytes of all parameters at their loaded dtypes (the whole model, not one device's share)."""
+        return sum(math.prod(v.shape) * jnp.dtype(v.get_value().dtype).itemsize
+                   for v in jax.tree.leaves(self.abstract_state, is_leaf=is_param))
 
     def set_state(self, state) -> "ShardedModel":
         """Use weights from a model built in this process (e.g. training), resharded onto the mesh."""
