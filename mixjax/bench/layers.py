@@ -46,7 +46,9 @@ def layer_config(preset: str, moe: bool) -> Qwen3MoeConfig:
                           rope_scaling=None, max_position_embeddings=32768, tie_word_embeddings=True, **p)
 
 
-def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int) -> float:
+def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int, samples: bool = False):
+    """Median seconds of one forward of `batch` x `seq` new tokens ending at position ctx - 1 (KV cache of ctx
+    slots), after compile and warm-up; with samples=True, (median, list of every timed run)."""
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32)
     pos = jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq)))
     cache = model.init_cache(batch, ctx)
@@ -59,7 +61,7 @@ def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int) -
         logits, cache = model.forward(tokens, pos, cache)
         logits.block_until_ready()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return (statistics.median(times), times) if samples else statistics.median(times)
 
 
 def build(cfg, mesh, strategy, dtype, chunks):
