@@ -458,7 +458,7 @@ def print_profile(prof: dict, log=print) -> None:
         f"call {c['step_overhead_s'] * 1e6:.1f} us")
     for d, pts in c.get("matmul_samples", {}).items():
         log(f"  matmul {d} [{c['matmul_shape'][0]}x{c['matmul_shape'][1]}] @ [.. x width]: " + "  ".join(
-            f"w{w:.0f}:{f / t / 1e12:.3g}" for f, w, t in pts) + " TFLOP/s")
+            f"w{w:.0f}:{f / t / 1e12:.3g}" if t > 0 else f"w{w:.0f}:-" for f, w, t in pts) + " TFLOP/s")
     if prof.get("hbm_bytes"):
         log(f"  device memory {prof['hbm_bytes'] / 2**30:.1f} GiB")
     if not prof["collectives"]:
