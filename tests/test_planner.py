@@ -266,16 +266,24 @@ def test_profile_round_trip_and_cluster(tmp_path):
 
 def test_count_kernels():
     hlo = """HloModule m
+
+%command_buffer (q: f32[4]) -> f32[4] {
+  %q = f32[4]{0} parameter(0)
+  %f1 = f32[4]{0} fusion(%q), kind=kLoop, calls=%c1
+  ROOT %f2 = f32[4]{0} fusion(%f1), kind=kLoop, calls=%c2
+}
+
 ENTRY %main (p: f32[4]) -> f32[4] {
   %p = f32[4]{0} parameter(0)
   %f = f32[4]{0} fusion(%p), kind=kLoop, calls=%c
   %ar = f32[4]{0} all-reduce(%f), replica_groups={}, to_apply=%add
   %t = (f32[4]{0}, f32[4]{0}) all-to-all(%f, %ar), dimensions={0}
   %g = f32[4]{0} get-tuple-element(%t), index=0
-  ROOT %d = f32[4]{0} dot(%g, %g), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  %cb = f32[4]{0} call(%g), to_apply=%command_buffer
+  ROOT %d = f32[4]{0} dot(%cb, %cb), lhs_contracting_dims={0}, rhs_contracting_dims={0}
 }
 """
-    assert C.count_kernels(hlo) == {"kernels": 2, "collectives": 2}
+    assert C.count_kernels(hlo) == {"kernels": 4, "collectives": 2}
 
 
 def test_auto_plan_on_cpu_uses_current_devices(tmp_path, monkeypatch):

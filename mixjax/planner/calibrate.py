@@ -77,34 +77,62 @@ def predict(kind: str, p: int, S: float, alpha: float, bw: float) -> float:
 
 
 # ---------------------------------------------------------------- compiled-program kernel counting
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: instruction lines} and the ENTRY computation's name, from HLO text."""
+    comps: dict[str, list[str]] = {}
+    entry = None
+    name = None
+    for line in hlo_text.splitlines():
+        m = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if m and not line.startswith(" "):
+            name = m.group(2)
+            comps[name] = []
+            if m.group(1):
+                entry = name
+            continue
+        if line.startswith("}"):
+            name = None
+            continue
+        if name is not None and " = " in line:
+            comps[name].append(line)
+    return comps, entry
+
+
 def count_kernels(hlo_text: str) -> dict[str, int]:
     """Kernels the compiled program launches per call: instructions of the ENTRY computation that do work
-    (fusions, dots, copies, custom calls...), collectives counted apart. A proxy, not a trace."""
-    i = hlo_text.find("\nENTRY")
-    if i < 0:
+    (fusions, dots, copies, custom calls...), collectives counted apart; `call`s (e.g. XLA:GPU command buffers)
+    are followed into the computation they call. A proxy, not a trace."""
+    comps, entry = _computations(hlo_text)
+    if entry is None:
         return {"kernels": 0, "collectives": 0}
-    body = hlo_text[i:]
-    j = body.find("\n}")
-    body = body[: j if j > 0 else None]
-    kernels = colls = 0
-    for line in body.splitlines()[1:]:
-        if " = " not in line:
-            continue
-        rhs = line.split(" = ", 1)[1]
-        m = re.search(r"(?:^|[\s})])([a-z][a-z0-9-]*)\(", rhs)
-        if not m:
-            continue
-        op = m.group(1)
-        if op in _FREE_OPS:
-            continue
-        if any(op.startswith(c) for c in _COLL_OPS):
-            if not op.endswith("-done"):
-                colls += 1
-            continue
-        if op.endswith("-done") or op.endswith("-start"):
-            continue
-        kernels += 1
-    return {"kernels": kernels, "collectives": colls}
+
+    def count(name, depth=0):
+        kernels = colls = 0
+        for line in comps.get(name, []):
+            rhs = line.split(" = ", 1)[1]
+            m = re.search(r"(?:^|[\s})])([a-z][a-z0-9-]*)\(", rhs)
+            if not m:
+                continue
+            op = m.group(1)
+            if op in _FREE_OPS:
+                continue
+            if op == "call" and depth < 4:
+                callee = re.search(r"to_apply=%?([\w.\-]+)", rhs)
+                if callee and callee.group(1) in comps:
+                    k, c = count(callee.group(1), depth + 1)
+                    kernels, colls = kernels + k, colls + c
+                    continue
+            if any(op.startswith(c) for c in _COLL_OPS):
+                if not op.endswith("-done"):
+                    colls += 1
+                continue
+            if op.endswith("-done") or op.endswith("-start"):
+                continue
+            kernels += 1
+        return kernels, colls
+
+    k, c = count(entry)
+    return {"kernels": k, "collectives": c}
 
 
 # ---------------------------------------------------------------- measurement
@@ -165,12 +193,29 @@ def _chain_program(mesh, body, R: int):
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
 
 
+def _time_interleaved(fns, args, reps: int, warmup: int = 2) -> list[float]:
+    """The statistic (TIME_STAT) of each fn's run time, the runs of the fns interleaved so that a change in the
+    machine's load during the measurement affects them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            _block(fn(*args))
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            _block(fn(*args))
+            ts[i].append(time.perf_counter() - t0)
+    return [min(t) if TIME_STAT == "min" else statistics.median(t) for t in ts]
+
+
 def _per_run(mesh, body, x, R: int, reps: int) -> tuple[float, object, float]:
-    """Time of one `body` ((T_R - T_1) / (R - 1)), the compiled R-chain, and T_1."""
-    f1, fr = _chain_program(mesh, body, 1), _chain_program(mesh, body, R)
-    t1 = _time(f1, (x,), reps)
-    tr = _time(fr, (x,), reps)
-    return max(tr - t1, 0.0) / (R - 1), fr, t1
+    """Time of one `body`: the least-squares slope of T(r) over chains of r = 1, R/2 and R bodies (the
+    intercept, a call's fixed cost, drops out). Returns (slope, the compiled R-chain, T(1))."""
+    lengths = sorted({1, max(2, R // 2), R})
+    fns = [_chain_program(mesh, body, r) for r in lengths]
+    ts = _time_interleaved(fns, (x,), reps)
+    slope = float(np.polyfit(np.array(lengths, float), np.array(ts), 1)[0])
+    return max(slope, 0.0), fns[-1], ts[0]
 
 
 def _collective_body(kind: str, axes, p: int):
@@ -249,12 +294,12 @@ def measure_memory_bw(mesh, nbytes: int, dtype, R: int, reps: int, relayout: boo
     import jax.numpy as jnp  # noqa: PLC0415
 
     item = jnp.dtype(dtype).itemsize
-    if relayout:
-        rows = max(1, nbytes // item // (64 * 64))
-        x = _sharded_input(mesh, (rows, 64, 64), dtype)
+    if relayout:  # [rows, 256, 16] <-> [rows, 16, 256]: the shape of a KV cache made ready for a batched dot
+        rows = max(1, nbytes // item // 4096)
+        x = _sharded_input(mesh, (rows, 256, 16), dtype)
 
         def body(a):
-            return jnp.swapaxes(a, 1, 2)
+            return jnp.swapaxes(a, 1, 2).reshape(a.shape)
     else:
         rows = max(1, nbytes // item // 4096)
         x = _sharded_input(mesh, (rows, 4096), dtype)
@@ -266,14 +311,27 @@ def measure_memory_bw(mesh, nbytes: int, dtype, R: int, reps: int, relayout: boo
 
 
 def measure_launch(mesh, R: int, reps: int) -> dict:
-    """Cost of one more small kernel inside a program, and of one jitted call (all devices at once)."""
-    import jax.numpy as jnp  # noqa: PLC0415
+    """Cost of one more small kernel inside a program, and of one jitted call (all devices at once).
 
-    x = _sharded_input(mesh, (8, 8), jnp.float32, fill=0.1)
+    The chain's body is a mix of the small operations a decoder step is full of, on [64, 128] arrays: an RMS
+    norm, a router-sized matmul, softmax, top-k, a sort, a scatter into a buffer and a gather. Its time per body
+    over the number of kernels the compiler made of it is the per-kernel cost (launch + a small kernel's work)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax import lax  # noqa: PLC0415
+
+    x = _sharded_input(mesh, (64, 128), jnp.float32, fill=0.1)
+    w = jnp.full((128, 16), 0.01, jnp.float32)
 
     def body(a):
-        return jnp.tanh(a @ a)
+        y = a * lax.rsqrt(jnp.mean(a * a, axis=-1, keepdims=True) + 1e-6)
+        p = jax.nn.softmax(y @ w, axis=-1)
+        v, i = lax.top_k(p, 2)
+        rows = jnp.argsort(i[:, 0])
+        buf = jnp.zeros_like(a).at[rows].set(y * v[:, :1])
+        return a + buf[::-1] * 0.5
 
+    R = max(16, 2 * R)  # a long chain, so that the difference stands out of the noise
     t, fr, t1 = _per_run(mesh, body, x, R, reps)
     k = count_kernels(fr.lower(x).compile().as_text())["kernels"]
     k1 = count_kernels(_chain_program(mesh, body, 1).lower(x).compile().as_text())["kernels"]

@@ -448,7 +448,8 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
             by = ((2 * d * h_l * hd + 2 * d * kv_l * hd) * wb + 2 * cache  # K and V read by the dots
                   + 4 * B * h_l * seq * cache_len * f32  # scores: written, masked/softmaxed, read
                   + 2 * n * (d + 2 * h_l * hd + 4 * kv_l * hd) * ab)
-            relayout = 2 * 2 * cache  # K and V laid out for the batched dots (read + write each)
+            # K is laid out [B, kv, D, S] for the score dot (read + write); V, [B, S, kv, D], only when kv > 1
+            relayout = 2 * cache * (2 if kv_l > 1 else 1)
         comp(parts, "attention", mm, fl=fl, by=by, relayout=relayout)
 
     def layer(moe: bool):
