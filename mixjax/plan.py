@@ -79,9 +79,9 @@ def validate_main(argv) -> int:
     ap.add_argument("--mesh", help="comma-separated NODExGPU meshes (default: 2x(n/2) and 1xn)")
     ap.add_argument("--strategies", help="comma-separated (default: all)")
     ap.add_argument("--batch", type=int, default=64, help="decode batch")
-    ap.add_argument("--ctx", type=int, default=128, help="decode KV cache length")
-    ap.add_argument("--prefill-batch", type=int, default=8)
-    ap.add_argument("--prefill-len", type=int, default=32)
+    ap.add_argument("--ctx", type=int, help="decode KV cache length (default 128 on CPU, 1024 elsewhere)")
+    ap.add_argument("--prefill-batch", type=int, help="default 8 on CPU, 4 elsewhere")
+    ap.add_argument("--prefill-len", type=int, help="default 32 on CPU, 512 elsewhere")
     ap.add_argument("--phases", default="decode,prefill")
     ap.add_argument("--dtype", help="default float32 on CPU, bfloat16 elsewhere")
     ap.add_argument("--chunks", type=int, default=2, help="fused path chunks (ShardedModel.fused_chunks)")
@@ -93,13 +93,17 @@ def validate_main(argv) -> int:
     ap.add_argument("--stat", choices=["min", "median"], help="statistic of the timed steps (default: the "
                                                                   "profile's: min on CPU hosts, median elsewhere)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--md", help="write the results as markdown tables here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     import jax  # noqa: PLC0415
 
-    model = args.model or ("tiny" if jax.devices()[0].platform == "cpu" else "qwen3-30b-a3b")
+    cpu = jax.devices()[0].platform == "cpu"
+    model = args.model or ("tiny" if cpu else "qwen3-30b-a3b")
+    ctx = args.ctx or (128 if cpu else 1024)
+    pb, pl = args.prefill_batch or (8 if cpu else 4), args.prefill_len or (32 if cpu else 512)
     res = validate(model=model, layers=args.layers, meshes=args.mesh.split(",") if args.mesh else None,
-                   batch=args.batch, ctx=args.ctx, prefill_batch=args.prefill_batch, prefill_len=args.prefill_len,
+                   batch=args.batch, ctx=ctx, prefill_batch=pb, prefill_len=pl,
                    dtype=args.dtype, profile=args.profile, iters=args.iters, rounds=args.rounds,
                    recalibrate=args.recalibrate, stat=args.stat,
                    strategies=args.strategies.split(",") if args.strategies else None, chunks=args.chunks,
@@ -110,6 +114,12 @@ def validate_main(argv) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
         print(f"results written to {args.json}")
+    if args.md:
+        from mixjax.planner.validate import to_markdown  # noqa: PLC0415
+
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(to_markdown(res) + "\n")
+        print(f"markdown written to {args.md}")
     return 0
 
 

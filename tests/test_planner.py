@@ -128,7 +128,6 @@ def test_cli_table():
 
 
 # ---------------------------------------------------------------- calibration, current devices, validation
-import dataclasses  # noqa: E402
 import os  # noqa: E402
 
 from mixjax.planner import calibrate as C  # noqa: E402
@@ -322,9 +321,9 @@ def test_calibrate_quick_cli(tmp_path):
     prof = C.load_profile(out)
     assert prof["device_count"] == 8 and prof["mesh"] == "2x4" and set(prof["collectives"]) == {"intra", "inter",
                                                                                               "world"}
-    for link in prof["collectives"].values():
+    for fits in prof["collectives"].values():
         for k in C.COLLECTIVES:
-            assert link[k]["alpha"] >= 0 and link[k]["bw"] > 0 and link[k]["samples"]
+            assert fits[k]["alpha"] >= 0 and fits[k]["bw"] > 0 and fits[k]["samples"]
     c = prof["compute"]
     assert c["mem_bw"] > 0 and c["matmul_flops"]["float32"] > 0 and c["op_overhead_s"] >= 0
     assert "all_reduce" in r.stdout and "profile written" in r.stdout
@@ -334,9 +333,10 @@ def test_calibrate_quick_cli(tmp_path):
 
 def test_validate_smoke():
     """One strategy, one phase, one mesh, a one-layer tiny model, a synthetic profile: the report's shape."""
+    import tempfile
+
     from mixjax.planner.validate import validate
 
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
         p = C.save_profile(_synthetic_profile(), os.path.join(d, "p.json"))
         res = validate(model="tiny", layers=1, meshes=["2x4"], batch=8, ctx=16, phases=("decode",),

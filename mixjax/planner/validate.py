@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import statistics
 import sys
@@ -248,7 +247,8 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
         "model": {"name": model, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                   "experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok, "dtype": dtype},
         "shapes": {ph: dict(zip(("batch", "seq", "ctx"), shapes[ph])) for ph in phases},
-        "chunks": chunks, "iters": iters, "rounds": rounds, "statistic": stat, "seconds": round(time.perf_counter() - t_start, 1),
+        "chunks": chunks, "iters": iters, "rounds": rounds, "statistic": stat,
+        "seconds": round(time.perf_counter() - t_start, 1),
         "rows": rows, "skipped": skipped, "rankings": rankings,
         "summary": {"median_abs_rel_err": statistics.median(errs) if errs else None,
                     "max_abs_rel_err": max(errs) if errs else None,
@@ -261,7 +261,8 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
 def print_report(res: dict, log=print) -> None:
     log(f"\n{res['device']}, {res['date']}; profile {res['profile']} (mesh {res['profile_mesh']}); model "
         f"{res['model']['name']} {res['model']['layers']} layers, {res['model']['dtype']}; "
-        + "; ".join(f"{ph} batch {v['batch']} x {v['seq']} tokens, cache {v['ctx']}" for ph, v in res["shapes"].items()))
+        + "; ".join(f"{ph} batch {v['batch']} x {v['seq']} tokens, cache {v['ctx']}"
+                    for ph, v in res["shapes"].items()))
     log(f"measured = {res['statistic']} of {res['iters']} steps per row (interleaved rounds); iqr = relative "
         "interquartile range of the steps")
     log(f"{'mesh':<5} {'phase':<8} {'strategy':<13} {'measured ms':>11} {'iqr':>6} {'predicted ms':>12} "
@@ -286,3 +287,34 @@ def print_report(res: dict, log=print) -> None:
     log(f"\n|relative error|: median {sm['median_abs_rel_err']:.1%}, max {sm['max_abs_rel_err']:.1%}; exact "
         f"ranking {sm['rankings_exact']}/{sm['rankings']}, best strategy {sm['best_match']}/{sm['rankings']}; "
         f"{res['seconds']:.0f} s")
+
+
+def to_markdown(res: dict) -> str:
+    """The validation as markdown tables (for docs/PLANNER.md)."""
+    out = [f"Device: {res['device']}, jax {res['jax_version']}, {res['date']}. Profile: `{res['profile']}` (mesh "
+           f"{res['profile_mesh']}, {res['profile_date']}). Model: {res['model']['name']} shapes, "
+           f"{res['model']['layers']} layers, {res['model']['dtype']}, random weights; "
+           + "; ".join(f"{ph}: batch {v['batch']} x {v['seq']} new tokens, KV cache {v['ctx']}"
+                       for ph, v in res["shapes"].items())
+           + f". Measured: {res['statistic']} of {res['iters']} steps in {res['rounds']} interleaved rounds.",
+           f"Command: `{res['command']}`", "",
+           "| mesh | phase | strategy | measured ms | IQR | predicted ms | error | predicted compute / comm / "
+           "kernels ms | kernels |", "|---|---|---|---:|---:|---:|---:|---|---:|"]
+    for r in sorted(res["rows"], key=lambda r: (r["mesh"], r["phase"], r["measured_s"])):
+        out.append(f"| {r['mesh']} | {r['phase']} | {r['strategy']} | {r['measured_s'] * 1e3:.2f} | "
+                   f"{r['measured_rel_iqr']:.0%} | {r['predicted_s'] * 1e3:.2f} | {r['rel_err']:+.0%} | "
+                   f"{r['predicted_compute_s'] * 1e3:.2f} / {r['predicted_comm_s'] * 1e3:.2f} / "
+                   f"{r['predicted_overhead_s'] * 1e3:.2f} | {r['kernels']} |")
+    out += ["", "| mesh | phase | measured order (fastest first) | predicted order | exact | best | Spearman | "
+            "distinguishable pairs agreeing |", "|---|---|---|---|---|---|---:|---|"]
+    for rk in res["rankings"]:
+        out.append(f"| {rk['mesh']} | {rk['phase']} | {' < '.join(rk['measured_order'])} | "
+                   f"{' < '.join(rk['predicted_order'])} | {'yes' if rk['exact'] else 'no'} | "
+                   f"{'yes' if rk['best_match'] else 'no'} | {rk['spearman']:.2f} | {rk['pairs_agree']}/"
+                   f"{rk['pairs_distinguishable']}" + (f" (not: {', '.join(rk['pairs_disagree'])})"
+                                                       if rk["pairs_disagree"] else "") + " |")
+    sm = res["summary"]
+    out += ["", f"|relative error|: median {sm['median_abs_rel_err']:.0%}, max {sm['max_abs_rel_err']:.0%}. "
+                f"Exact order {sm['rankings_exact']}/{sm['rankings']}, fastest strategy {sm['best_match']}/"
+                f"{sm['rankings']}."]
+    return "\n".join(out)
