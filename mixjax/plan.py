@@ -1,6 +1,10 @@
-"""Planner CLI: rank parallel strategies for a MoE model on a cluster with an (uncalibrated) cost model.
+"""Planner CLI: rank parallel strategies for a MoE model on a cluster with the cost model; calibrate it on the
+current devices; validate its predictions against measured steps.
 
     python -m mixjax.plan --model deepseek-r1 --cluster h800-roce --nodes 2 --gpus-per-node 8 --workload decode
+    python -m mixjax.plan --model qwen3-30b-a3b --cluster current        # this machine (calibration profile)
+    python -m mixjax.plan calibrate [--mesh 2x4] [--out PATH] [--quick] [--plot PNG]
+    python -m mixjax.plan validate [--model tiny] [--mesh 2x4,1x8] [--profile PATH] [--json OUT]
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 from pathlib import Path
 
 from mixjax.planner.cost import WORKLOADS, Workload
-from mixjax.planner.presets import CLUSTER_PRESETS, GiB, MODEL_PRESETS, cluster_preset, model_preset
+from mixjax.planner.presets import CLUSTER_PRESETS, GiB, MODEL_PRESETS, model_preset
 from mixjax.planner.search import OBJECTIVES, rank_plans
 
 DEFAULT_OBJECTIVE = {"prefill": "ttft", "decode": "itl"}
@@ -33,11 +37,109 @@ def _fmt_ms(x):
     return "-" if x is None or x != x or x == float("inf") else f"{x * 1e3:.2f}"
 
 
+def calibrate_main(argv) -> int:
+    from mixjax.planner.calibrate import (calibrate, default_profile_path, plot_profile,  # noqa: PLC0415
+                                          print_profile, save_profile)
+
+    ap = argparse.ArgumentParser(prog="python -m mixjax.plan calibrate",
+                                 description="Measure the current devices and save a calibration profile.")
+    ap.add_argument("--mesh", help="NODExGPU mesh to measure on (default: 2x(n/2) for an even n >= 4, else 1xn)")
+    ap.add_argument("--out", help="profile path (default: ~/.cache/mixjax/profile-<platform>-<kind>-<n>.json, "
+                                  "which auto_plan and --cluster current read)")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (seconds, noisier)")
+    ap.add_argument("--dtype", help="collective buffer dtype (default float32 on CPU, bfloat16 elsewhere)")
+    ap.add_argument("--plot", help="write a PNG of measured vs fitted collective times")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    import jax  # noqa: PLC0415
+
+    devs = jax.devices()
+    print(f"calibrating {devs[0].platform} / {devs[0].device_kind} x {len(devs)}"
+          f"{' (quick)' if args.quick else ''}...", flush=True)
+    prof = calibrate(args.mesh, quick=args.quick, dtype=args.dtype, progress=not args.no_progress)
+    out = Path(args.out) if args.out else default_profile_path(prof["platform"], prof["device_kind"],
+                                                               prof["device_count"])
+    prof["_path"] = str(out)
+    print_profile(prof)
+    save_profile({k: v for k, v in prof.items() if k != "_path"}, out)
+    print(f"profile written to {out}")
+    if args.plot:
+        print(f"plot written to {plot_profile(prof, args.plot)}")
+    return 0
+
+
+def validate_main(argv) -> int:
+    from mixjax.planner.validate import print_report, validate  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m mixjax.plan validate",
+                                 description="Predicted vs measured step time of every strategy on this machine.")
+    ap.add_argument("--model", default=None, help="bench preset (tiny, qwen3-30b-a3b) or a config directory; "
+                                                  "default tiny on CPU, qwen3-30b-a3b elsewhere")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--mesh", help="comma-separated NODExGPU meshes (default: 2x(n/2) and 1xn)")
+    ap.add_argument("--strategies", help="comma-separated (default: all)")
+    ap.add_argument("--batch", type=int, default=64, help="decode batch")
+    ap.add_argument("--ctx", type=int, help="decode KV cache length (default 128 on CPU, 1024 elsewhere)")
+    ap.add_argument("--prefill-batch", type=int, help="default 8 on CPU, 4 elsewhere")
+    ap.add_argument("--prefill-len", type=int, help="default 32 on CPU, 512 elsewhere")
+    ap.add_argument("--phases", default="decode,prefill")
+    ap.add_argument("--dtype", help="default float32 on CPU, bfloat16 elsewhere")
+    ap.add_argument("--chunks", type=int, default=2, help="fused path chunks (ShardedModel.fused_chunks)")
+    ap.add_argument("--iters", type=int, default=12, help="timed steps per (mesh, strategy, phase)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds the steps are spread over")
+    ap.add_argument("--profile", help="calibration profile (default: this machine's; calibrated now if absent)")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="calibrate first (same load conditions as the timings) and write the profile")
+    ap.add_argument("--stat", choices=["min", "median"], help="statistic of the timed steps (default: the "
+                                                                  "profile's: min on CPU hosts, median elsewhere)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--md", help="write the results as markdown tables here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    import jax  # noqa: PLC0415
+
+    cpu = jax.devices()[0].platform == "cpu"
+    model = args.model or ("tiny" if cpu else "qwen3-30b-a3b")
+    ctx = args.ctx or (128 if cpu else 1024)
+    pb, pl = args.prefill_batch or (8 if cpu else 4), args.prefill_len or (32 if cpu else 512)
+    res = validate(model=model, layers=args.layers, meshes=args.mesh.split(",") if args.mesh else None,
+                   batch=args.batch, ctx=ctx, prefill_batch=pb, prefill_len=pl,
+                   dtype=args.dtype, profile=args.profile, iters=args.iters, rounds=args.rounds,
+                   recalibrate=args.recalibrate, stat=args.stat,
+                   strategies=args.strategies.split(",") if args.strategies else None, chunks=args.chunks,
+                   phases=tuple(args.phases.split(",")), progress=not args.no_progress)
+    res["command"] = "python -m mixjax.plan validate " + " ".join(argv)
+    print_report(res)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(f"results written to {args.json}")
+    if args.md:
+        from mixjax.planner.validate import to_markdown  # noqa: PLC0415
+
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(to_markdown(res) + "\n")
+        print(f"markdown written to {args.md}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["calibrate"]:
+        return calibrate_main(argv[1:])
+    if argv[:1] == ["validate"]:
+        return validate_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m mixjax.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help=f"preset {sorted(MODEL_PRESETS)} or HF checkpoint directory")
-    ap.add_argument("--cluster", default="h800-roce", choices=sorted(CLUSTER_PRESETS))
+    ap.add_argument("--cluster", default="h800-roce",
+                    help=f"preset {sorted(CLUSTER_PRESETS)}, 'current' (this machine: its calibration profile, "
+                         "else a built-in estimate) or 'profile:PATH'")
+    ap.add_argument("--impl", default="ideal", choices=["ideal", "mixjax"],
+                    help="ideal: the algorithms as published (paper tables); mixjax: this implementation's "
+                         "padded buffers and dense local experts")
+    ap.add_argument("--flat-collectives", action="store_true",
+                    help="model collectives over node x gpu as a flat ring at network speed (first version)")
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--gpus-per-node", type=int)
     ap.add_argument("--workload", default="decode", choices=sorted(WORKLOADS))
@@ -54,25 +156,35 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cfg, wbytes = _load_model(args.model, args.weight_bytes)
-    cl = cluster_preset(args.cluster, args.nodes, args.gpus_per_node)
+    from mixjax.planner.calibrate import resolve_cluster  # noqa: PLC0415
+
+    try:
+        cl = resolve_cluster(args.cluster, args.nodes, args.gpus_per_node)
+    except KeyError as e:
+        raise SystemExit(str(e)) from None
+    calibrated = cl.source.startswith("calibrated")
     base = WORKLOADS[args.workload]
     wl = Workload(batch=args.batch or base.batch, prompt=args.prompt or base.prompt, output=args.output or base.output,
                   name=base.name)
     objective = args.objective or DEFAULT_OBJECTIVE[args.workload]
     slo = args.itl_slo_ms / 1e3 if args.itl_slo_ms else None
     plans = rank_plans(cfg, cl, wl, objective, itl_slo=slo, wbytes=wbytes, sub_meshes=args.sub_meshes,
-                       chunks=args.chunks)
+                       chunks=args.chunks, impl=args.impl, hierarchical=not args.flat_collectives)
     chosen = next((p for p in plans if p.feasible), None)
     if args.json:
         out = {"model": args.model, "cluster": dataclasses.asdict(cl), "workload": dataclasses.asdict(wl),
-               "objective": objective, "weight_bytes": wbytes, "calibrated": False,
+               "objective": objective, "weight_bytes": wbytes, "calibrated": calibrated, "source": cl.source,
+               "impl": args.impl,
                "chosen": chosen.to_dict() if chosen else None, "plans": [p.to_dict() for p in plans]}
         json.dump(out, sys.stdout, indent=1, default=float)
         print()
         return 0 if chosen else 1
     print(f"model {args.model}  cluster {cl.name} {cl.nodes}x{cl.gpus_per_node}  workload {wl.name}: batch "
           f"{wl.batch} prompt {wl.prompt} output {wl.output}  objective {objective}  weights {wbytes:g} B/elem")
-    print("predictions of an UNCALIBRATED cost model with nameplate hardware numbers, not measurements\n")
+    print(f"hardware numbers: {cl.source}; {args.impl} mode")
+    if not calibrated:
+        print("predictions of an UNCALIBRATED cost model, not measurements")
+    print()
     hdr = f"{'#':>2} {'strategy':<13} {'mesh':<5} {'TTFT ms':>10} {'ITL ms':>8} {'tok/s':>9} {'GiB/dev':>8}  status"
     print(hdr)
     print("-" * len(hdr))

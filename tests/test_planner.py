@@ -125,3 +125,223 @@ def test_cli_table():
                           "--workload", "prefill", "--objective", "throughput"], capture_output=True, text=True,
                          check=True)
     assert "chosen:" in out.stdout and "UNCALIBRATED" in out.stdout
+
+
+# ---------------------------------------------------------------- calibration, current devices, validation
+import os  # noqa: E402
+
+from mixjax.planner import calibrate as C  # noqa: E402
+from mixjax.planner.cost import coll_time, impl_step_cost  # noqa: E402
+from mixjax.planner.presets import ClusterSpec  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _private_profile_cache(tmp_path, monkeypatch):
+    """Never read or write the user's ~/.cache/mixjax profiles from tests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MIXJAX_PROFILE", raising=False)
+
+
+def _cluster(**kw):
+    base = dict(name="t", nodes=2, gpus_per_node=4, hbm_bytes=80e9, hbm_bw=1e12, peak_flops=1e15,
+                intra_bw=100e9, intra_alpha=2e-6, inter_bw=10e9, inter_alpha=10e-6)
+    return ClusterSpec(**{**base, **kw})
+
+
+def test_coll_time_one_link_and_hierarchical_by_hand():
+    cl = _cluster()
+    sizes = {"node": 2, "gpu": 4}
+    S = 8e6
+    # one link: ring formulas with that link's numbers
+    assert coll_time(cl, "all_reduce", S, ("gpu",), sizes) == pytest.approx(6 * 2e-6 + 1.5 * S / 100e9)
+    assert coll_time(cl, "all_to_all", S, ("node",), sizes) == pytest.approx(1e-5 + 0.5 * S / 10e9)
+    # both axes, two-level: RS_gpu(S) + AR_node(S/4) + AG_gpu(S)
+    rs = 3 * 2e-6 + 0.75 * S / 100e9
+    ar = 2 * 10e-6 + 1.0 * (S / 4) / 10e9
+    assert coll_time(cl, "all_reduce", S, ("node", "gpu"), sizes) == pytest.approx(rs + ar + rs)
+    # flat ring over 8 ranks at the network's numbers (first version of the model)
+    assert coll_time(cl, "all_reduce", S, ("node", "gpu"), sizes, hierarchical=False) == pytest.approx(
+        14 * 10e-6 + 2 * 7 / 8 * S / 10e9)
+    # all-to-all over both: the slower of the intra part and the inter part
+    intra = 3 * 2e-6 + 3 / 8 * S / 100e9
+    inter = 4 * 10e-6 + 4 / 8 * S / 10e9
+    assert coll_time(cl, "all_to_all", S, ("node", "gpu"), sizes) == pytest.approx(max(intra, inter))
+    assert coll_time(cl, "all_reduce", S, ("node", "gpu"), {"node": 1, "gpu": 1}) == 0.0
+
+
+def test_calibrated_fits_replace_link_numbers():
+    fit = {"alpha": 1e-4, "bw": 1e9}
+    fits = {link: {k: dict(fit) for k in C.COLLECTIVES} for link in ("intra", "inter", "world")}
+    cl = _cluster(collectives=fits, calib_mesh=(2, 4))
+    sizes = {"node": 2, "gpu": 4}
+    assert coll_time(cl, "all_gather", 1e6, ("gpu",), sizes) == pytest.approx(3e-4 + 0.75 * 1e6 / 1e9)
+    # world fit used on the calibrated mesh only; elsewhere the two-level composition of the link fits
+    assert coll_time(cl, "all_gather", 1e6, ("node", "gpu"), sizes) == pytest.approx(7e-4 + 7 / 8 * 1e6 / 1e9)
+    other = {"node": 4, "gpu": 2}
+    assert coll_time(cl, "all_gather", 1e6, ("node", "gpu"), other) == pytest.approx(
+        (3e-4 + 0.75 * 0.5e6 / 1e9) + (1e-4 + 0.5 * 1e6 / 1e9))
+
+
+def test_matmul_width_rate_and_roofline_by_hand():
+    from mixjax.planner.cost import _mm_rate
+
+    assert _mm_rate(_cluster(), 8) == 1e15  # no calibrated width effect: peak
+    cl = _cluster(mm_half_width=24.0)
+    assert _mm_rate(cl, 8) == pytest.approx(1e15 * 8 / 32)
+    # ideal-mode LM head roofline: last position of each sequence, TP over the attention group
+    cfg, _ = model_preset("qwen3-30b-a3b")
+    r = step_cost(cfg, _cluster(), STRATEGIES["hybrid"], 2, 4, tokens=64, seqs=64, ctx=128, phase="decode",
+                  wbytes=2.0)
+    head = cfg.vocab_size * cfg.hidden_size
+    assert r["lm_head"] == pytest.approx(max(2 * head / 4 * 32 / 1e15, head / 4 * 2.0 / 1e12))
+
+
+def test_fused_pipeline_c_chunks():
+    # c chunks of intra t_i and inter t_x per chunk: max(c t_i, c t_x) + min(c t_i, c t_x) / c
+    for c in (1, 2, 4, 8):
+        assert fused_pipeline([1.0, 0.5], [2.0], c) == pytest.approx(max(1.5 * c, 2.0 * c) + min(1.5 * c, 2.0 * c) / c)
+
+
+def test_mixjax_mode_padded_buffers_and_rejections():
+    from mixjax.sharding.dispatch import dispatch_bytes
+
+    cfg, _ = model_preset("qwen3-30b-a3b")
+    cl = _cluster()
+    kw = dict(cfg=cfg, cl=cl, nodes=2, gpus=4, batch=64, seq=1, cache_len=128, wbytes=2, abytes=2)
+    r = impl_step_cost(strategy=STRATEGIES["dp_ep"], **kw)
+    parts = r["moe_layer_parts"]["comm"]
+    b = dispatch_bytes(64 // 8, cfg.hidden_size, cfg.num_experts, cfg.top_k, 8, 2)
+    # the dispatch all-to-all moves dispatch_bytes' padded buffer (tokens part; the gates go separately)
+    assert parts["dispatch_a2a"] == pytest.approx(coll_time(cl, "all_to_all", b["combine"], ("node", "gpu"),
+                                                            {"node": 2, "gpu": 4}))
+    assert r["overhead"] == 0.0 and impl_step_cost(strategy=STRATEGIES["tp"], kernels=100, **kw)["overhead"] == \
+        pytest.approx(cl.step_overhead + 100 * cl.op_overhead)
+    p = evaluate(cfg, cl, STRATEGIES["dp_ep"], 2, 4, Workload(batch=6, prompt=16, output=4), impl="mixjax")
+    assert not p.feasible and p.reason.startswith("layout") and "data-parallel" in p.reason
+
+
+def test_fit_recovers_alpha_beta():
+    alpha, bw = 7e-6, 40e9
+    for kind, p in (("all_reduce", 4), ("all_to_all", 8), ("all_gather", 2)):
+        sizes = [2.0 ** i for i in range(10, 28, 2)]
+        times = [C.predict(kind, p, s, alpha, bw) for s in sizes]
+        f = C.fit_alpha_beta(kind, p, sizes, times)
+        assert f["alpha"] == pytest.approx(alpha, rel=1e-6) and f["bw"] == pytest.approx(bw, rel=1e-6)
+    samples = [(2.0 * 1024 * 256 * w, w, 2.0 * 1024 * 256 * w / (3e10 * w / (w + 20))) for w in (8, 32, 128, 512)]
+    f = C.fit_matmul(samples)
+    assert f["peak"] == pytest.approx(3e10, rel=1e-6) and f["half_width"] == pytest.approx(20, rel=1e-6)
+
+
+def _synthetic_profile(platform="cpu", kind="cpu", n=8, mesh="2x4"):
+    fits = {link: {"axes": [], "p": 4, **{k: {"alpha": 1e-5, "bw": 2e9, "rel_rms": 0.1, "samples": [[1, 1e-5]]}
+                                          for k in C.COLLECTIVES}} for link in ("intra", "inter")}
+    return {"schema": C.PROFILE_SCHEMA, "date": "2026-01-01T00:00:00+00:00", "platform": platform,
+            "device_kind": kind, "device_count": n, "mesh": mesh, "quick": True, "hbm_bytes": 2e9,
+            "compute": {"matmul_flops": {"float32": 3e10}, "matmul_half_width": {"float32": 16.0},
+                        "mem_bw": 5e9, "relayout_bw": 2e9, "op_overhead_s": 5e-6, "step_overhead_s": 1e-4},
+            "collectives": fits}
+
+
+def test_profile_round_trip_and_cluster(tmp_path):
+    prof = _synthetic_profile()
+    path = C.save_profile(prof, tmp_path / "p.json")
+    back = C.load_profile(path)
+    assert {k: v for k, v in back.items() if k != "_path"} == prof
+    cl = C.cluster_from_profile(back)
+    assert (cl.nodes, cl.gpus_per_node, cl.calib_mesh) == (2, 4, (2, 4))
+    assert cl.peak_flops == 3e10 and cl.mm_half_width == 16 and cl.hbm_bw == 5e9 and cl.relayout_bw == 2e9
+    assert cl.coll_params("inter", "all_to_all") == (1e-5, 2e9)
+    assert cl.source.startswith("calibrated profile") and str(path) in cl.source
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(prof, schema=999)))
+    with pytest.raises(ValueError, match="schema"):
+        C.load_profile(bad)
+    # one GPU: no links measured -> the device kind's nameplate numbers, said in the source
+    one = C.cluster_from_profile(dict(_synthetic_profile("gpu", "NVIDIA H100 80GB HBM3", 1, "1x1"),
+                                      collectives={}, compute=dict(prof["compute"],
+                                                                   matmul_flops={"bfloat16": 7e14})))
+    assert one.inter_bw == cluster_preset("h100-ib").inter_bw and "nameplate h100-ib" in one.source
+
+
+def test_count_kernels():
+    hlo = """HloModule m
+
+%command_buffer (q: f32[4]) -> f32[4] {
+  %q = f32[4]{0} parameter(0)
+  %f1 = f32[4]{0} fusion(%q), kind=kLoop, calls=%c1
+  ROOT %f2 = f32[4]{0} fusion(%f1), kind=kLoop, calls=%c2
+}
+
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %f = f32[4]{0} fusion(%p), kind=kLoop, calls=%c
+  %ar = f32[4]{0} all-reduce(%f), replica_groups={}, to_apply=%add
+  %t = (f32[4]{0}, f32[4]{0}) all-to-all(%f, %ar), dimensions={0}
+  %g = f32[4]{0} get-tuple-element(%t), index=0
+  %cb = f32[4]{0} call(%g), to_apply=%command_buffer
+  ROOT %d = f32[4]{0} dot(%cb, %cb), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+}
+"""
+    assert C.count_kernels(hlo) == {"kernels": 4, "collectives": 2}
+
+
+def test_auto_plan_on_cpu_uses_current_devices(tmp_path, monkeypatch):
+    import jax
+
+    from mixjax.sharding.mesh import make_mesh
+
+    cfg, _ = model_preset("qwen3-30b-a3b")
+    name, reason = auto_plan(cfg, make_mesh("2x4"))
+    assert "built-in CPU estimate" in reason and "no calibration profile" in reason and name in STRATEGIES
+    n = len(jax.devices())
+    path = C.default_profile_path("cpu", jax.devices()[0].device_kind, n)
+    assert str(path).startswith(os.environ["XDG_CACHE_HOME"])
+    C.save_profile(_synthetic_profile(n=n), path)
+    name, reason = auto_plan(cfg, make_mesh("2x4"))
+    assert "calibrated profile" in reason and str(path) in reason
+
+
+def test_rankings_compare():
+    from mixjax.planner.validate import compare_rankings, spearman
+
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    rk = compare_rankings(["a", "b", "c"], [1.0, 2.0, 3.0], [1.0, 1.01, 2.0])
+    assert rk["exact"] and rk["best_match"] and rk["pairs_distinguishable"] == 2  # a vs b within noise
+    rk = compare_rankings(["a", "b"], [2.0, 1.0], [1.0, 2.0])
+    assert not rk["exact"] and rk["pairs_disagree"] == ["a vs b"]
+
+
+def test_calibrate_quick_cli(tmp_path):
+    out = tmp_path / "prof.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "mixjax.plan", "calibrate", "--quick", "--out", str(out),
+                        "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = C.load_profile(out)
+    assert prof["device_count"] == 8 and prof["mesh"] == "2x4" and set(prof["collectives"]) == {"intra", "inter",
+                                                                                              "world"}
+    for fits in prof["collectives"].values():
+        for k in C.COLLECTIVES:
+            assert fits[k]["alpha"] >= 0 and fits[k]["bw"] > 0 and fits[k]["samples"]
+    c = prof["compute"]
+    assert c["mem_bw"] > 0 and c["matmul_flops"]["float32"] > 0 and c["op_overhead_s"] >= 0
+    assert "all_reduce" in r.stdout and "profile written" in r.stdout
+    cl = C.cluster_from_profile(prof)
+    assert cl.source.startswith("calibrated") and math.isfinite(cl.peak_flops)
+
+
+def test_validate_smoke():
+    """One strategy, one phase, one mesh, a one-layer tiny model, a synthetic profile: the report's shape."""
+    import tempfile
+
+    from mixjax.planner.validate import validate
+
+    with tempfile.TemporaryDirectory() as d:
+        p = C.save_profile(_synthetic_profile(), os.path.join(d, "p.json"))
+        res = validate(model="tiny", layers=1, meshes=["2x4"], batch=8, ctx=16, phases=("decode",),
+                       strategies=["hybrid", "tp"], iters=2, rounds=1, profile=str(p), progress=False)
+    assert len(res["rows"]) == 2 and res["rankings"][0]["mesh"] == "2x4"
+    row = res["rows"][0]
+    assert row["measured_s"] > 0 and row["predicted_s"] > 0 and row["kernels"] > 0
+    assert math.isfinite(row["rel_err"])

@@ -46,11 +46,12 @@ def layer_config(preset: str, moe: bool) -> Qwen3MoeConfig:
                           rope_scaling=None, max_position_embeddings=32768, tie_word_embeddings=True, **p)
 
 
-def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int, back_to_back: bool = False):
-    """Median wall time of one step, each step dispatched and waited for (what a server that reads every step's
-    tokens on the host sees). With back_to_back, also the mean time per step of `iters` steps dispatched without
-    waiting in between (host dispatch overlapped with the device: the device-bound rate). Returns a float, or
-    (synced, back_to_back) with back_to_back=True."""
+def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int, back_to_back: bool = False,
+              samples: bool = False):
+    """Median seconds of one forward of `batch` x `seq` new tokens ending at position ctx - 1 (KV cache of ctx
+    slots), after compile and warm-up, each step dispatched and waited for (what a server that reads every step's
+    tokens on the host sees). samples=True: (median, list of every timed run). back_to_back=True: (median, mean
+    time per step of `iters` steps dispatched without waiting in between: the device-bound rate)."""
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32)
     pos = jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq)))
     cache = model.init_cache(batch, ctx)
@@ -63,6 +64,8 @@ def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int, b
         logits, cache = model.forward(tokens, pos, cache)
         logits.block_until_ready()
         times.append(time.perf_counter() - t0)
+    if samples:
+        return statistics.median(times), times
     if not back_to_back:
         return statistics.median(times)
     t0 = time.perf_counter()

@@ -1,6 +1,15 @@
-"""Analytic per-step cost model (uncalibrated): roofline compute + alpha-beta collectives + memory fit.
+"""Analytic per-step cost model: roofline compute + alpha-beta collectives + memory fit.
 
-All times are seconds for one decoder step of the whole mesh; see docs/PLANNER.md for the equations.
+Two modes (`impl`):
+- "ideal": the algorithms as the paper describes them (touched experts only, exact-size all-to-all messages,
+  logits for the last position only); used for the paper-setting tables.
+- "mixjax": what this implementation's compiled step does (every local expert on every received row, padded
+  dispatch buffers as `dispatch_bytes` / `fused_bytes` count them, float32 gate buffers, logits for every
+  position, attention over the whole cache); used by `auto_plan` and by validation against measured steps.
+
+Hardware numbers come from a ClusterSpec: nameplate presets, or a calibration profile of the current devices
+(mixjax.planner.calibrate), whose per-link, per-collective alpha/beta fits replace the link defaults.
+All times are seconds for one step of the whole mesh; see docs/PLANNER.md for the equations.
 """
 
 from __future__ import annotations
@@ -31,6 +40,62 @@ all_gather = reduce_scatter
 def all_to_all(S: float, p: int, alpha: float, beta: float) -> float:
     """All-to-all: S = bytes each rank sends in total (its own share included)."""
     return 0.0 if p <= 1 else (p - 1) * alpha + (p - 1) / p * S / beta
+
+
+def coefficients(kind: str, p: int) -> tuple[float, float]:
+    """(A, B) with t = A alpha + B S / bw for collective `kind` on p ranks (S as in the functions above)."""
+    if p <= 1:
+        return 0.0, 0.0
+    if kind == "all_reduce":
+        return 2.0 * (p - 1), 2.0 * (p - 1) / p
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return float(p - 1), (p - 1) / p
+    raise ValueError(f"unknown collective {kind!r}")
+
+
+def _on_link(cl: ClusterSpec, link_name: str, kind: str, S: float, p: int) -> float:
+    alpha, bw = cl.coll_params(link_name, kind)
+    A, B = coefficients(kind, p)
+    return A * alpha + B * S / bw
+
+
+def coll_time(cl: ClusterSpec, kind: str, S: float, axes: tuple[str, ...], sizes: dict[str, int],
+              hierarchical: bool = True) -> float:
+    """Time of one collective of S bytes (conventions above) over mesh `axes`.
+
+    One axis: that link's (alpha, bw) for this collective (calibrated fit, else the link numbers).
+    Both axes (n nodes x g GPUs): the calibrated "world" fit when the profile was measured on this very mesh;
+    else, with hierarchical=True, the two-level algorithm NCCL-style libraries use on rail-aligned clusters:
+      all-reduce      RS_gpu(S) + AR_node(S/g) + AG_gpu(S)   (each NIC carries 1/g of the data)
+      all-gather      AG_node(S/g) + AG_gpu(S)
+      reduce-scatter  RS_gpu(S) + RS_node(S/g)
+      all-to-all      max(intra part, inter part): (g-1) alpha_i + (g-1)/N S/bw_i  vs  (N-g) alpha_x + (N-g)/N S/bw_x
+    and with hierarchical=False a flat ring over N ranks at the network's numbers (the first version's model)."""
+    live = tuple(a for a in axes if sizes[a] > 1)
+    if not live or S <= 0:
+        return 0.0
+    n, g = sizes[NODE], sizes[GPU]
+    if live == (GPU,):
+        return _on_link(cl, "intra", kind, S, g)
+    if live == (NODE,):
+        return _on_link(cl, "inter", kind, S, n)
+    N = n * g
+    if cl.coll_params("world", kind) is not None and cl.calib_mesh == (n, g):
+        return _on_link(cl, "world", kind, S, N)
+    if not hierarchical:
+        return _on_link(cl, "inter", kind, S, N)
+    if kind == "all_reduce":
+        return (_on_link(cl, "intra", "reduce_scatter", S, g) + _on_link(cl, "inter", "all_reduce", S / g, n)
+                + _on_link(cl, "intra", "all_gather", S, g))
+    if kind == "all_gather":
+        return _on_link(cl, "inter", "all_gather", S / g, n) + _on_link(cl, "intra", "all_gather", S, g)
+    if kind == "reduce_scatter":
+        return _on_link(cl, "intra", "reduce_scatter", S, g) + _on_link(cl, "inter", "reduce_scatter", S / g, n)
+    if kind == "all_to_all":
+        ai, bi = cl.coll_params("intra", "all_to_all")
+        ax, bx = cl.coll_params("inter", "all_to_all")
+        return max((g - 1) * ai + (g - 1) / N * S / bi, (N - g) * ax + (N - g) / N * S / bx)
+    raise ValueError(f"unknown collective {kind!r}")
 
 
 def link(axes: tuple[str, ...], cl: ClusterSpec, sizes: dict[str, int]) -> tuple[float, float]:
@@ -164,14 +229,20 @@ def layout_problem(cfg, nodes: int, gpus: int, strategy: Strategy) -> str:
 
 def step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, tokens: int, seqs: int,
               ctx: float, phase: str, wbytes: float, abytes: float = 2, chunks: int = 0,
-              expert_bytes_touched: bool = True) -> dict:
-    """Time of one forward step of all layers. `tokens` total tokens in the step, `seqs` sequences, `ctx` mean
-    context length attended to (decode: cache length; prefill: prompt length, causal)."""
+              expert_bytes_touched: bool = True, hierarchical: bool = True, overlap: float = 0.0) -> dict:
+    """Ideal-mode time of one forward step of all layers. `tokens` total tokens in the step, `seqs` sequences,
+    `ctx` mean context length attended to (decode: cache length; prefill: prompt length, causal).
+    hierarchical: two-level collectives over node x gpu (else a flat ring at network speed);
+    overlap: fraction of min(compute, communication) hidden per MoE layer (0: none, as XLA runs a single batch;
+    a sensitivity knob for two-batch-overlap style engines, applied to every strategy alike)."""
     sizes = {NODE: nodes, GPU: gpus}
     N = nodes * gpus
 
     def sz(axes):
         return math.prod(sizes[a] for a in axes) if axes else 1
+
+    def ct(kind, S, axes):
+        return coll_time(cl, kind, S, axes, sizes, hierarchical)
 
     a, dp, t, e = sz(strategy.attn_tp), sz(strategy.attn_dp), sz(strategy.moe_tp), sz(strategy.moe_ep)
     s = _sizes(cfg)
@@ -215,41 +286,41 @@ def step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, t
 
     # collectives per layer
     tok = d * abytes
-    al_a, be_a = link(strategy.attn_tp, cl, sizes)
-    ar_attn = all_reduce(T_attn * tok, a, al_a, be_a)  # row-parallel output projection (attention / dense MLP)
+    ar_attn = ct("all_reduce", T_attn * tok, strategy.attn_tp)  # row-parallel output projection / dense MLP
     dst_rank = distinct_ranks(E, k, e)
     moe_comm = {}
     inter_bytes = intra_bytes = 0.0  # bytes one GPU sends per MoE layer over each link (for reporting)
+    g_, n_ = gpus, nodes
     if strategy.name == "tp":
-        moe_comm["all_reduce"] = all_reduce(tokens * tok, N, al_a, be_a)
-        b = 2 * (N - 1) / N * tokens * tok * 2  # attention + MoE all-reduce
-        if nodes > 1:
-            inter_bytes = b
+        moe_comm["all_reduce"] = ct("all_reduce", tokens * tok, strategy.moe_tp)
+        S = tokens * tok
+        if nodes == 1:
+            intra_bytes = 2 * 2 * (N - 1) / N * S  # attention + MoE all-reduce
+        elif hierarchical:
+            intra_bytes = 2 * 2 * (g_ - 1) / g_ * S
+            inter_bytes = 2 * 2 * (n_ - 1) / n_ * S / g_
         else:
-            intra_bytes = b
+            inter_bytes = 2 * 2 * (N - 1) / N * S
     elif strategy.name in ("ep", "dp_ep"):
         per_rank = tokens / N
         S = per_rank * dst_rank * tok
-        al_e, be_e = link(strategy.moe_ep, cl, sizes)
-        moe_comm["a2a_dispatch"] = all_to_all(S, N, al_e, be_e)
-        moe_comm["a2a_combine"] = all_to_all(S, N, al_e, be_e)
+        moe_comm["a2a_dispatch"] = ct("all_to_all", S, strategy.moe_ep)
+        moe_comm["a2a_combine"] = ct("all_to_all", S, strategy.moe_ep)
         if a > 1:  # re-replicate the attention group's tokens
-            moe_comm["all_gather_gpu"] = all_gather(T_attn * tok, a, cl.intra_alpha, cl.intra_bw)
-        vol = 2 * (N - 1) / N * S
+            moe_comm["all_gather_gpu"] = ct("all_gather", T_attn * tok, (GPU,))
         if nodes > 1:
-            inter_bytes = vol
+            inter_bytes = 2 * (N - g_) / N * S
+            intra_bytes = 2 * (g_ - 1) / N * S
         else:
-            intra_bytes = vol
+            intra_bytes = 2 * (N - 1) / N * S
         intra_bytes += 2 * (a - 1) / a * T_attn * tok if a > 1 else 0
     elif strategy.name in ("hybrid", "hybrid_fused"):
         # attention group = one node (a = gpus), expert group over nodes (e = nodes)
-        al_n, be_n = cl.inter_alpha, cl.inter_bw
-        al_g, be_g = cl.intra_alpha, cl.intra_bw
         if not strategy.fused:
             S = T_attn * dst_rank * tok  # every GPU of the node sends all the node's tokens
-            moe_comm["a2a_dispatch"] = all_to_all(S, nodes, al_n, be_n)
-            moe_comm["a2a_combine"] = all_to_all(S, nodes, al_n, be_n)
-            moe_comm["all_reduce_gpu"] = all_reduce(T_attn * tok, gpus, al_g, be_g)
+            moe_comm["a2a_dispatch"] = ct("all_to_all", S, (NODE,))
+            moe_comm["a2a_combine"] = ct("all_to_all", S, (NODE,))
+            moe_comm["all_reduce_gpu"] = ct("all_reduce", T_attn * tok, (GPU,))
             inter_bytes = 2 * (nodes - 1) / nodes * S
             intra_bytes = 2 * 2 * (gpus - 1) / gpus * T_attn * tok
         else:
@@ -258,9 +329,9 @@ def step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, t
             best = None
             # chunks=0: let the model pick the chunk count (1, 2, 4 or 8) with the lowest predicted time
             for c in ([chunks] if chunks else [1, 2, 4, 8]):
-                intra = [reduce_scatter(T_attn * tok / c, gpus, al_g, be_g), all_gather(G / c, gpus, al_g, be_g),
-                         reduce_scatter(G / c, gpus, al_g, be_g), all_gather(T_attn * tok / c, gpus, al_g, be_g)]
-                inter = [all_to_all(S / c, nodes, al_n, be_n)] * 2
+                intra = [ct("reduce_scatter", T_attn * tok / c, (GPU,)), ct("all_gather", G / c, (GPU,)),
+                         ct("reduce_scatter", G / c, (GPU,)), ct("all_gather", T_attn * tok / c, (GPU,))]
+                inter = [ct("all_to_all", S / c, (NODE,))] * 2
                 tc = fused_pipeline(intra, inter, c)
                 if best is None or tc < best[0]:
                     best = (tc, c, sum(intra) * c, sum(inter) * c)
@@ -276,7 +347,9 @@ def step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, t
     moe_attn_comm = 0.0 if strategy.fused else ar_attn
     t_moe_comm = sum(v for kk, v in moe_comm.items() if not kk.startswith("("))
 
-    moe_layer = t_attn + t_router + t_shared + t_experts + moe_attn_comm + t_moe_comm
+    moe_compute = t_attn + t_router + t_shared + t_experts
+    moe_comm_all = moe_attn_comm + t_moe_comm
+    moe_layer = moe_compute + moe_comm_all - overlap * min(moe_compute, moe_comm_all)
     dense_layer = t_attn + t_dense + 2 * ar_attn
     lm_tokens = seqs_attn  # logits for the last position of each sequence
     t_head = roof(2 * s["lm_head"] / a * lm_tokens, s["lm_head"] / a * wbytes)
@@ -291,6 +364,189 @@ def step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, t
         "inter_bytes_per_gpu_per_layer": inter_bytes, "intra_bytes_per_gpu_per_layer": intra_bytes,
         "degrees": {"attn_tp": a, "attn_dp": dp, "moe_tp": t, "moe_ep": e},
     }
+
+
+# ---------------------------------------------------------------- mixjax mode: what the compiled step does
+def _mm_rate(cl: ClusterSpec, width: float) -> float:
+    """FLOP/s of a matmul whose narrowest dimension is `width`: peak * w / (w + w_half) (calibrated w_half)."""
+    h = cl.mm_half_width
+    return cl.peak_flops if h <= 0 else cl.peak_flops * width / (width + h)
+
+
+
+def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, batch: int, seq: int,
+                   cache_len: int, wbytes: float, abytes: float = 2, chunks: int = 2, kernels: int | None = None,
+                   hierarchical: bool = True, fused_overlap: bool = True) -> dict:
+    """Time of one `ShardedModel.forward` of `batch` sequences x `seq` new tokens with a KV cache of `cache_len`
+    slots, as mixjax implements it (see the module docstring). Compute per block is a roofline over the FLOPs
+    and the bytes the block's arrays occupy, counting the passes the implementation makes over its large
+    intermediates; collectives use the padded buffer sizes of mixjax.sharding.dispatch / fused.
+    `kernels`: kernels the compiled step launches (from its HLO), charged cl.op_overhead each, plus one
+    cl.step_overhead per call; None (no compiled program at hand): neither is charged."""
+    sizes = {NODE: nodes, GPU: gpus}
+
+    def sz(axes):
+        return math.prod(sizes[x] for x in axes) if axes else 1
+
+    a, dp, mt, ep = sz(strategy.attn_tp), sz(strategy.attn_dp), sz(strategy.moe_tp), sz(strategy.moe_ep)
+    if batch % dp:
+        raise ValueError(f"batch {batch} must be a multiple of the data-parallel degree {dp}")
+    B = batch // dp
+    n = B * seq  # tokens one device holds in attention
+    d, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    V_l = -(-cfg.vocab_size // a)
+    ab, wb, f32 = abytes, wbytes, 4
+    L = cfg.num_hidden_layers
+    n_moe = sum(1 for i in range(L) if cfg.is_moe_layer(i))
+    flops_rate, bw = cl.peak_flops, cl.hbm_bw
+
+    relayout_bw = cl.relayout_bw or bw
+
+    def new_parts():
+        return {"compute": {}, "comm": {}}
+
+    def comp(parts, name, mm=(), fl=0.0, by=0.0, relayout=0.0):
+        """Roofline of one block: matmuls `mm` [(flops, narrowest dimension)] at the width-dependent rate, other
+        FLOPs at peak; streamed bytes at hbm_bw, re-laid-out bytes (read + write) at relayout_bw."""
+        t_fl = fl / flops_rate + sum(f / _mm_rate(cl, w) for f, w in mm)
+        t_by = by / bw + relayout / relayout_bw
+        parts["compute"][name] = parts["compute"].get(name, 0.0) + max(t_fl, t_by)
+
+    def coll(parts, name, kind, axes, S):
+        t = coll_time(cl, kind, S, axes, sizes, hierarchical)
+        parts["comm"][name] = parts["comm"].get(name, 0.0) + t
+        return t
+
+    def experts(parts, rows, e_l, f_l):
+        # gate / up: one [rows, D] x [D, E_l * F_l] product each; down: E_l batched [rows, F_l] x [F_l, D]
+        mm = [(2 * rows * d * f_l * e_l * 2, min(rows, d, e_l * f_l)), (2 * rows * f_l * d * e_l, min(rows, f_l, d))]
+        y = e_l * rows * d * f32  # per-expert outputs [E_l, rows, D] f32
+        by = (3 * e_l * d * f_l * wb + rows * d * ab + rows * e_l * f32
+              + e_l * rows * f_l * (2 * 2 * f32 + 2 * ab)  # gate/up (f32) written and read, h written and read
+              + 2 * y)  # y written, and read by the gate-weighted sum
+        comp(parts, "experts", mm, fl=2 * e_l * rows * d, by=by, relayout=2 * y)  # y re-laid out once
+
+    def attention(parts):
+        if hasattr(cfg, "kv_lora_rank"):  # MLA: the cached latent is expanded to every head's K and V each step
+            sz_ = _sizes(cfg)
+            h_l = cfg.num_attention_heads / a
+            qk, vd, lora = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+            mm = [(2 * n * sz_["attn"] / a, min(n, lora, h_l * qk)),
+                  (2 * B * cache_len * lora * h_l * (cfg.qk_nope_head_dim + vd), min(lora, h_l * vd))]
+            fl = 2 * n * h_l * cache_len * (qk + vd)
+            by = (sz_["attn"] / a * wb + B * cache_len * (lora + cfg.qk_rope_head_dim) * ab
+                  + B * cache_len * h_l * (qk + vd) * ab + 4 * B * h_l * seq * cache_len * f32)
+            relayout = 2 * B * cache_len * h_l * (qk + vd) * ab
+        else:
+            from mixjax.models.base import kv_heads_stored  # noqa: PLC0415
+
+            hd, h_l = cfg.head_dim, cfg.num_attention_heads / a
+            kv_l = kv_heads_stored(cfg.num_key_value_heads, cfg.num_attention_heads, a) / a
+            mm = [(2 * n * d * h_l * hd * 2, min(n, d, h_l * hd)), (2 * n * d * kv_l * hd * 2, min(n, d, kv_l * hd))]
+            fl = 2 * 2 * n * h_l * cache_len * hd  # QK^T and PV over every cache slot (masked)
+            cache = B * cache_len * kv_l * hd * ab  # K (or V) on this device
+            by = ((2 * d * h_l * hd + 2 * d * kv_l * hd) * wb + 2 * cache  # K and V read by the dots
+                  + 4 * B * h_l * seq * cache_len * f32  # scores: written, masked/softmaxed, read
+                  + 2 * n * (d + 2 * h_l * hd + 4 * kv_l * hd) * ab)
+            # K is laid out [B, kv, D, S] for the score dot (read + write); V, [B, S, kv, D], only when kv > 1
+            relayout = 2 * cache * (2 if kv_l > 1 else 1)
+        comp(parts, "attention", mm, fl=fl, by=by, relayout=relayout)
+
+    def layer(moe: bool):
+        parts = new_parts()
+        attention(parts)
+        comp(parts, "norms_residual", by=8 * n * d * ab)
+        if not moe:  # dense MLP, TP over the attention group
+            I_l = cfg.intermediate_size / a
+            comp(parts, "dense_mlp", [(2 * n * 3 * d * I_l, min(n, d, I_l))],
+                 by=3 * d * I_l * wb + n * (d + 3 * I_l) * ab * 2)
+            coll(parts, "attn_allreduce", "all_reduce", strategy.attn_tp, n * d * ab)
+            coll(parts, "mlp_allreduce", "all_reduce", strategy.attn_tp, n * d * ab)
+            return parts
+        shared_w = (cfg.num_shared_experts or 0) * F
+        if not strategy.fused:
+            coll(parts, "attn_allreduce", "all_reduce", strategy.attn_tp, n * d * ab)
+            comp(parts, "router", [(2 * n * d * E, min(n, d, E))], by=d * E * wb + 4 * n * E * f32)
+            if not strategy.moe_ep:  # pure TP: every device runs every expert on every token, F split
+                experts(parts, n, E, F / mt)
+                coll(parts, "moe_allreduce", "all_reduce", strategy.moe_tp, n * d * ab)
+            else:
+                split = tuple(x for x in strategy.attn_tp if x in strategy.moe_ep)
+                ps = sz(split)
+                cap = -(-n // ps)  # rows this device dispatches; capacity = rows (exact dispatch)
+                e_l = E / ep
+                buf_x, buf_g = ep * cap * d * ab, ep * cap * e_l * f32
+                comp(parts, "dispatch_pack", by=3 * (buf_x + buf_g) + n * ep * d * ab)
+                coll(parts, "dispatch_a2a", "all_to_all", strategy.moe_ep, buf_x)
+                coll(parts, "gates_a2a", "all_to_all", strategy.moe_ep, buf_g)
+                experts(parts, ep * cap, e_l, F / mt)
+                if strategy.moe_tp:
+                    coll(parts, "expert_tp_allreduce", "all_reduce", strategy.moe_tp, ep * cap * d * ab)
+                coll(parts, "combine_a2a", "all_to_all", strategy.moe_ep, buf_x)
+                comp(parts, "combine_unpack", by=3 * buf_x + n * ep * d * f32)
+                if split:
+                    coll(parts, "regather", "all_gather", split, ps * cap * d * ab)
+            if shared_w:
+                comp(parts, "shared_experts", [(2 * n * 3 * d * shared_w / a, min(n, d, shared_w / a))],
+                     by=3 * d * shared_w / a * wb)
+                coll(parts, "shared_allreduce", "all_reduce", strategy.attn_tp, n * d * ab)
+            return parts
+        # fused: per chunk RS(gpu) -> router on 1/g -> A2A(node) -> AG(gpu) -> experts -> RS(gpu) -> A2A(node)
+        # -> AG(gpu); the chunks are unrolled, so chunk i's node traffic may overlap chunk i+1's gpu traffic
+        g, nn = gpus, nodes
+        c = max(1, min(chunks, n // g))
+        per_chunk = g * -(-n // (g * c))
+        rows = per_chunk // g
+        e_l = E / nn
+        buf_x, buf_g = nn * rows * d * ab, nn * rows * e_l * f32
+        intra, inter = [], []
+        if True:  # one chunk's collectives (all chunks are equal)
+            intra.append(coll_time(cl, "reduce_scatter", per_chunk * d * ab, (GPU,), sizes, hierarchical))
+            inter.append(coll_time(cl, "all_to_all", buf_x, (NODE,), sizes, hierarchical))
+            inter.append(coll_time(cl, "all_to_all", buf_g, (NODE,), sizes, hierarchical))
+            intra.append(coll_time(cl, "all_gather", g * buf_x, (GPU,), sizes, hierarchical))
+            intra.append(coll_time(cl, "all_gather", g * buf_g, (GPU,), sizes, hierarchical))
+            intra.append(coll_time(cl, "reduce_scatter", g * buf_x, (GPU,), sizes, hierarchical))
+            inter.append(coll_time(cl, "all_to_all", buf_x, (NODE,), sizes, hierarchical))
+            if shared_w:
+                intra.append(coll_time(cl, "all_gather", per_chunk * d * ab, (GPU,), sizes, hierarchical))
+                intra.append(coll_time(cl, "reduce_scatter", per_chunk * d * ab, (GPU,), sizes, hierarchical))
+            intra.append(coll_time(cl, "all_gather", per_chunk * d * ab, (GPU,), sizes, hierarchical))
+        if fused_overlap and c > 1:
+            parts["comm"]["fused_pipeline"] = fused_pipeline(intra, inter, c)
+        else:
+            parts["comm"]["fused_pipeline"] = c * (sum(intra) + sum(inter))
+        parts["comm"]["(chunks)"] = c
+        for _ in range(c):
+            comp(parts, "router", [(2 * rows * d * E, min(rows, d, E))], by=d * E * wb + 4 * rows * E * f32)
+            comp(parts, "dispatch_pack", by=3 * (buf_x + buf_g) + rows * nn * d * ab)
+            experts(parts, g * nn * rows, e_l, F / g)
+            comp(parts, "combine_unpack", by=3 * buf_x + rows * nn * d * f32)
+            if shared_w:
+                sw = shared_w / g
+                comp(parts, "shared_experts", [(2 * per_chunk * 3 * d * sw, min(per_chunk, d, sw))],
+                     by=3 * d * sw * wb)
+        comp(parts, "norms_residual", by=2 * n * d * ab)  # concatenating the chunks
+        return parts
+
+    def total(parts):
+        return sum(parts["compute"].values()) + sum(v for k, v in parts["comm"].items() if not k.startswith("("))
+
+    moe_parts = layer(True) if n_moe else new_parts()
+    dense_parts = layer(False) if L - n_moe else new_parts()
+    top = new_parts()
+    comp(top, "embed", by=2 * n * d * ab)
+    coll(top, "embed_allreduce", "all_reduce", strategy.attn_tp, n * d * ab)
+    comp(top, "lm_head", [(2 * n * d * V_l, min(n, d, V_l))], by=d * V_l * wb + n * V_l * f32 + n * d * ab)
+    overhead = 0.0 if kernels is None else cl.step_overhead + kernels * cl.op_overhead
+    t_moe, t_dense, t_top = total(moe_parts), total(dense_parts), total(top)
+    tot = n_moe * t_moe + (L - n_moe) * t_dense + t_top + overhead
+    comm = (n_moe * sum(v for k, v in moe_parts["comm"].items() if not k.startswith("("))
+            + (L - n_moe) * sum(dense_parts["comm"].values()) + sum(top["comm"].values()))
+    return {"total": tot, "per_moe_layer": t_moe, "dense_layer": t_dense, "top": t_top, "overhead": overhead,
+            "comm": comm, "compute": tot - comm - overhead, "kernels": kernels,
+            "moe_layer_parts": moe_parts, "dense_layer_parts": dense_parts, "top_parts": top,
+            "degrees": {"attn_tp": a, "attn_dp": dp, "moe_tp": mt, "moe_ep": ep}}
 
 
 def memory_per_device(cfg, strategy: Strategy, nodes: int, gpus: int, wl: Workload, wbytes: float,
@@ -318,7 +574,9 @@ def memory_per_device(cfg, strategy: Strategy, nodes: int, gpus: int, wl: Worklo
 
 
 def evaluate(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, wl: Workload,
-             wbytes: float = 2.0, abytes: float = 2.0, chunks: int = 0) -> Plan:
+             wbytes: float = 2.0, abytes: float = 2.0, chunks: int = 0, impl: str = "ideal", **model_kw) -> Plan:
+    """Score one plan. impl="ideal" (paper algorithms) or "mixjax" (this implementation; chunks=0 -> the
+    implementation's default of 2). model_kw go to step_cost / impl_step_cost (hierarchical, overlap...)."""
     plan = Plan(strategy.name, nodes, gpus, feasible=False, reason="")
     problem = layout_problem(cfg, nodes, gpus, strategy)
     mem = memory_per_device(cfg, strategy, nodes, gpus, wl, wbytes, abytes)
@@ -326,10 +584,23 @@ def evaluate(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, wl
     if problem:
         plan.reason = "layout: " + problem
         return plan
-    pre = step_cost(cfg, cl, strategy, nodes, gpus, wl.batch * wl.prompt, wl.batch, wl.prompt, "prefill",
-                    wbytes, abytes, chunks)
-    dec = step_cost(cfg, cl, strategy, nodes, gpus, wl.batch, wl.batch, wl.prompt + wl.output / 2, "decode",
-                    wbytes, abytes, chunks)
+    if impl == "mixjax":
+        dp = math.prod({NODE: nodes, GPU: gpus}[x] for x in strategy.attn_dp) if strategy.attn_dp else 1
+        if wl.batch % dp:
+            plan.reason = f"layout: batch {wl.batch} is not a multiple of the data-parallel degree {dp}"
+            return plan
+        ctx = wl.prompt + wl.output
+        pre = impl_step_cost(cfg, cl, strategy, nodes, gpus, wl.batch, wl.prompt, ctx, wbytes, abytes,
+                             chunks or 2, **model_kw)
+        dec = impl_step_cost(cfg, cl, strategy, nodes, gpus, wl.batch, 1, ctx, wbytes, abytes, chunks or 2,
+                             **model_kw)
+    elif impl == "ideal":
+        pre = step_cost(cfg, cl, strategy, nodes, gpus, wl.batch * wl.prompt, wl.batch, wl.prompt, "prefill",
+                        wbytes, abytes, chunks, **model_kw)
+        dec = step_cost(cfg, cl, strategy, nodes, gpus, wl.batch, wl.batch, wl.prompt + wl.output / 2, "decode",
+                        wbytes, abytes, chunks, **model_kw)
+    else:
+        raise ValueError(f"impl must be 'ideal' or 'mixjax', not {impl!r}")
     plan.ttft, plan.itl = pre["total"], dec["total"]
     plan.throughput = wl.batch * wl.output / (plan.ttft + wl.output * plan.itl)
     plan.breakdown = {"prefill": pre, "decode": dec, "memory": mem}

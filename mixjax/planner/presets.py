@@ -69,6 +69,28 @@ class ClusterSpec:
     intra_alpha: float  # s per collective step over NVLink
     inter_bw: float  # bytes/s per GPU NIC (one NIC per GPU, rail aligned)
     inter_alpha: float  # s per collective step over the network
+    # --- set by calibration profiles (mixjax.planner.calibrate); nameplate presets leave the defaults
+    # per link ("intra", "inter", and "world" = both axes at once on the calibrated mesh) and collective
+    # ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"): {"alpha": s, "bw": bytes/s}
+    collectives: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+    calib_mesh: tuple[int, int] | None = None  # (nodes, gpus) the "world" fits were measured on
+    mm_half_width: float = 0.0  # matmul rate = peak_flops * w / (w + this), w = narrowest dimension (0: peak)
+    relayout_bw: float = 0.0  # bytes/s of layout-changing copies (transposes); 0: hbm_bw
+    op_overhead: float = 0.0  # s per kernel launched inside a step (used when a kernel count is known)
+    step_overhead: float = 0.0  # s per jitted call
+    source: str = "nameplate"  # where the numbers come from, for reports
+
+    def coll_params(self, link: str, kind: str) -> tuple[float, float] | None:
+        """(alpha, bw) of a collective on a link: the calibrated fit if there is one, else the link's numbers
+        (None for "world" without a fit: the cost model then composes it from intra and inter)."""
+        fit = (self.collectives or {}).get(link, {}).get(kind)
+        if fit is not None:
+            return fit["alpha"], fit["bw"]
+        if link == "intra":
+            return self.intra_alpha, self.intra_bw
+        if link == "inter":
+            return self.inter_alpha, self.inter_bw
+        return None
 
     def with_shape(self, nodes: int, gpus_per_node: int) -> "ClusterSpec":
         return dataclasses.replace(self, nodes=nodes, gpus_per_node=gpus_per_node)

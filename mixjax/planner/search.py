@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from mixjax.planner.cost import WORKLOADS, Plan, Workload, evaluate
-from mixjax.planner.presets import ClusterSpec, cluster_preset
+from mixjax.planner.presets import ClusterSpec
 from mixjax.sharding.strategies import STRATEGIES
 
 OBJECTIVES = ("ttft", "itl", "throughput", "slo")
@@ -37,31 +37,48 @@ def _key(objective: str, itl_slo: float | None):
 
 
 def rank_plans(cfg, cl: ClusterSpec, wl: Workload, objective: str = "throughput", *, itl_slo: float | None = None,
-               wbytes: float = 2.0, strategies=None, sub_meshes: bool = False, chunks: int = 0) -> list[Plan]:
+               wbytes: float = 2.0, strategies=None, sub_meshes: bool = False, chunks: int = 0,
+               impl: str = "ideal", abytes: float = 2.0, **model_kw) -> list[Plan]:
     plans = []
     for nodes, gpus in mesh_shapes(cl, sub_meshes):
         for name in strategies or STRATEGIES:
-            plans.append(evaluate(cfg, cl, STRATEGIES[name], nodes, gpus, wl, wbytes=wbytes, chunks=chunks))
+            plans.append(evaluate(cfg, cl, STRATEGIES[name], nodes, gpus, wl, wbytes=wbytes, abytes=abytes,
+                                  chunks=chunks, impl=impl, **model_kw))
     return sorted(plans, key=_key(objective, itl_slo))
 
 
-def auto_plan(cfg, mesh, cluster: str = "h800-roce", workload: str = "decode",
-              objective: str = "throughput") -> tuple[str, str]:
-    """Strategy for mixjax.LLM(strategy="auto") on a given jax Mesh: the best plan (uncalibrated cost model,
-    nameplate numbers of `cluster` with the mesh's own shape) among those check_layout admits."""
+def auto_plan(cfg, mesh, cluster: str | ClusterSpec | None = None, workload: str | Workload = "decode",
+              objective: str = "throughput", impl: str = "mixjax", wbytes: float = 2.0) -> tuple[str, str]:
+    """Strategy for mixjax.LLM(strategy="auto") on a given jax Mesh: the best plan among those check_layout
+    admits, scored in `impl` mode ("mixjax": this implementation's buffers and expert path).
+
+    cluster: None -> the current devices (their calibration profile if one exists, else a built-in estimate,
+    see mixjax.planner.calibrate.current_cluster), a preset name, 'profile:PATH', or a ClusterSpec. The reason
+    says which numbers were used."""
+    from mixjax.planner.calibrate import current_cluster, resolve_cluster  # noqa: PLC0415
+
     nodes, gpus = int(mesh.shape["node"]), int(mesh.shape["gpu"])
-    cl = cluster_preset(cluster, nodes, gpus)
-    wl = WORKLOADS[workload]
-    plans = [p for p in rank_plans(cfg, cl, wl, objective) if not p.reason.startswith("layout")]
+    if cluster is None:
+        cl = current_cluster(nodes, gpus)
+    elif isinstance(cluster, ClusterSpec):
+        cl = cluster.with_shape(nodes, gpus)
+    else:
+        cl = resolve_cluster(cluster, nodes, gpus)
+    wl = WORKLOADS[workload] if isinstance(workload, str) else workload
+    plans = [p for p in rank_plans(cfg, cl, wl, objective, wbytes=wbytes, impl=impl, abytes=wbytes)
+             if not p.reason.startswith("layout")]
     if not plans:
         from mixjax.sharding.mesh import LayoutError  # noqa: PLC0415
         raise LayoutError(f"no strategy can lay this model out on mesh {nodes}x{gpus}")
     best = plans[0]
     note = "" if best.feasible else f"; warning: {best.reason}"
-    other = next((p for p in plans[1:] if p.feasible and math.isfinite(p.itl)), None)
-    vs = ""
-    if other is not None and best.throughput > 0:
-        vs = f", {best.throughput / other.throughput:.2f}x the throughput of {other.strategy}"
-    return best.strategy, (f"planner ({objective}, uncalibrated {cluster} numbers, {wl.name} workload "
-                           f"batch {wl.batch} prompt {wl.prompt} output {wl.output}): predicted ITL "
-                           f"{best.itl * 1e3:.2f} ms{vs}{note}")
+    if nodes * gpus == 1:
+        vs = "; one device: no collectives, the strategies differ only in dispatch bookkeeping"
+    else:
+        other = next((p for p in plans[1:] if p.feasible and math.isfinite(p.itl)), None)
+        vs = ""
+        if other is not None and best.throughput > 0:
+            vs = f", {best.throughput / other.throughput:.2f}x the throughput of {other.strategy}"
+    return best.strategy, (f"planner ({objective}, {impl} mode, {wl.name} workload batch {wl.batch} prompt "
+                           f"{wl.prompt} output {wl.output}; hardware: {cl.source}): predicted ITL "
+                           f"{best.itl * 1e3:.3g} ms{vs}{note}")
