@@ -16,6 +16,7 @@ from flax import nnx
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
+from mixjax.kernels.flash_attention import flash_attention, tiles_for
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -109,7 +110,13 @@ class Qwen3Attention(nnx.Module):
         cache = {"k": write_cache(cache["k"], heads_major(k), starts, seq_axis=2),
                  "v": write_cache(cache["v"], heads_major(v), starts, seq_axis=2)}
         mask = causal_mask(positions, cache["k"].shape[2])
-        out = attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask, hd ** -0.5, heads_major=True)
+        kc, vc = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        tiles = tiles_for(t, kc.shape[2], hd) if par.pallas and t > 1 else None
+        if tiles:  # prefill: flash attention, no [T, S] score matrix in memory
+            out = flash_attention(q, kc, vc, positions, scale=hd ** -0.5, tiles=tiles,
+                                  interpret=par.pallas == "interpret")
+        else:
+            out = attend(q, kc, vc, mask, hd ** -0.5, heads_major=True)
         out = self.o_proj(out.reshape(b, t, -1))
         return (par.psum_attn_tp(out) if reduce else out), cache
 

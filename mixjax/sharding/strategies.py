@@ -94,6 +94,12 @@ class ParallelContext:
     capacity_factor: float | None = None  # None: exact, no token can be dropped
     expert_impl: str = "dense"  # "dense" | "grouped" | "grouped-interpret" (see layers.Experts)
 
+    @property
+    def pallas(self) -> str | None:
+        """Whether the Pallas kernels run: None (XLA only), "gpu" or "interpret". They come with the grouped
+        expert implementation: grouped experts and flash attention for prefill (mixjax.kernels)."""
+        return {"grouped": "gpu", "grouped-interpret": "interpret"}.get(self.expert_impl)
+
     def size(self, axes: tuple[str, ...]) -> int:
         sizes = dict(self.axis_sizes)
         return math.prod(sizes[a] for a in axes)

@@ -1,0 +1,80 @@
+"""Causal attention over the KV cache without materialising the scores (flash attention), for prefill.
+
+XLA's `attend` builds float32 scores [B, K, G, T, S] and their softmax in memory: at a 2048-token prompt that was,
+with a transpose of it, a third of the prefill step on an H200, and at 8192 tokens 8.6 GB per layer. Here each
+program holds one head's tile of BQ queries, walks the cache in blocks of BK keys with an online softmax, and
+writes only the output. Key s is visible to the query at position p when s <= p (the same rule as
+`layers.causal_mask`), so prompts that start mid-cache (chunked prefill) need nothing special; blocks after the
+tile's last position are not read.
+
+Layouts: q [B, T, H, D], cache k/v heads-major [B, K, S, D] (H = K * group), positions [B, T].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def tiles_for(t: int, s: int, d: int) -> tuple[int, int] | None:
+    """(BQ, BK) for a prompt of t tokens over a cache of s slots, or None when Triton cannot tile it."""
+    if d % 16 or d & (d - 1) or s % 16:
+        return None
+    bk = 64 if s % 64 == 0 else 32 if s % 32 == 0 else 16
+    bq = 64 if t >= 64 else 16
+    return bq, bk
+
+
+def _kernel(pos_ref, q_ref, k_ref, v_ref, o_ref, *, bq: int, bk: int, group: int, scale: float, s_len: int):
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kh = h // group
+    rows = pl.ds(i * bq, bq)
+    q = q_ref[b, rows, h, :]
+    pos = pos_ref[b, rows]
+    n_blocks = jnp.minimum(jnp.max(pos) // bk + 1, s_len // bk)
+
+    def step(j, carry):
+        m, l, acc = carry
+        keys = pl.ds(j * bk, bk)
+        k = k_ref[b, kh, keys, :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        visible = (j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)) <= pos[:, None]
+        s = jnp.where(visible, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        v = v_ref[b, kh, keys, :]
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    d = q.shape[-1]
+    init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
+    _, l, acc = lax.fori_loop(0, n_blocks, step, init)
+    o_ref[b, rows, h, :] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+def flash_attention(q, k, v, positions, *, scale: float, tiles: tuple[int, int], interpret: bool = False):
+    """softmax(q k^T * scale, keys s <= position) v per head. q [B,T,H,D], k/v [B,K,S,D] -> [B,T,H,D]."""
+    b, t, h, d = q.shape
+    kheads, s_len = k.shape[1], k.shape[2]
+    bq, bk = tiles
+    tp = -(-t // bq) * bq
+    if tp != t:  # pad the prompt to whole query tiles; padded rows repeat the last position and are dropped
+        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+        positions = jnp.pad(positions, ((0, 0), (0, tp - t)), mode="edge")
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    out = pl.pallas_call(
+        functools.partial(_kernel, bq=bq, bk=bk, group=h // kheads, scale=scale, s_len=s_len),
+        out_shape=jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), grid=(b, h, tp // bq),
+        compiler_params=params, interpret=interpret, name="flash_attention",
+    )(positions.astype(jnp.int32), q, k, v)
+    return out[:, :t]
