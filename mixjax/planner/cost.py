@@ -499,19 +499,17 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
         rows = per_chunk // g
         e_l = E / nn
         buf_x, buf_g = nn * rows * d * ab, nn * rows * e_l * f32
-        intra, inter = [], []
-        if True:  # one chunk's collectives (all chunks are equal)
-            intra.append(coll_time(cl, "reduce_scatter", per_chunk * d * ab, (GPU,), sizes, hierarchical))
-            inter.append(coll_time(cl, "all_to_all", buf_x, (NODE,), sizes, hierarchical))
-            inter.append(coll_time(cl, "all_to_all", buf_g, (NODE,), sizes, hierarchical))
-            intra.append(coll_time(cl, "all_gather", g * buf_x, (GPU,), sizes, hierarchical))
-            intra.append(coll_time(cl, "all_gather", g * buf_g, (GPU,), sizes, hierarchical))
-            intra.append(coll_time(cl, "reduce_scatter", g * buf_x, (GPU,), sizes, hierarchical))
-            inter.append(coll_time(cl, "all_to_all", buf_x, (NODE,), sizes, hierarchical))
-            if shared_w:
-                intra.append(coll_time(cl, "all_gather", per_chunk * d * ab, (GPU,), sizes, hierarchical))
-                intra.append(coll_time(cl, "reduce_scatter", per_chunk * d * ab, (GPU,), sizes, hierarchical))
-            intra.append(coll_time(cl, "all_gather", per_chunk * d * ab, (GPU,), sizes, hierarchical))
+
+        def ct(kind, S, axis):
+            return coll_time(cl, kind, S, (axis,), sizes, hierarchical)
+
+        # one chunk's collectives, in the order fused_moe_residual issues them (all chunks are equal)
+        intra = [ct("reduce_scatter", per_chunk * d * ab, GPU), ct("all_gather", g * buf_x, GPU),
+                 ct("all_gather", g * buf_g, GPU), ct("reduce_scatter", g * buf_x, GPU)]
+        inter = [ct("all_to_all", buf_x, NODE), ct("all_to_all", buf_g, NODE), ct("all_to_all", buf_x, NODE)]
+        if shared_w:
+            intra += [ct("all_gather", per_chunk * d * ab, GPU), ct("reduce_scatter", per_chunk * d * ab, GPU)]
+        intra.append(ct("all_gather", per_chunk * d * ab, GPU))
         if fused_overlap and c > 1:
             parts["comm"]["fused_pipeline"] = fused_pipeline(intra, inter, c)
         else:
