@@ -16,7 +16,7 @@ from flax import nnx
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
-from mixjax.kernels.flash_attention import flash_attention, tiles_for
+from mixjax.kernels.flash_attention import prefill_attention, tiles_for
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -113,8 +113,7 @@ class Qwen3Attention(nnx.Module):
         kc, vc = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         tiles = tiles_for(t, kc.shape[2], hd) if par.pallas and t > 1 else None
         if tiles:  # prefill: flash attention, no [T, S] score matrix in memory
-            out = flash_attention(q, kc, vc, positions, scale=hd ** -0.5, tiles=tiles,
-                                  interpret=par.pallas == "interpret")
+            out = prefill_attention(q, k, v, kc, vc, positions, scale=hd ** -0.5, tiles=tiles, pallas=par.pallas)
         else:
             out = attend(q, kc, vc, mask, hd ** -0.5, heads_major=True)
         out = self.o_proj(out.reshape(b, t, -1))
