@@ -16,8 +16,10 @@ the achieved FLOP rate as a fraction of the bf16 matmul rate measured in the sam
 counted: 2 x (attention, router and active expert parameters) per token, the causal attention scores and values
 (2 x 2 x heads x head_dim x T(T+1)/2 per layer) and the LM head for one position.
 
-"step ms" is the median of steps each waited for on the host (what the server sees today: it reads every step's
-tokens); "b2b" is the mean of steps dispatched back to back without waiting (host dispatch hidden under the device).
+"step ms" is the median of forward steps each waited for on the host; "b2b" is the mean of steps dispatched back to
+back without waiting (host dispatch hidden under the device). --engine N also runs the serving engine's decode loop
+(sampling and host bookkeeping included) with `batch` greedy requests of N tokens, pipelined (the default: step n+1
+starts from step n's tokens on the device) and step by step, and reports the median interval between tokens.
 
 --peer runs mixjax.bench.peer (Hugging Face transformers, same shapes) in a subprocess first, before JAX takes the
 GPU's memory, and reports mixjax / peer throughput.
@@ -28,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +92,42 @@ def time_prefill(model: ShardedModel, t: int, iters: int) -> float:
     return timeit(run, iters=iters)
 
 
+def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, pipeline: bool) -> float:
+    """Median interval between consecutive tokens of `batch` greedy requests decoding together in the serving
+    engine (mixjax.serve.engine) with a KV cache of ctx slots: the engine's decode step as a server runs it,
+    sampling and host bookkeeping included. Intervals before the last request joined are not counted."""
+    import threading
+
+    from mixjax.serve.engine import Engine, Request, SamplingParams
+
+    eng = Engine(model, None, max_batch=batch, max_seq_len=ctx, prefill_buckets=[16], max_queue=batch,
+                 pipeline=pipeline)
+    eng.warmup()
+    eng.start()
+    stamps, done = [[] for _ in range(batch)], threading.Event()
+    left = [batch]
+
+    def sink_for(i):
+        def sink(ev):
+            if ev["type"] == "token":
+                stamps[i].extend([time.monotonic()] * len(ev["ids"]))
+            elif ev["type"] in ("done", "error"):
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+        return sink
+
+    rng = np.random.RandomState(0)
+    for i in range(batch):
+        eng.submit(Request(rng.randint(0, model.vocab_size, 8).tolist(),
+                           SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True), sink_for(i)))
+    done.wait(600)
+    eng.stop()
+    joined = max(s[0] for s in stamps)
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:]) if a >= joined]
+    return statistics.median(gaps)
+
+
 def run_peer(args) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peer.json")
@@ -142,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--impl", default="grouped,dense", help="expert implementations to time, comma-separated")
     ap.add_argument("--prefill", default="", help="prompt lengths for the prefill measurement, e.g. 512,2048,8192")
     ap.add_argument("--peer", action="store_true", help="also time Hugging Face transformers (same shapes)")
+    ap.add_argument("--engine", type=int, default=0, metavar="TOKENS",
+                    help="also time the serving engine's decode loop (pipelined and step by step), TOKENS per request")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of step time against batch, roofline drawn in")
@@ -159,7 +201,8 @@ def main(argv=None):
         model = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=impl)
         model.set_state(weights)
         print(f"[{impl} experts]\n{'batch':>6s} {'step ms':>9s} {'roofline ms':>12s} {'ratio':>7s} {'tok/s':>9s} "
-              f"{'vs peer':>8s} {'b2b ms':>8s} {'b2b ratio':>9s}")
+              f"{'vs peer':>8s} {'b2b ms':>8s} {'b2b ratio':>9s}"
+              + (f" {'eng pipe':>8s} {'ratio':>6s} {'eng sync':>8s} {'ratio':>6s}" if args.engine else ""))
         for b in (int(x) for x in args.batch.split(",")):
             # one new token per sequence at position ctx-1
             t, t_b2b = time_step(model, b, 1, args.ctx, args.iters, back_to_back=True)
@@ -167,8 +210,16 @@ def main(argv=None):
             vs = peer_t[b] / t if b in peer_t else float("nan")
             decode.append(dict(impl=impl, batch=b, step_s=t, roofline_s=roof, ratio=roof / t, tokens_per_s=b / t,
                                speedup_vs_peer=vs, back_to_back_step_s=t_b2b, back_to_back_ratio=roof / t_b2b))
+            row = decode[-1]
+            extra = ""
+            if args.engine:
+                for pipe in (True, False):
+                    te = engine_step_time(model, b, args.ctx, args.engine, pipe)
+                    key = "engine_pipelined" if pipe else "engine_step_by_step"
+                    row[key + "_step_s"], row[key + "_ratio"] = te, roof / te
+                    extra += f" {te * 1e3:8.3f} {roof / te:6.1%}"
             print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f} {vs:7.1f}x "
-                  f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}", flush=True)
+                  f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}{extra}", flush=True)
         if args.prefill:
             print(f"{'prompt':>6s} {'ms':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'of matmul':>9s}")
         for t_len in (int(x) for x in args.prefill.split(",") if x):

@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="read each decode step's tokens before dispatching the next (default: pipelined, the next "
+                        "step starts from the sampled tokens on the device while the host reads them)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
     g = p.add_argument_group("multi-host (docs/MULTIHOST.md)", "One process per host, the same options on every "
@@ -128,7 +131,7 @@ def _serve(args, cluster):
           f"{st['model_bytes']} bytes)", flush=True)
     tok = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     engine = Engine(sm, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
-                    max_queue=args.max_queue, cluster=cluster)
+                    max_queue=args.max_queue, cluster=cluster, pipeline=not args.no_pipeline)
     if cluster is not None:
         cluster.watchdog.on_failure.append(engine.mark_failed)
         engine.metrics.processes = cluster.num_processes

@@ -87,6 +87,14 @@ class Request:
             pass
 
 
+@dataclass
+class _Inflight:
+    """A dispatched decode step whose outputs have not been read: device arrays, and the request of each row."""
+
+    out: tuple
+    members: dict
+
+
 class Engine:
     """With `cluster` (a mixjax.distributed.Cluster of several processes), every process builds the same Engine:
     process 0 runs the loop and sends each step's plan to the others before running it; the others call `follow()`,
@@ -94,8 +102,12 @@ class Engine:
 
     def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
                  prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None,
-                 cluster=None):
+                 cluster=None, pipeline: bool = True):
         self.sm = sm
+        # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
+        # step n's tokens are read on the host, so the host's dispatch work overlaps the device's step.
+        self.pipeline = pipeline
+        self._inflight: _Inflight | None = None
         self.cluster = cluster if cluster is not None and cluster.num_processes > 1 else None
         self.failed: str | None = None  # set when the engine can no longer run (multi-host failure)
         self.tok = tokenizer
@@ -152,12 +164,13 @@ class Engine:
             zero = jnp.zeros((1,), jnp.int32)
             return pick(last, seed[None], zero, temp[None], topk[None], topp[None]), cache
 
-        def decode(state, tokens, positions, cache, seeds, steps, temp, topk, topp):
+        def decode(state, prev_ids, use_prev, tokens, positions, cache, seeds, steps, temp, topk, topp):
+            tokens = jnp.where(use_prev != 0, prev_ids, tokens)  # rows continuing from the previous step's sample
             logits, cache = fwd(state, tokens[:, None], positions[:, None], cache)
             return pick(logits[:, 0, :V], seeds, steps, temp, topk, topp), cache
 
         self._prefill = jax.jit(prefill, donate_argnums=(3,))
-        self._decode = jax.jit(decode, donate_argnums=(3,))
+        self._decode = jax.jit(decode, donate_argnums=(5,))
 
     @staticmethod
     def _copy_fn(big, small, slot):
@@ -175,8 +188,11 @@ class Engine:
                 self.small, np.int32(0), np.uint32(0), np.float32(1.0), np.int32(0), np.float32(1.0))
             np.asarray(ids)
         self.cache = self._copy(self.cache, self.small, np.int32(0))
-        z = np.zeros(self.slots, np.int32)  # (not _decode_step: on a cluster every process warms up by itself)
-        self._run_decode(z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp)
+        z = np.zeros(self.slots, np.int32)  # (not _step: on a cluster every process warms up by itself)
+        self._last_ids = z
+        no = np.zeros(self.slots, np.int32)
+        for _ in range(2):  # the second call sees the first one's device-resident ids, as every later step does
+            self._run_decode(no, z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp)
         jax.block_until_ready(self.cache)
         return time.monotonic() - t0
 
@@ -288,6 +304,7 @@ class Engine:
                 if self.cluster is not None:  # the other processes cannot follow a recovery: stop the cluster
                     self.cluster.watchdog.fail_after_check(f"engine step failed on process 0: {e}")
                     return
+                self._inflight = None
                 for slot, r in list(self._active.items()):
                     self._finish(r, error=f"engine step failed: {e}")
                 try:
@@ -388,28 +405,57 @@ class Engine:
         self.cache = self._copy(self.cache, self.small, np.int32(slot))
         return tuple(np.asarray(x)[0] for x in out) if fetch else None
 
-    def _run_decode(self, tokens, positions, steps, seeds, temp, topk, topp):
-        out, self.cache = self._decode(self.sm.leaves, tokens, positions, self.cache, seeds, steps, temp, topk, topp)
+    def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp):
+        """One decode step. Rows with use_prev take their token from the previous step's sampled ids, which stay
+        on the device (every process of a cluster keeps its own copy), instead of from `tokens`."""
+        out, self.cache = self._decode(self.sm.leaves, self._last_ids, use_prev, tokens, positions, self.cache,
+                                       seeds, steps, temp, topk, topp)
+        self._last_ids = out[0]
         return out
 
-    def _decode_step(self):
+    def _dispatch_decode(self, prev: _Inflight | None) -> _Inflight | None:
+        """Start a decode step for the active requests. A request that is in `prev` (not yet read) continues from
+        its token on the device, one position further; one that `prev` is sure to finish (length limits) is left
+        out. If `prev` ends a request another way (a stop token or string, a cancel), the step's row for it is
+        wasted work and its output is dropped."""
         n = self.slots
-        tokens = np.zeros(n, np.int32)
-        positions = np.zeros(n, np.int32)
-        steps = np.zeros(n, np.int32)
+        tokens, positions, steps = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        use_prev = np.zeros(n, np.int32)  # int32: step plans carry int32/uint32/float32 arrays only
+        members = {}
         for s, r in self._active.items():
-            tokens[s], positions[s], steps[s] = r.last_token, r.pos, len(r.out_ids)
+            if prev is not None and prev.members.get(s) is r:
+                if r.pos + 1 >= self.max_seq_len or len(r.out_ids) + 1 >= r.params.max_tokens:
+                    continue
+                use_prev[s], positions[s], steps[s] = 1, r.pos + 1, len(r.out_ids) + 1
+            else:
+                tokens[s], positions[s], steps[s] = r.last_token, r.pos, len(r.out_ids)
+            members[s] = r
+        if not members:
+            return None
         if self.cluster is not None:
             self.cluster.channel.send("decode", {
-                "tokens": tokens, "positions": positions, "steps": steps, "seeds": self._h_seed,
-                "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp})
-        out = self._run_decode(tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk, self._h_topp)
-        return [np.asarray(x) for x in out]
+                "use_prev": use_prev, "tokens": tokens, "positions": positions, "steps": steps,
+                "seeds": self._h_seed, "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp})
+        out = self._run_decode(use_prev, tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk,
+                               self._h_topp)
+        return _Inflight(out, members)
 
     def _step(self):
-        ids, lps, top_ids, top_lp = self._decode_step()
+        prev, self._inflight = self._inflight, None
+        if prev is None or self.pipeline:
+            self._inflight = self._dispatch_decode(prev)
+        if prev is None and not self.pipeline:
+            prev, self._inflight = self._inflight, None
+        if prev is not None:
+            self._collect(prev)
+
+    def _collect(self, step: _Inflight):
+        """Read a step's sampled tokens on the host and hand them to their requests (if still running)."""
+        ids, lps, top_ids, top_lp = [np.asarray(x) for x in step.out]
         now = time.monotonic()
-        for s, r in list(self._active.items()):
+        for s, r in step.members.items():
+            if self._active.get(s) is not r:
+                continue  # ended while the step ran (its row was speculative)
             r.pos += 1
             if r.t_last is not None:
                 self.metrics.itl.observe(now - r.t_last)
@@ -439,8 +485,8 @@ class Engine:
                                     a["topp"][i], fetch=False)
                     off += n
             elif kind == "decode":
-                self._run_decode(a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"], a["topk"],
-                                 a["topp"])
+                self._run_decode(a["use_prev"], a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"],
+                                 a["topk"], a["topp"])
             else:
                 raise DistributedError(f"received an unknown step plan {kind!r} from process 0")
 
