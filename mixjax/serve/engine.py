@@ -150,10 +150,17 @@ class Engine:
         # several processes: the sampled tokens must be readable on process 0, so they leave the step replicated
         rep = jax.sharding.NamedSharding(self.sm.mesh, jax.sharding.PartitionSpec()) if self.cluster else None
 
-        def pick(logits, seeds, steps, temp, topk, topp):
+        def pick(logits, seeds, steps, temp, topk, topp, want_top=True):
             keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
             ids, lp = sample(logits, keys, temp, topk, topp)
-            top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), min(TOP_LOGPROBS, V))
+            k = min(TOP_LOGPROBS, V)
+
+            def top():  # the alternatives, only when a request in the batch asked for them
+                top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+                return top_lp, top_ids.astype(jnp.int32)
+
+            none = lambda: (jnp.zeros((logits.shape[0], k), jnp.float32), jnp.zeros((logits.shape[0], k), jnp.int32))
+            top_lp, top_ids = jax.lax.cond(want_top, top, none)
             out = ids, lp, top_ids.astype(jnp.int32), top_lp
             return out if rep is None else tuple(jax.lax.with_sharding_constraint(x, rep) for x in out)
 
@@ -164,10 +171,10 @@ class Engine:
             zero = jnp.zeros((1,), jnp.int32)
             return pick(last, seed[None], zero, temp[None], topk[None], topp[None]), cache
 
-        def decode(state, prev_ids, use_prev, tokens, positions, cache, seeds, steps, temp, topk, topp):
+        def decode(state, prev_ids, use_prev, tokens, positions, cache, seeds, steps, temp, topk, topp, want_top):
             tokens = jnp.where(use_prev != 0, prev_ids, tokens)  # rows continuing from the previous step's sample
             logits, cache = fwd(state, tokens[:, None], positions[:, None], cache)
-            return pick(logits[:, 0, :V], seeds, steps, temp, topk, topp), cache
+            return pick(logits[:, 0, :V], seeds, steps, temp, topk, topp, want_top[0] != 0), cache
 
         self._prefill = jax.jit(prefill, donate_argnums=(3,))
         self._decode = jax.jit(decode, donate_argnums=(5,))
@@ -192,7 +199,7 @@ class Engine:
         self._last_ids = z
         no = np.zeros(self.slots, np.int32)
         for _ in range(2):  # the second call sees the first one's device-resident ids, as every later step does
-            self._run_decode(no, z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp)
+            self._run_decode(no, z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp, np.ones(1, np.int32))
         jax.block_until_ready(self.cache)
         return time.monotonic() - t0
 
@@ -405,11 +412,12 @@ class Engine:
         self.cache = self._copy(self.cache, self.small, np.int32(slot))
         return tuple(np.asarray(x)[0] for x in out) if fetch else None
 
-    def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp):
+    def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, want_top):
         """One decode step. Rows with use_prev take their token from the previous step's sampled ids, which stay
-        on the device (every process of a cluster keeps its own copy), instead of from `tokens`."""
+        on the device (every process of a cluster keeps its own copy), instead of from `tokens`. want_top [1]:
+        whether to compute the top alternatives' logprobs (some request asked for logprobs)."""
         out, self.cache = self._decode(self.sm.leaves, self._last_ids, use_prev, tokens, positions, self.cache,
-                                       seeds, steps, temp, topk, topp)
+                                       seeds, steps, temp, topk, topp, want_top)
         self._last_ids = out[0]
         return out
 
@@ -432,12 +440,14 @@ class Engine:
             members[s] = r
         if not members:
             return None
+        want_top = np.array([any(r.params.logprobs for r in members.values())], np.int32)
         if self.cluster is not None:
             self.cluster.channel.send("decode", {
                 "use_prev": use_prev, "tokens": tokens, "positions": positions, "steps": steps,
-                "seeds": self._h_seed, "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp})
+                "seeds": self._h_seed, "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp,
+                "want_top": want_top})
         out = self._run_decode(use_prev, tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk,
-                               self._h_topp)
+                               self._h_topp, want_top)
         return _Inflight(out, members)
 
     def _step(self):
@@ -486,7 +496,7 @@ class Engine:
                     off += n
             elif kind == "decode":
                 self._run_decode(a["use_prev"], a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"],
-                                 a["topk"], a["topp"])
+                                 a["topk"], a["topp"], a["want_top"])
             else:
                 raise DistributedError(f"received an unknown step plan {kind!r} from process 0")
 
