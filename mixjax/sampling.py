@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
-@jax.jit
-def sample(logits, keys, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnames=("draw", "filter"))
+def sample(logits, keys, temperature, top_k, top_p, *, draw: bool = True, filter: bool = True):
     """logits [B, V] float32; keys [B] PRNG keys; temperature, top_p [B] float32; top_k [B] int32 (0 = off).
 
     A row with temperature 0 is greedy. Returns token ids [B] int32 and their log-probabilities [B].
-    The vocabulary sort (top-k / top-p) and the random draw run only when some row needs them (lax.cond): for a
-    batch of greedy rows over a 152k vocabulary they cost more than the model's decode step (H200, 2026-11-24)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    sampled = temperature > 0
-
-    def draw():
+    draw=False: no row samples (all greedy); filter=False: no sampled row uses top-k or top-p. The caller knows
+    these on the host and passes them as static flags, which skips the vocabulary sort and the random draw when
+    nothing needs them (for greedy rows over a 152k vocabulary they cost more than the model's decode step on an
+    H200), without a lax.cond, whose predicate the GPU runtime reads back to the host in the middle of the step."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    ids = greedy
+    if draw:
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        scaled = jax.lax.cond(jnp.any(sampled & ((top_k > 0) | (top_p < 1))), _top_k_top_p, lambda s, k, p: s,
-                              scaled, top_k, top_p)
-        return jax.vmap(jax.random.categorical)(keys, scaled).astype(greedy.dtype)
-
-    drawn = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
-    ids = jnp.where(sampled, drawn, greedy).astype(jnp.int32)
+        if filter:
+            scaled = _top_k_top_p(scaled, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        ids = jnp.where(temperature > 0, drawn, greedy)
     logz = jax.nn.logsumexp(logits, axis=-1)
     return ids, jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - logz
+
+
+def sampling_flags(rows) -> tuple[bool, bool]:
+    """(draw, filter) for rows of (temperature, top_k, top_p): what `sample` must do for this batch."""
+    draw = any(t > 0 for t, _, _ in rows)
+    return draw, any(t > 0 and (k > 0 or p < 1) for t, k, p in rows)
 
 
 def _top_k_top_p(scaled, top_k, top_p):

@@ -10,6 +10,7 @@ stop tokens, stop strings and max_tokens are checked on the host after each step
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -23,12 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax.sampling import sample
+from mixjax.sampling import sample, sampling_flags
 from mixjax.serve.metrics import Metrics
 
 log = logging.getLogger("mixjax.serve")
 
-TOP_LOGPROBS = 5  # alternatives computed on device for every token (requests may ask for 0..5)
+TOP_LOGPROBS = 5  # alternatives computed on device when a request asks (0..5)
+# (draw, filter, want_top) combinations of the sampling program; draw=False makes filter irrelevant
+PICK_VARIANTS = [(d, f, t) for d, f in ((False, False), (True, False), (True, True)) for t in (False, True)]
 
 
 class QueueFull(Exception):
@@ -150,17 +153,14 @@ class Engine:
         # several processes: the sampled tokens must be readable on process 0, so they leave the step replicated
         rep = jax.sharding.NamedSharding(self.sm.mesh, jax.sharding.PartitionSpec()) if self.cluster else None
 
-        def pick(logits, seeds, steps, temp, topk, topp, want_top=True):
+        def pick(logits, seeds, steps, temp, topk, topp, *, draw=True, filter=True, want_top=True):
             keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
-            ids, lp = sample(logits, keys, temp, topk, topp)
+            ids, lp = sample(logits, keys, temp, topk, topp, draw=draw, filter=filter)
             k = min(TOP_LOGPROBS, V)
-
-            def top():  # the alternatives, only when a request in the batch asked for them
+            if want_top:  # the alternatives, only when a request in the batch asked for them
                 top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
-                return top_lp, top_ids.astype(jnp.int32)
-
-            none = lambda: (jnp.zeros((logits.shape[0], k), jnp.float32), jnp.zeros((logits.shape[0], k), jnp.int32))
-            top_lp, top_ids = jax.lax.cond(want_top, top, none)
+            else:
+                top_lp, top_ids = jnp.zeros((logits.shape[0], k), jnp.float32), jnp.zeros((logits.shape[0], k))
             out = ids, lp, top_ids.astype(jnp.int32), top_lp
             return out if rep is None else tuple(jax.lax.with_sharding_constraint(x, rep) for x in out)
 
@@ -171,13 +171,17 @@ class Engine:
             zero = jnp.zeros((1,), jnp.int32)
             return pick(last, seed[None], zero, temp[None], topk[None], topp[None]), cache
 
-        def decode(state, prev_ids, use_prev, tokens, positions, cache, seeds, steps, temp, topk, topp, want_top):
+        def decode(state, prev_ids, use_prev, tokens, positions, cache):
             tokens = jnp.where(use_prev != 0, prev_ids, tokens)  # rows continuing from the previous step's sample
             logits, cache = fwd(state, tokens[:, None], positions[:, None], cache)
-            return pick(logits[:, 0, :V], seeds, steps, temp, topk, topp, want_top[0] != 0), cache
+            return logits[:, 0, :V], cache
 
         self._prefill = jax.jit(prefill, donate_argnums=(3,))
         self._decode = jax.jit(decode, donate_argnums=(5,))
+        # Sampling is a separate small program per (draw, filter, want_top), chosen on the host for the batch: no
+        # lax.cond inside the step (the GPU runtime would read its predicate back to the host mid-step).
+        self._picks = {f: jax.jit(functools.partial(pick, draw=f[0], filter=f[1], want_top=f[2]))
+                       for f in PICK_VARIANTS}
 
     @staticmethod
     def _copy_fn(big, small, slot):
@@ -199,7 +203,11 @@ class Engine:
         self._last_ids = z
         no = np.zeros(self.slots, np.int32)
         for _ in range(2):  # the second call sees the first one's device-resident ids, as every later step does
-            self._run_decode(no, z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp, np.ones(1, np.int32))
+            self._run_decode(no, z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp,
+                             np.ones(3, np.int32))
+        logits, self.cache = self._decode(self.sm.leaves, self._last_ids, no, z, z, self.cache)
+        for f in PICK_VARIANTS:
+            jax.block_until_ready(self._picks[f](logits, self._h_seed, z, self._h_temp, self._h_topk, self._h_topp))
         jax.block_until_ready(self.cache)
         return time.monotonic() - t0
 
@@ -412,12 +420,12 @@ class Engine:
         self.cache = self._copy(self.cache, self.small, np.int32(slot))
         return tuple(np.asarray(x)[0] for x in out) if fetch else None
 
-    def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, want_top):
-        """One decode step. Rows with use_prev take their token from the previous step's sampled ids, which stay
-        on the device (every process of a cluster keeps its own copy), instead of from `tokens`. want_top [1]:
-        whether to compute the top alternatives' logprobs (some request asked for logprobs)."""
-        out, self.cache = self._decode(self.sm.leaves, self._last_ids, use_prev, tokens, positions, self.cache,
-                                       seeds, steps, temp, topk, topp, want_top)
+    def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, flags):
+        """One decode step, then sampling. Rows with use_prev take their token from the previous step's sampled
+        ids, which stay on the device (every process of a cluster keeps its own copy), instead of from `tokens`.
+        flags [3] int: (some row samples, some sampled row uses top-k/top-p, some request wants logprobs)."""
+        logits, self.cache = self._decode(self.sm.leaves, self._last_ids, use_prev, tokens, positions, self.cache)
+        out = self._picks[tuple(bool(f) for f in flags)](logits, seeds, steps, temp, topk, topp)
         self._last_ids = out[0]
         return out
 
@@ -440,14 +448,17 @@ class Engine:
             members[s] = r
         if not members:
             return None
-        want_top = np.array([any(r.params.logprobs for r in members.values())], np.int32)
+        rows = [(r.params.temperature, r.params.top_k, r.params.top_p) for r in members.values()]
+        flags = np.array([*sampling_flags(rows), any(r.params.logprobs for r in members.values())], np.int32)
+        if not flags[0]:
+            flags[1] = 0
         if self.cluster is not None:
             self.cluster.channel.send("decode", {
                 "use_prev": use_prev, "tokens": tokens, "positions": positions, "steps": steps,
                 "seeds": self._h_seed, "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp,
-                "want_top": want_top})
+                "flags": flags})
         out = self._run_decode(use_prev, tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk,
-                               self._h_topp, want_top)
+                               self._h_topp, flags)
         return _Inflight(out, members)
 
     def _step(self):
@@ -496,7 +507,7 @@ class Engine:
                     off += n
             elif kind == "decode":
                 self._run_decode(a["use_prev"], a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"],
-                                 a["topk"], a["topp"], a["want_top"])
+                                 a["topk"], a["topp"], a["flags"])
             else:
                 raise DistributedError(f"received an unknown step plan {kind!r} from process 0")
 
