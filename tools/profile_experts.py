@@ -43,10 +43,7 @@ for n in map(int, sys.argv[1].split(",")):
                 compiler_params=ge._compiler_params(blk, False))(be, xp, a, b)
         def kb(h, be, a, b, c):
             return pl.pallas_call(functools.partial(ge._down_kernel, blk=blk, f=F),
-                out_shape=jax.ShapeDtypeStruct((m, D), jnp.float32), grid=(nb, D // blk.bd),
-                compiler_params=ge._compiler_params(blk, False))(be, h, c).astype(h.dtype)[:, :F] if False else \
-                pl.pallas_call(functools.partial(ge._down_kernel, blk=blk, f=F),
-                out_shape=jax.ShapeDtypeStruct((m, D), jnp.float32), grid=(nb, D // blk.bd),
+                out_shape=jax.ShapeDtypeStruct((m, D), h.dtype), grid=(nb, D // blk.bd),
                 compiler_params=ge._compiler_params(blk, False))(be, h, c)
         def chain_a():
             @jax.jit

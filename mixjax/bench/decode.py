@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from mixjax.bench.experts import measure_hbm_bandwidth, measure_matmul_rate, timeit
-from mixjax.bench.layers import PRESETS, time_step
+from mixjax.bench.layers import PRESETS, add_decode_shape_args, time_step
 from mixjax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
@@ -174,11 +174,7 @@ def plot(path: str, result: dict):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--batch", default="1,8,32,128,256")
-    ap.add_argument("--ctx", type=int, default=1024)
+    add_decode_shape_args(ap, "1,8,32,128,256")
     ap.add_argument("--impl", default="grouped,dense", help="expert implementations to time, comma-separated")
     ap.add_argument("--prefill", default="", help="prompt lengths for the prefill measurement, e.g. 512,2048,8192")
     ap.add_argument("--peer", action="store_true", help="also time Hugging Face transformers (same shapes)")

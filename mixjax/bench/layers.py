@@ -39,6 +39,15 @@ PRESETS = {
 }
 
 
+def add_decode_shape_args(ap, batch: str = "1,8,32,128,256"):
+    """The model-shape and decode-shape options that bench.decode and its peer (bench.peer) share."""
+    ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--batch", default=batch)
+    ap.add_argument("--ctx", type=int, default=1024)
+
+
 def layer_config(preset: str, moe: bool) -> Qwen3MoeConfig:
     p = PRESETS[preset]
     return Qwen3MoeConfig(num_hidden_layers=1, norm_topk_prob=True, decoder_sparse_step=1,

@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 
-from mixjax.bench.layers import PRESETS
+from mixjax.bench.layers import PRESETS, add_decode_shape_args
 
 
 def main(argv=None):
@@ -24,11 +24,7 @@ def main(argv=None):
     from transformers import DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--batch", default="1,8,32,128")
-    ap.add_argument("--ctx", type=int, default=1024)
+    add_decode_shape_args(ap, "1,8,32,128")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
