@@ -5,6 +5,7 @@ current devices; validate its predictions against measured steps.
     python -m mixjax.plan --model qwen3-30b-a3b --cluster current        # this machine (calibration profile)
     python -m mixjax.plan calibrate [--mesh 2x4] [--out PATH] [--quick] [--plot PNG]
     python -m mixjax.plan validate [--model tiny] [--mesh 2x4,1x8] [--profile PATH] [--json OUT]
+    python -m mixjax.plan repredict RESULTS.json --profile PATH [--json OUT] [--md OUT]   # offline, no devices
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def _load_model(spec: str, weight_bytes: float | None):
     else:
         raise SystemExit(f"--model {spec!r} is neither a preset {sorted(MODEL_PRESETS)} nor a checkpoint directory")
     return cfg, (weight_bytes or wb)
+
+
+def _expert_impl(args, cl):
+    if args.impl != "mixjax":
+        return None
+    from mixjax.planner.cost import resolve_expert_impl  # noqa: PLC0415
+
+    return resolve_expert_impl(args.expert_impl, cl)
 
 
 def _fmt_ms(x):
@@ -92,6 +101,9 @@ def validate_main(argv) -> int:
                     help="calibrate first (same load conditions as the timings) and write the profile")
     ap.add_argument("--stat", choices=["min", "median"], help="statistic of the timed steps (default: the "
                                                                   "profile's: min on CPU hosts, median elsewhere)")
+    ap.add_argument("--expert-impl", default="auto", choices=["auto", "dense", "grouped", "grouped-interpret"],
+                    help="expert implementation of the timed models and of the prediction (default auto: "
+                         "ShardedModel's pick, grouped on GPU, dense elsewhere)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--md", help="write the results as markdown tables here")
     ap.add_argument("--no-progress", action="store_true")
@@ -107,19 +119,49 @@ def validate_main(argv) -> int:
                    dtype=args.dtype, profile=args.profile, iters=args.iters, rounds=args.rounds,
                    recalibrate=args.recalibrate, stat=args.stat,
                    strategies=args.strategies.split(",") if args.strategies else None, chunks=args.chunks,
-                   phases=tuple(args.phases.split(",")), progress=not args.no_progress)
+                   phases=tuple(args.phases.split(",")), expert_impl=args.expert_impl, progress=not args.no_progress)
     res["command"] = "python -m mixjax.plan validate " + " ".join(argv)
     print_report(res)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
-        print(f"results written to {args.json}")
-    if args.md:
+    _write_results(res, args.json, args.md)
+    return 0
+
+
+def _write_results(res: dict, json_path: str | None, md_path: str | None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(f"results written to {json_path}")
+    if md_path:
         from mixjax.planner.validate import to_markdown  # noqa: PLC0415
 
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(to_markdown(res) + "\n")
-        print(f"markdown written to {args.md}")
+        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(md_path).write_text(to_markdown(res) + "\n")
+        print(f"markdown written to {md_path}")
+
+
+def repredict_main(argv) -> int:
+    from mixjax.planner.calibrate import load_profile  # noqa: PLC0415
+    from mixjax.planner.validate import print_report, repredict  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m mixjax.plan repredict",
+                                 description="Recompute a saved validation's predictions with the current cost model "
+                                             "(its measured times and kernel counts kept); no devices needed.")
+    ap.add_argument("results", help="JSON written by `validate --json`")
+    ap.add_argument("--profile", required=True, help="the calibration profile the validation used")
+    ap.add_argument("--expert-impl", choices=["dense", "grouped", "grouped-interpret"],
+                    help="what the timed models ran (default: the results' record, else the profile platform's "
+                         "default: grouped on GPU, dense elsewhere)")
+    ap.add_argument("--json", help="write the re-predicted results here")
+    ap.add_argument("--md", help="write them as markdown tables here")
+    args = ap.parse_args(argv)
+    res = repredict(json.loads(Path(args.results).read_text()), load_profile(args.profile), args.expert_impl)
+    print_report(res)
+    print("\nbefore -> now (this cost model):")
+    for r in sorted(res["rows"], key=lambda r: (r["mesh"], r["phase"], r["measured_s"])):
+        print(f"  {r['mesh']:<5} {r['phase']:<8} {r['strategy']:<13} measured {r['measured_s'] * 1e3:8.3f} ms  "
+              f"predicted {r['predicted_before_s'] * 1e3:8.3f} ({r['rel_err_before']:+.0%}) -> "
+              f"{r['predicted_s'] * 1e3:8.3f} ({r['rel_err']:+.0%})")
+    _write_results(res, args.json, args.md)
     return 0
 
 
@@ -129,6 +171,8 @@ def main(argv=None) -> int:
         return calibrate_main(argv[1:])
     if argv[:1] == ["validate"]:
         return validate_main(argv[1:])
+    if argv[:1] == ["repredict"]:
+        return repredict_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m mixjax.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help=f"preset {sorted(MODEL_PRESETS)} or HF checkpoint directory")
@@ -137,7 +181,10 @@ def main(argv=None) -> int:
                          "else a built-in estimate) or 'profile:PATH'")
     ap.add_argument("--impl", default="ideal", choices=["ideal", "mixjax"],
                     help="ideal: the algorithms as published (paper tables); mixjax: this implementation's "
-                         "padded buffers and dense local experts")
+                         "padded buffers and its expert implementation (--expert-impl)")
+    ap.add_argument("--expert-impl", default="auto", choices=["auto", "dense", "grouped"],
+                    help="with --impl mixjax: the expert path to model (auto: what mixjax runs on the cluster's "
+                         "platform, grouped experts and flash-attention prefill on GPU, dense elsewhere)")
     ap.add_argument("--flat-collectives", action="store_true",
                     help="model collectives over node x gpu as a flat ring at network speed (first version)")
     ap.add_argument("--nodes", type=int)
@@ -168,20 +215,22 @@ def main(argv=None) -> int:
                   name=base.name)
     objective = args.objective or DEFAULT_OBJECTIVE[args.workload]
     slo = args.itl_slo_ms / 1e3 if args.itl_slo_ms else None
+    kw = {"expert_impl": args.expert_impl} if args.impl == "mixjax" else {}
     plans = rank_plans(cfg, cl, wl, objective, itl_slo=slo, wbytes=wbytes, sub_meshes=args.sub_meshes,
-                       chunks=args.chunks, impl=args.impl, hierarchical=not args.flat_collectives)
+                       chunks=args.chunks, impl=args.impl, hierarchical=not args.flat_collectives, **kw)
     chosen = next((p for p in plans if p.feasible), None)
     if args.json:
         out = {"model": args.model, "cluster": dataclasses.asdict(cl), "workload": dataclasses.asdict(wl),
                "objective": objective, "weight_bytes": wbytes, "calibrated": calibrated, "source": cl.source,
-               "impl": args.impl,
+               "impl": args.impl, "expert_impl": _expert_impl(args, cl),
                "chosen": chosen.to_dict() if chosen else None, "plans": [p.to_dict() for p in plans]}
         json.dump(out, sys.stdout, indent=1, default=float)
         print()
         return 0 if chosen else 1
     print(f"model {args.model}  cluster {cl.name} {cl.nodes}x{cl.gpus_per_node}  workload {wl.name}: batch "
           f"{wl.batch} prompt {wl.prompt} output {wl.output}  objective {objective}  weights {wbytes:g} B/elem")
-    print(f"hardware numbers: {cl.source}; {args.impl} mode")
+    print(f"hardware numbers: {cl.source}; {args.impl} mode"
+          + (f", {_expert_impl(args, cl)} experts" if args.impl == "mixjax" else ""))
     if not calibrated:
         print("predictions of an UNCALIBRATED cost model, not measurements")
     print()

@@ -345,3 +345,77 @@ def test_validate_smoke():
     row = res["rows"][0]
     assert row["measured_s"] > 0 and row["predicted_s"] > 0 and row["kernels"] > 0
     assert math.isfinite(row["rel_err"])
+
+
+# ---------------------------------------------------------------- grouped experts and flash attention (mixjax mode)
+def test_grouped_expert_cost_by_hand():
+    from mixjax.planner.cost import expected_blocks, grouped_expert_cost
+
+    # k = E: every token picks every expert, 40 rows each. choose_blocks(40 * 4 pairs, 4 experts): 40 rows per
+    # expert -> BM 32, ceil(40 / 32) = 2 blocks per expert: 8 blocks, 256 padded rows
+    g = grouped_expert_cost(d=64, f_l=32, e_l=4, num_experts=4, top_k=4, rows=40, tokens=40, wbytes=2, abytes=2)
+    assert (g["bm"], g["blocks"], g["padded_rows"], g["touched"]) == (32, 8, 256, 4)
+    assert g["flops"] == 2 * 3 * 64 * 32 * 256  # gate, up, down on every padded row
+    assert g["weight_bytes"] == 8 * 3 * 64 * 32 * 2  # each expert's weights once per row block
+    # 2 tokens, top-1 of 2 experts: c ~ Binomial(2, 1/2) per expert, BM 16; E[ceil(c / 16)] = P(c > 0) = 3/4
+    g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=2, tokens=2, wbytes=2, abytes=2)
+    assert g["bm"] == 16 and g["blocks"] == pytest.approx(1.5) and g["padded_rows"] == pytest.approx(24)
+    assert g["touched"] == pytest.approx(1.5)  # 2 (1 - (1/2)^2)
+    # E[ceil(c / 2)], c ~ Binomial(3, 1/2): P(1) 3/8 * 1 + P(2) 3/8 * 1 + P(3) 1/8 * 2
+    assert expected_blocks(3, 0.5, 2) == pytest.approx(3 / 8 + 3 / 8 + 2 / 8)
+    # an FFN slice too narrow for the kernels' tiles: mixjax falls back to the dense path
+    assert grouped_expert_cost(d=64, f_l=24, e_l=2, num_experts=2, top_k=1, rows=2, tokens=2, wbytes=2,
+                               abytes=2) is None
+
+
+def test_flash_attention_keys_by_hand():
+    from mixjax.planner.cost import flash_attention_work
+
+    # 128 queries from position 0 over a 128-slot cache, tiles 64 x 64: tile 0 reads 64 keys, tile 1 128
+    fa = flash_attention_work(seq=128, cache_len=128, start=0, head_dim=128, fresh=False)
+    assert (fa["bq"], fa["bk"], fa["key_rows"], fa["keys_read"]) == (64, 64, 64 * (64 + 128), 128)
+    # a 64-token chunk starting at position 64: its one tile sees all 128 slots
+    assert flash_attention_work(64, 128, 64, 128, fresh=False)["key_rows"] == 64 * 128
+    assert flash_attention_work(64, 120, 56, 128, fresh=False) is None  # cache not a multiple of 16: XLA
+
+
+def test_gpu_prefill_cost_has_no_dense_expert_flops():
+    cfg, _ = model_preset("qwen3-30b-a3b")
+    gpu = cluster_preset("h200-ib", 1, 1)
+    kw = dict(cfg=cfg, strategy=STRATEGIES["tp"], nodes=1, gpus=1, batch=4, seq=512, cache_len=512, wbytes=2,
+              abytes=2)
+    n, d, F, E = 4 * 512, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    dense_expert_time = 2 * 3 * d * F * E * n / gpu.peak_flops  # every expert on every row, at peak
+    pre = impl_step_cost(cl=gpu, **kw)
+    parts = pre["moe_layer_parts"]
+    assert pre["expert_impl"] == "grouped" and "experts" not in parts["compute"] and "grouped_experts" in parts["compute"]
+    assert parts["attention_path"] == "cudnn"  # a whole prompt from position 0, bf16, head_dim 128
+    assert pre["per_moe_layer"] < dense_expert_time / 2
+    # padded rows: 2048 tokens x top-8 over 128 experts = 128 rows per expert in blocks of 64
+    assert parts["grouped"]["bm"] == 64 and 2 * 128 * 64 < parts["grouped"]["padded_rows"] < 3 * 128 * 64
+    dense = impl_step_cost(cl=gpu, expert_impl="dense", **kw)
+    assert dense["moe_layer_parts"]["compute"]["experts"] >= dense_expert_time
+    # the same through evaluate: GPU cluster -> grouped, CPU cluster -> dense; ideal mode untouched
+    wl = Workload(batch=4, prompt=512, output=16)
+    assert evaluate(cfg, gpu, STRATEGIES["tp"], 1, 1, wl, impl="mixjax").breakdown["prefill"]["expert_impl"] == \
+        "grouped"
+    cpu = _cluster(nodes=1, gpus_per_node=1, platform="cpu")
+    assert evaluate(cfg, cpu, STRATEGIES["tp"], 1, 1, wl, impl="mixjax").breakdown["prefill"]["expert_impl"] == \
+        "dense"
+    assert evaluate(cfg, gpu, STRATEGIES["tp"], 1, 1, wl, expert_impl="dense").ttft == \
+        evaluate(cfg, gpu, STRATEGIES["tp"], 1, 1, wl).ttft
+
+
+def test_repredict_keeps_measurements():
+    from mixjax.planner.validate import repredict
+
+    prof = _synthetic_profile("gpu", "NVIDIA H200", 1, "1x1")
+    prof["compute"]["matmul_flops"] = {"bfloat16": 1e15}
+    row = dict(mesh="1x1", strategy="tp", phase="prefill", batch=2, seq=32, ctx=32, measured_s=1e-3,
+               measured_rel_spread=0.01, predicted_s=5e-3, rel_err=4.0, kernels=50)
+    res = {"model": {"name": "tiny", "layers": 1, "dtype": "bfloat16"}, "chunks": 2, "rows": [row, dict(row, strategy="ep")]}
+    out = repredict(res, prof)
+    r = out["rows"][0]
+    assert out["expert_impl"] == "grouped" and r["measured_s"] == 1e-3 and r["predicted_before_s"] == 5e-3
+    assert r["rel_err"] == pytest.approx(r["predicted_s"] / 1e-3 - 1) and r["predicted_s"] != 5e-3
+    assert out["summary"]["rankings"] == 1

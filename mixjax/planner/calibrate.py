@@ -621,7 +621,8 @@ def cluster_from_profile(prof: dict, nodes: int | None = None, gpus: int | None 
         mm_half_width=float(c.get("matmul_half_width", {}).get(dtype, 0.0)),
         relayout_bw=float(c.get("relayout_bw", 0.0)),
         collectives=fits, calib_mesh=(pn, pg), op_overhead=float(c.get("op_overhead_s", 0.0)),
-        step_overhead=float(c.get("step_overhead_s", 0.0)), source=src, **links)
+        step_overhead=float(c.get("step_overhead_s", 0.0)), source=src,
+        platform=prof["platform"], **links)
 
 
 def builtin_cluster(platform: str, device_kind: str, n_devices: int, nodes: int, gpus: int,
@@ -631,13 +632,15 @@ def builtin_cluster(platform: str, device_kind: str, n_devices: int, nodes: int,
     name = nameplate_for(device_kind) if platform != "cpu" else None
     if name:
         cl = CLUSTER_PRESETS[name].with_shape(nodes, gpus)
-        return dataclasses.replace(cl, source=f"nameplate {name} numbers for {device_kind}{why}")
+        return dataclasses.replace(cl, source=f"nameplate {name} numbers for {device_kind}{why}", platform=platform)
     if platform != "cpu":
         cl = CLUSTER_PRESETS["h100-ib"].with_shape(nodes, gpus)
-        return dataclasses.replace(cl, source=f"unknown device {device_kind!r}: nameplate h100-ib numbers{why}")
+        return dataclasses.replace(cl, source=f"unknown device {device_kind!r}: nameplate h100-ib numbers{why}",
+                                   platform=platform)
     mem = device_memory_bytes_cpu(n_devices)
     return ClusterSpec(name="cpu-estimate", nodes=nodes, gpus_per_node=gpus, hbm_bytes=mem,
-                       source=f"built-in CPU estimate (order of magnitude, not measured){why}", **CPU_ESTIMATE)
+                       source=f"built-in CPU estimate (order of magnitude, not measured){why}", platform="cpu",
+                       **CPU_ESTIMATE)
 
 
 def device_memory_bytes_cpu(n_devices: int) -> float:

@@ -3,9 +3,13 @@
 Two modes (`impl`):
 - "ideal": the algorithms as the paper describes them (touched experts only, exact-size all-to-all messages,
   logits for the last position only); used for the paper-setting tables.
-- "mixjax": what this implementation's compiled step does (every local expert on every received row, padded
-  dispatch buffers as `dispatch_bytes` / `fused_bytes` count them, float32 gate buffers, logits for every
-  position, attention over the whole cache); used by `auto_plan` and by validation against measured steps.
+- "mixjax": what this implementation's compiled step does: padded dispatch buffers as `dispatch_bytes` /
+  `fused_bytes` count them, float32 gate buffers, and the expert implementation ShardedModel runs on the target
+  platform (`expert_impl`, as mixjax.sharding.runner.resolve_expert_impl picks it: "grouped" on GPU, "dense"
+  elsewhere). Dense: every local expert on every received row, attention over the whole cache (XLA). Grouped:
+  only the touched (row, expert) pairs, in row blocks of one expert each (mixjax.kernels.grouped_experts), and
+  flash attention for prompts (mixjax.kernels.flash_attention). Used by `auto_plan` and by validation against
+  measured steps.
 
 Hardware numbers come from a ClusterSpec: nameplate presets, or a calibration profile of the current devices
 (mixjax.planner.calibrate), whose per-link, per-collective alpha/beta fits replace the link defaults.
@@ -374,15 +378,110 @@ def _mm_rate(cl: ClusterSpec, width: float) -> float:
 
 
 
+EXPERT_IMPLS = ("dense", "grouped", "grouped-interpret")
+
+
+def resolve_expert_impl(expert_impl: str | None, cl: ClusterSpec) -> str:
+    """The expert implementation mixjax runs on `cl`: None / "auto" -> what ShardedModel's "auto" picks on the
+    cluster's platform (mixjax.sharding.runner.resolve_expert_impl): "grouped" on GPU, "dense" elsewhere."""
+    if expert_impl in (None, "auto"):
+        return "grouped" if cl.platform == "gpu" else "dense"
+    if expert_impl not in EXPERT_IMPLS:
+        raise ValueError(f"unknown expert implementation {expert_impl!r}; choose one of {EXPERT_IMPLS} or 'auto'")
+    return expert_impl
+
+
+def expected_blocks(tokens: float, p: float, bm: int) -> float:
+    """E[ceil(c / bm)] for c ~ Binomial(tokens, p): the row blocks of `bm` rows one expert owns in the grouped
+    layout when each of `tokens` tokens picks it with probability p (uniform routing: p = k / E)."""
+    n = int(round(tokens))
+    if n <= 0 or p <= 0:
+        return 0.0
+    if p >= 1:
+        return float(-(-n // bm))
+    mean, sd = n * p, math.sqrt(n * p * (1 - p))
+    lo, hi = max(1, int(mean - 12 * sd) - 1), min(n, int(mean + 12 * sd) + 1)
+    lp, lq, lg = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return sum(math.exp(lg - math.lgamma(c + 1) - math.lgamma(n - c + 1) + c * lp + (n - c) * lq) * -(-c // bm)
+               for c in range(lo, hi + 1))
+
+
+def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k: int, rows: int, tokens: float,
+                        wbytes: float, abytes: float) -> dict | None:
+    """Work of `grouped_swiglu` (mixjax.kernels.grouped_experts) on one device: `rows` input rows (the static
+    shape: received buffer) of which `tokens` are real tokens, `e_l` local experts of FFN width `f_l`.
+    None when `choose_blocks` refuses the shape (mixjax then runs the dense path).
+
+    Block size BM from choose_blocks(rows * k, ...) as the kernel picks it; expected row blocks per expert
+    E[ceil(c / BM)], c ~ Binomial(tokens, k / E); padded rows = BM * blocks. Kernel A (gate/up) and kernel B
+    (down) read each touched expert's weight tiles once per row block of that expert (L2 reuse between blocks
+    not counted) and do 2 * 3 d F_l FLOPs per padded row, matmuls BM rows wide. Around them: the layout step
+    (top-k of the float32 gates, counts, a sort of the pairs, scatters; the gather of x into the padded buffer
+    of the static size M) and the combine (a gather of [rows, k, d] expert outputs, float32, and a weighted
+    sum)."""
+    from mixjax.kernels.grouped_experts import choose_blocks  # noqa: PLC0415
+
+    if f_l != int(f_l) or e_l != int(e_l):
+        return None
+    e_l, f_l = int(e_l), int(f_l)
+    k = min(top_k, e_l)
+    pairs_static = rows * k
+    blk = choose_blocks(pairs_static, e_l, d, f_l)
+    if blk is None:
+        return None
+    bm = blk.bm
+    p = top_k / num_experts  # probability that a token picks a given expert
+    blocks = e_l * expected_blocks(tokens, p, bm)
+    padded = bm * blocks
+    touched = e_l * (1 - (1 - p) ** tokens) if tokens > 0 else 0.0
+    m_static = (-(-pairs_static // bm) + min(e_l, pairs_static)) * bm  # rows of the padded buffer (static)
+    ab, wb, f32, i32 = abytes, wbytes, 4, 4
+    layout = (rows * e_l * f32 + rows * k * (f32 + i32)  # top-k over the gate matrix
+              + 10 * pairs_static * i32 + m_static * i32  # counts, sort, ranks, destination / source scatters
+              + rows * d * ab + m_static * d * ab)  # x gathered into the padded [M, d] buffer
+    kernels = (blocks * 3 * d * f_l * wb  # weight tiles, once per row block
+               + padded * d * ab  # x rows (kernel A)
+               + 2 * padded * f_l * ab  # h written by A, read by B
+               + padded * d * ab)  # y written by B (x's dtype)
+    combine = rows * k * (d * ab + 2 * d * f32 + i32 + f32) + rows * d * ab
+    return {"bm": bm, "blocks": blocks, "padded_rows": padded, "touched": touched,
+            "pairs": tokens * top_k * e_l / num_experts, "flops": 2 * 3 * d * f_l * padded,
+            "mm_width": min(bm, d, f_l), "weight_bytes": blocks * 3 * d * f_l * wb,
+            "layout_bytes": layout, "kernel_bytes": kernels, "combine_bytes": combine}
+
+
+def flash_attention_work(seq: int, cache_len: int, start: int, head_dim: int, fresh: bool) -> dict | None:
+    """Keys the prompt attends to in mixjax.kernels.flash_attention's tiling, or None when it does not tile
+    (XLA's attention then runs). Query tile i (BQ queries, the last padded) walks the keys in blocks of BK up to
+    its last position: keys_i = BK * min(last_i // BK + 1, ceil(S / BK)); S = the cache (Triton kernel) or, for a
+    prompt starting at position 0 on GPU (`fresh`: cuDNN on the chunk's own K/V), the prompt itself."""
+    from mixjax.kernels.flash_attention import tiles_for  # noqa: PLC0415
+
+    tiles = tiles_for(seq, cache_len, head_dim)
+    if tiles is None:
+        return None
+    bq, bk = tiles[0], tiles[1]
+    s_len = seq if fresh else cache_len
+    p0 = 0 if fresh else start
+    nb = -(-s_len // bk)
+    tile_keys = [bk * min((p0 + min((i + 1) * bq, seq) - 1) // bk + 1, nb) for i in range(-(-seq // bq))]
+    return {"bq": bq, "bk": bk, "query_rows": bq * len(tile_keys), "key_rows": bq * sum(tile_keys),
+            "keys_read": min(s_len, max(tile_keys)), "fresh": fresh}
+
+
 def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, batch: int, seq: int,
                    cache_len: int, wbytes: float, abytes: float = 2, chunks: int = 2, kernels: int | None = None,
-                   hierarchical: bool = True, fused_overlap: bool = True) -> dict:
+                   hierarchical: bool = True, fused_overlap: bool = True, expert_impl: str | None = None,
+                   start: int | None = None, logits: str = "all") -> dict:
     """Time of one `ShardedModel.forward` of `batch` sequences x `seq` new tokens with a KV cache of `cache_len`
     slots, as mixjax implements it (see the module docstring). Compute per block is a roofline over the FLOPs
     and the bytes the block's arrays occupy, counting the passes the implementation makes over its large
     intermediates; collectives use the padded buffer sizes of mixjax.sharding.dispatch / fused.
     `kernels`: kernels the compiled step launches (from its HLO), charged cl.op_overhead each, plus one
-    cl.step_overhead per call; None (no compiled program at hand): neither is charged."""
+    cl.step_overhead per call; None (no compiled program at hand): neither is charged.
+    expert_impl: "dense", "grouped" (or "grouped-interpret"), or None / "auto": the platform's default.
+    start: position of the first new token (default cache_len - seq, as validation and the benchmarks place it).
+    logits: "all" (ShardedModel.forward: every position) or "last" (forward_last, the server's prefill)."""
     sizes = {NODE: nodes, GPU: gpus}
 
     def sz(axes):
@@ -399,6 +498,11 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
     L = cfg.num_hidden_layers
     n_moe = sum(1 for i in range(L) if cfg.is_moe_layer(i))
     flops_rate, bw = cl.peak_flops, cl.hbm_bw
+    impl = resolve_expert_impl(expert_impl, cl)
+    pallas = {"grouped": "gpu", "grouped-interpret": "interpret"}.get(impl)  # as ParallelContext.pallas
+    p0 = cache_len - seq if start is None else start
+    if logits not in ("all", "last"):
+        raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
 
     relayout_bw = cl.relayout_bw or bw
 
@@ -426,6 +530,17 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
               + 2 * y)  # y written, and read by the gate-weighted sum
         comp(parts, "experts", mm, fl=2 * e_l * rows * d, by=by, relayout=2 * y)  # y re-laid out once
 
+    def moe_experts(parts, rows, tokens, e_l, f_l):
+        """The routed experts on `rows` input rows carrying `tokens` real tokens: grouped or dense."""
+        g = grouped_expert_cost(d, f_l, e_l, E, cfg.num_experts_per_tok, rows, tokens, wb, ab) if pallas else None
+        if g is None:
+            experts(parts, rows, e_l, f_l)
+            return
+        comp(parts, "expert_layout", by=g["layout_bytes"])
+        comp(parts, "grouped_experts", [(g["flops"], g["mm_width"])], by=g["kernel_bytes"])
+        comp(parts, "expert_combine", by=g["combine_bytes"])
+        parts["grouped"] = {k: g[k] for k in ("bm", "blocks", "padded_rows", "touched", "pairs")}
+
     def attention(parts):
         if hasattr(cfg, "kv_lora_rank"):  # MLA: the cached latent is expanded to every head's K and V each step
             sz_ = _sizes(cfg)
@@ -443,13 +558,31 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
             hd, h_l = cfg.head_dim, cfg.num_attention_heads / a
             kv_l = kv_heads_stored(cfg.num_key_value_heads, cfg.num_attention_heads, a) / a
             mm = [(2 * n * d * h_l * hd * 2, min(n, d, h_l * hd)), (2 * n * d * kv_l * hd * 2, min(n, d, kv_l * hd))]
+            proj_by = (2 * d * h_l * hd + 2 * d * kv_l * hd) * wb + 2 * n * (d + 2 * h_l * hd + 4 * kv_l * hd) * ab
+            # the new K and V rows go into the heads-major cache [B, kv, S, D]: [B, T, kv, D] -> [B, kv, T, D] is
+            # a copy when T > 1 and kv > 1 (a bitcast otherwise)
+            relayout = 2 * 2 * n * kv_l * hd * ab if seq > 1 and kv_l > 1 else 0.0
+            fresh = pallas == "gpu" and ab == 2 and hd in (64, 128) and p0 == 0  # prefill_attention's cuDNN case
+            fa = flash_attention_work(seq, cache_len, p0, hd, fresh) if pallas and seq > 1 else None
+            if fa:  # flash attention: causal FLOPs per query tile, no score matrix in memory
+                # matmul width: the Triton kernel's tiles are BQ x BK; cuDNN's fused kernel is taken as head_dim wide
+                width = hd if fresh else min(fa["bq"], fa["bk"], hd)
+                mm.append((2 * 2 * B * h_l * fa["key_rows"] * hd, width))
+                # K and V up to the last visible key, once per (row, KV head): the query tiles and the heads of a
+                # group read the same blocks (L2)
+                by = proj_by + 2 * B * kv_l * fa["keys_read"] * hd * ab
+                parts["attention_path"] = "cudnn" if fresh else "flash"
+                comp(parts, "attention", mm, by=by, relayout=relayout)
+                return
             fl = 2 * 2 * n * h_l * cache_len * hd  # QK^T and PV over every cache slot (masked)
             cache = B * cache_len * kv_l * hd * ab  # K (or V) on this device
-            by = ((2 * d * h_l * hd + 2 * d * kv_l * hd) * wb + 2 * cache  # K and V read by the dots
-                  + 4 * B * h_l * seq * cache_len * f32  # scores: written, masked/softmaxed, read
-                  + 2 * n * (d + 2 * h_l * hd + 4 * kv_l * hd) * ab)
-            # K is laid out [B, kv, D, S] for the score dot (read + write); V, [B, S, kv, D], only when kv > 1
-            relayout = 2 * cache * (2 if kv_l > 1 else 1)
+            by = (proj_by + 2 * cache  # K and V read by the dots
+                  + 4 * B * h_l * seq * cache_len * f32)  # scores: written, masked/softmaxed, read
+            # The dots read the heads-major cache as it is, except that XLA:CPU copies K into [B, kv, D, S] for
+            # the score dot when a device holds one KV head (seen in the compiled CPU programs)
+            if cl.platform == "cpu" and kv_l == 1:
+                relayout += 2 * cache
+            parts["attention_path"] = "xla"
         comp(parts, "attention", mm, fl=fl, by=by, relayout=relayout)
 
     def layer(moe: bool):
@@ -467,8 +600,8 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
         if not strategy.fused:
             coll(parts, "attn_allreduce", "all_reduce", strategy.attn_tp, n * d * ab)
             comp(parts, "router", [(2 * n * d * E, min(n, d, E))], by=d * E * wb + 4 * n * E * f32)
-            if not strategy.moe_ep:  # pure TP: every device runs every expert on every token, F split
-                experts(parts, n, E, F / mt)
+            if not strategy.moe_ep:  # pure TP: every device holds every expert, F split
+                moe_experts(parts, n, n, E, F / mt)
                 coll(parts, "moe_allreduce", "all_reduce", strategy.moe_tp, n * d * ab)
             else:
                 split = tuple(x for x in strategy.attn_tp if x in strategy.moe_ep)
@@ -479,7 +612,7 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
                 comp(parts, "dispatch_pack", by=3 * (buf_x + buf_g) + n * ep * d * ab)
                 coll(parts, "dispatch_a2a", "all_to_all", strategy.moe_ep, buf_x)
                 coll(parts, "gates_a2a", "all_to_all", strategy.moe_ep, buf_g)
-                experts(parts, ep * cap, e_l, F / mt)
+                moe_experts(parts, ep * cap, ep * n / ps, e_l, F / mt)
                 if strategy.moe_tp:
                     coll(parts, "expert_tp_allreduce", "all_reduce", strategy.moe_tp, ep * cap * d * ab)
                 coll(parts, "combine_a2a", "all_to_all", strategy.moe_ep, buf_x)
@@ -518,7 +651,7 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
         for _ in range(c):
             comp(parts, "router", [(2 * rows * d * E, min(rows, d, E))], by=d * E * wb + 4 * rows * E * f32)
             comp(parts, "dispatch_pack", by=3 * (buf_x + buf_g) + rows * nn * d * ab)
-            experts(parts, g * nn * rows, e_l, F / g)
+            moe_experts(parts, g * nn * rows, g * nn * rows, e_l, F / g)
             comp(parts, "combine_unpack", by=3 * buf_x + rows * nn * d * f32)
             if shared_w:
                 sw = shared_w / g
@@ -535,7 +668,9 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
     top = new_parts()
     comp(top, "embed", by=2 * n * d * ab)
     coll(top, "embed_allreduce", "all_reduce", strategy.attn_tp, n * d * ab)
-    comp(top, "lm_head", [(2 * n * d * V_l, min(n, d, V_l))], by=d * V_l * wb + n * V_l * f32 + n * d * ab)
+    n_head = B if logits == "last" else n  # rows reaching the LM head
+    comp(top, "lm_head", [(2 * n_head * d * V_l, min(n_head, d, V_l))],
+         by=d * V_l * wb + n_head * V_l * f32 + n_head * d * ab)
     overhead = 0.0 if kernels is None else cl.step_overhead + kernels * cl.op_overhead
     t_moe, t_dense, t_top = total(moe_parts), total(dense_parts), total(top)
     tot = n_moe * t_moe + (L - n_moe) * t_dense + t_top + overhead
@@ -544,6 +679,7 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
     return {"total": tot, "per_moe_layer": t_moe, "dense_layer": t_dense, "top": t_top, "overhead": overhead,
             "comm": comm, "compute": tot - comm - overhead, "kernels": kernels,
             "moe_layer_parts": moe_parts, "dense_layer_parts": dense_parts, "top_parts": top,
+            "expert_impl": impl, "logits": logits,
             "degrees": {"attn_tp": a, "attn_dp": dp, "moe_tp": mt, "moe_ep": ep}}
 
 
@@ -572,9 +708,13 @@ def memory_per_device(cfg, strategy: Strategy, nodes: int, gpus: int, wl: Worklo
 
 
 def evaluate(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, wl: Workload,
-             wbytes: float = 2.0, abytes: float = 2.0, chunks: int = 0, impl: str = "ideal", **model_kw) -> Plan:
+             wbytes: float = 2.0, abytes: float = 2.0, chunks: int = 0, impl: str = "ideal",
+             expert_impl: str | None = None, **model_kw) -> Plan:
     """Score one plan. impl="ideal" (paper algorithms) or "mixjax" (this implementation; chunks=0 -> the
-    implementation's default of 2). model_kw go to step_cost / impl_step_cost (hierarchical, overlap...)."""
+    implementation's default of 2; expert_impl: None -> the cluster platform's default, see
+    resolve_expert_impl; ignored in ideal mode). The mixjax-mode TTFT is the server's prefill: the prompt from
+    position 0, logits for the last position only (ShardedModel.forward_last). model_kw go to step_cost /
+    impl_step_cost (hierarchical, overlap...)."""
     plan = Plan(strategy.name, nodes, gpus, feasible=False, reason="")
     problem = layout_problem(cfg, nodes, gpus, strategy)
     mem = memory_per_device(cfg, strategy, nodes, gpus, wl, wbytes, abytes)
@@ -589,9 +729,9 @@ def evaluate(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: int, wl
             return plan
         ctx = wl.prompt + wl.output
         pre = impl_step_cost(cfg, cl, strategy, nodes, gpus, wl.batch, wl.prompt, ctx, wbytes, abytes,
-                             chunks or 2, **model_kw)
+                             chunks or 2, expert_impl=expert_impl, start=0, logits="last", **model_kw)
         dec = impl_step_cost(cfg, cl, strategy, nodes, gpus, wl.batch, 1, ctx, wbytes, abytes, chunks or 2,
-                             **model_kw)
+                             expert_impl=expert_impl, **model_kw)
     elif impl == "ideal":
         pre = step_cost(cfg, cl, strategy, nodes, gpus, wl.batch * wl.prompt, wl.batch, wl.prompt, "prefill",
                         wbytes, abytes, chunks, **model_kw)

@@ -79,6 +79,7 @@ class ClusterSpec:
     op_overhead: float = 0.0  # s per kernel launched inside a step (used when a kernel count is known)
     step_overhead: float = 0.0  # s per jitted call
     source: str = "nameplate"  # where the numbers come from, for reports
+    platform: str = "gpu"  # jax platform of the devices ("gpu", "cpu", ...): mixjax's default expert path there
 
     def coll_params(self, link: str, kind: str) -> tuple[float, float] | None:
         """(alpha, bw) of a collective on a link: the calibrated fit if there is one, else the link's numbers

@@ -48,13 +48,15 @@ def rank_plans(cfg, cl: ClusterSpec, wl: Workload, objective: str = "throughput"
 
 
 def auto_plan(cfg, mesh, cluster: str | ClusterSpec | None = None, workload: str | Workload = "decode",
-              objective: str = "throughput", impl: str = "mixjax", wbytes: float = 2.0) -> tuple[str, str]:
+              objective: str = "throughput", impl: str = "mixjax", wbytes: float = 2.0,
+              expert_impl: str = "auto") -> tuple[str, str]:
     """Strategy for mixjax.LLM(strategy="auto") on a given jax Mesh: the best plan among those check_layout
     admits, scored in `impl` mode ("mixjax": this implementation's buffers and expert path).
 
     cluster: None -> the current devices (their calibration profile if one exists, else a built-in estimate,
     see mixjax.planner.calibrate.current_cluster), a preset name, 'profile:PATH', or a ClusterSpec. The reason
-    says which numbers were used."""
+    says which numbers were used. expert_impl: "auto" -> what ShardedModel picks on the mesh's devices (on a
+    mesh without devices, the cluster platform's default)."""
     from mixjax.planner.calibrate import current_cluster, resolve_cluster  # noqa: PLC0415
 
     nodes, gpus = int(mesh.shape["node"]), int(mesh.shape["gpu"])
@@ -65,7 +67,12 @@ def auto_plan(cfg, mesh, cluster: str | ClusterSpec | None = None, workload: str
     else:
         cl = resolve_cluster(cluster, nodes, gpus)
     wl = WORKLOADS[workload] if isinstance(workload, str) else workload
-    plans = [p for p in rank_plans(cfg, cl, wl, objective, wbytes=wbytes, impl=impl, abytes=wbytes)
+    if expert_impl == "auto" and getattr(mesh, "devices", None) is not None:
+        from mixjax.sharding.runner import resolve_expert_impl  # noqa: PLC0415
+
+        expert_impl = resolve_expert_impl("auto", mesh)
+    kw = {"expert_impl": expert_impl} if impl == "mixjax" else {}
+    plans = [p for p in rank_plans(cfg, cl, wl, objective, wbytes=wbytes, impl=impl, abytes=wbytes, **kw)
              if not p.reason.startswith("layout")]
     if not plans:
         from mixjax.sharding.mesh import LayoutError  # noqa: PLC0415

@@ -6,10 +6,15 @@
 For each mesh and each strategy the mesh admits, it builds a model of the given shapes with random weights,
 times a decode step (batch x 1 new token, KV cache of --ctx slots) and a prefill step (prefill-batch x
 prefill-len tokens) on the current devices (`mixjax.bench.layers.time_step`: median of --iters after warm-up),
-and computes the planner's prediction for the same shapes in "mixjax" mode (padded dispatch buffers, dense
-local experts, ...) with the calibrated profile. The one input the prediction takes from the compiled program
-is its kernel count (from the HLO), charged at the profile's measured per-kernel cost; the rest is the cost
-model. It reports predicted vs measured, relative error, and whether the ranking of strategies matches.
+and computes the planner's prediction for the same shapes in "mixjax" mode (padded dispatch buffers, the expert
+implementation the models were built with: --expert-impl, default "auto" = grouped on GPU, dense elsewhere) with
+the calibrated profile. The one input the prediction takes from the compiled program is its kernel count (from
+the HLO), charged at the profile's measured per-kernel cost; the rest is the cost model. It reports predicted vs
+measured, relative error, and whether the ranking of strategies matches. The timed step is
+`ShardedModel.forward` (logits for every position), and the prediction charges the same.
+
+`repredict` recomputes the predictions of a saved validation (its measured times and kernel counts) with the
+current cost model, offline: `python -m mixjax.plan repredict RESULTS.json --profile PROFILE.json`.
 """
 
 from __future__ import annotations
@@ -89,14 +94,14 @@ def _config(model: str, layers: int):
     raise SystemExit(f"--model {model!r}: neither a bench preset ({sorted(PRESETS)}) nor a config directory")
 
 
-def _build(cfg, mesh, strategy: str, dtype, chunks: int):
+def _build(cfg, mesh, strategy: str, dtype, chunks: int, expert_impl: str = "auto"):
     from flax import nnx  # noqa: PLC0415
 
     from mixjax.models import model_class  # noqa: PLC0415
     from mixjax.sharding.runner import ShardedModel  # noqa: PLC0415
     from mixjax.sharding.strategies import STRATEGIES  # noqa: PLC0415
 
-    model = ShardedModel(cfg, mesh, STRATEGIES[strategy], dtype=dtype, fused_chunks=chunks)
+    model = ShardedModel(cfg, mesh, STRATEGIES[strategy], dtype=dtype, fused_chunks=chunks, expert_impl=expert_impl)
     real = model_class(cfg)(cfg, tp=model.par.attn_tp_size, vocab_padded=model.vocab_padded, dtype=dtype,
                             rngs=nnx.Rngs(0))
     return model.set_state(nnx.state(real))
@@ -139,7 +144,8 @@ def default_meshes(n_devices: int) -> list[str]:
 def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64, ctx: int = 128,
              prefill_batch: int = 8, prefill_len: int = 32, dtype: str | None = None, profile: str | None = None,
              iters: int = 12, rounds: int = 4, strategies=None, chunks: int = 2, phases=("decode", "prefill"),
-             recalibrate: bool = False, stat: str | None = None, progress: bool = True, log=print) -> dict:
+             recalibrate: bool = False, stat: str | None = None, expert_impl: str = "auto", progress: bool = True,
+             log=print) -> dict:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -187,6 +193,11 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
                 skipped.append({"mesh": m, "strategy": s, "reason": f"batch not a multiple of DP degree {dp}"})
                 continue
             jobs.append((m, nodes, gpus, mesh, s))
+    from mixjax.sharding.runner import resolve_expert_impl  # noqa: PLC0415
+
+    # the models and the cost model use the same expert implementation ("auto": ShardedModel's per-platform pick,
+    # $MIXJAX_EXPERTS included)
+    impl = resolve_expert_impl(expert_impl, make_mesh(meshes[0], devices))
     t_start = time.perf_counter()
     # build and compile everything first, then time in interleaved rounds, so that a change in the machine's
     # load (other processes) shifts every strategy alike instead of whichever ran at the time
@@ -194,7 +205,7 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
     bar = tqdm(jobs, desc="build + compile", disable=not progress, leave=False)
     for m, nodes, gpus, mesh, s in bar:
         bar.set_postfix_str(f"{m} {s}")
-        sm = _build(cfg, mesh, s, jdtype, chunks)
+        sm = _build(cfg, mesh, s, jdtype, chunks, impl)
         for ph in phases:
             b, q, c = shapes[ph]
             k = count_kernels(sm.lower_forward(b, q, c).compile().as_text())
@@ -214,7 +225,7 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
         meas = lo if stat == "min" else med
         pred = impl_step_cost(cfg, cl, STRATEGIES[r.strategy], r.nodes, r.gpus, r.batch, r.seq, r.ctx,
                               wbytes=jdtype.itemsize, abytes=jdtype.itemsize, chunks=chunks,
-                              kernels=r.kernels["kernels"])
+                              kernels=r.kernels["kernels"], expert_impl=impl, logits="all")
         rows.append({
             "mesh": r.mesh, "strategy": r.strategy, "phase": r.phase, "batch": r.batch, "seq": r.seq,
             "ctx": r.ctx, "measured_s": meas, "measured_median_s": med, "measured_min_s": lo,
@@ -226,6 +237,25 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
             "collectives": r.kernels["collectives"],
         })
     runs.clear()
+    out = _summarise(rows, meshes, phases)
+    out = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m mixjax.plan validate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["validate"]
+        else None,
+        "device": f"{dev.device_kind} x{len(devices)} ({dev.platform})", "jax_version": jax.__version__,
+        "profile": prof.get("_path"), "profile_date": prof["date"], "profile_mesh": prof["mesh"],
+        "model": {"name": model, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+                  "experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok, "dtype": dtype},
+        "expert_impl": impl, "timed": "ShardedModel.forward (logits for every position)",
+        "shapes": {ph: dict(zip(("batch", "seq", "ctx"), shapes[ph])) for ph in phases},
+        "chunks": chunks, "iters": iters, "rounds": rounds, "statistic": stat,
+        "seconds": round(time.perf_counter() - t_start, 1), "skipped": skipped, **out,
+    }
+    return out
+
+
+def _summarise(rows, meshes, phases) -> dict:
+    """The rows, the rankings per (mesh, phase) (and over all meshes when there are several), the error summary."""
     rankings = []
     groups = [(m, ph) for m in meshes for ph in phases] + [("all", ph) for ph in phases] if len(meshes) > 1 else \
         [(m, ph) for m in meshes for ph in phases]
@@ -238,23 +268,50 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
                               [r["measured_rel_spread"] for r in sel])
         rankings.append(dict(mesh=m, phase=ph, **rk))
     errs = [abs(r["rel_err"]) for r in rows]
-    out = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m mixjax.plan validate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["validate"]
-        else None,
-        "device": f"{dev.device_kind} x{len(devices)} ({dev.platform})", "jax_version": jax.__version__,
-        "profile": prof.get("_path"), "profile_date": prof["date"], "profile_mesh": prof["mesh"],
-        "model": {"name": model, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
-                  "experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok, "dtype": dtype},
-        "shapes": {ph: dict(zip(("batch", "seq", "ctx"), shapes[ph])) for ph in phases},
-        "chunks": chunks, "iters": iters, "rounds": rounds, "statistic": stat,
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "rows": rows, "skipped": skipped, "rankings": rankings,
-        "summary": {"median_abs_rel_err": statistics.median(errs) if errs else None,
-                    "max_abs_rel_err": max(errs) if errs else None,
-                    "rankings_exact": sum(r["exact"] for r in rankings), "rankings": len(rankings),
-                    "best_match": sum(r["best_match"] for r in rankings)},
-    }
+    return {"rows": rows, "rankings": rankings,
+            "summary": {"median_abs_rel_err": statistics.median(errs) if errs else None,
+                        "max_abs_rel_err": max(errs) if errs else None,
+                        "rankings_exact": sum(r["exact"] for r in rankings), "rankings": len(rankings),
+                        "best_match": sum(r["best_match"] for r in rankings)}}
+
+
+def repredict(res: dict, prof: dict, expert_impl: str | None = None) -> dict:
+    """A saved validation `res` with its predictions recomputed by the current cost model (same measured times,
+    kernel counts, shapes and profile `prof`), offline. expert_impl: what the timed models ran (default: the
+    result's own record, else the profile platform's default: grouped on GPU). Each row keeps its old prediction
+    as `predicted_before_s` / `rel_err_before`."""
+    import copy  # noqa: PLC0415
+
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from mixjax.planner.calibrate import cluster_from_profile  # noqa: PLC0415
+    from mixjax.planner.cost import impl_step_cost, resolve_expert_impl  # noqa: PLC0415
+    from mixjax.sharding.mesh import parse_mesh_shape  # noqa: PLC0415
+    from mixjax.sharding.strategies import STRATEGIES  # noqa: PLC0415
+
+    out = copy.deepcopy(res)
+    m = res["model"]
+    cfg = _config(m["name"], m["layers"])
+    dt = jnp.dtype(m["dtype"])
+    mm_dtype = m["dtype"] if m["dtype"] in prof["compute"]["matmul_flops"] else None
+    impl = expert_impl or res.get("expert_impl")
+    for r in out["rows"]:
+        nodes, gpus = parse_mesh_shape(r["mesh"])
+        cl = cluster_from_profile(prof, nodes, gpus, mm_dtype)
+        impl_r = resolve_expert_impl(impl, cl)
+        pred = impl_step_cost(cfg, cl, STRATEGIES[r["strategy"]], nodes, gpus, r["batch"], r["seq"], r["ctx"],
+                              wbytes=dt.itemsize, abytes=dt.itemsize, chunks=res.get("chunks", 2),
+                              kernels=r["kernels"], expert_impl=impl_r, logits="all")
+        r["predicted_before_s"], r["rel_err_before"] = r["predicted_s"], r["rel_err"]
+        r.update(predicted_s=pred["total"], rel_err=pred["total"] / r["measured_s"] - 1,
+                 predicted_compute_s=pred["compute"], predicted_comm_s=pred["comm"],
+                 predicted_overhead_s=pred["overhead"])
+        out["expert_impl"] = impl_r
+    meshes = list(dict.fromkeys(r["mesh"] for r in out["rows"]))
+    phases = list(dict.fromkeys(r["phase"] for r in out["rows"]))
+    out.update(_summarise(out["rows"], meshes, phases))
+    out["repredicted"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "profile_date": prof["date"], "expert_impl": out.get("expert_impl")}
     return out
 
 
@@ -297,12 +354,22 @@ def to_markdown(res: dict) -> str:
            + "; ".join(f"{ph}: batch {v['batch']} x {v['seq']} new tokens, KV cache {v['ctx']}"
                        for ph, v in res["shapes"].items())
            + f". Measured: {res['statistic']} of {res['iters']} steps in {res['rounds']} interleaved rounds.",
-           f"Command: `{res['command']}`", "",
-           "| mesh | phase | strategy | measured ms | IQR | predicted ms | error | predicted compute / comm / "
-           "kernels ms | kernels |", "|---|---|---|---:|---:|---:|---:|---|---:|"]
+           f"Command: `{res['command']}`"]
+    rep = res.get("repredicted")
+    if rep:
+        out.append(f"Predictions recomputed offline ({rep['date']}, `python -m mixjax.plan repredict`, expert "
+                   f"implementation {rep['expert_impl']}) from the run's measured times and kernel counts; "
+                   "\"before\" is the run's own prediction.")
+    elif res.get("expert_impl"):
+        out.append(f"Expert implementation (timed and predicted): {res['expert_impl']}.")
+    before = " before ms | error before |" if rep else ""
+    out += ["", "| mesh | phase | strategy | measured ms | IQR |" + before + " predicted ms | error | predicted "
+            "compute / comm / kernels ms | kernels |", "|---|---|---|---:|---:|" + ("---:|---:|" if rep else "")
+            + "---:|---:|---|---:|"]
     for r in sorted(res["rows"], key=lambda r: (r["mesh"], r["phase"], r["measured_s"])):
+        b = f" {r['predicted_before_s'] * 1e3:.2f} | {r['rel_err_before']:+.0%} |" if rep else ""
         out.append(f"| {r['mesh']} | {r['phase']} | {r['strategy']} | {r['measured_s'] * 1e3:.2f} | "
-                   f"{r['measured_rel_iqr']:.0%} | {r['predicted_s'] * 1e3:.2f} | {r['rel_err']:+.0%} | "
+                   f"{r['measured_rel_iqr']:.0%} |{b} {r['predicted_s'] * 1e3:.2f} | {r['rel_err']:+.0%} | "
                    f"{r['predicted_compute_s'] * 1e3:.2f} / {r['predicted_comm_s'] * 1e3:.2f} / "
                    f"{r['predicted_overhead_s'] * 1e3:.2f} | {r['kernels']} |")
     out += ["", "| mesh | phase | measured order (fastest first) | predicted order | exact | best | Spearman | "
