@@ -1,7 +1,10 @@
 """Shared test helpers. Tests run on 8 simulated CPU devices (the Makefile sets XLA_FLAGS)."""
 
+import json
+import socket
 from pathlib import Path
 
+import httpx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,3 +51,21 @@ def fixtures_available():
     if not fixture_dirs():
         pytest.fail("tests/fixtures is empty: run tools/make_fixtures.py")
     return fixture_dirs()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_across_sigterm(url: str, body: dict, send_sigterm) -> list[dict]:
+    """Stream a completion, call send_sigterm() after the first chunk, read the stream to its end. Asserts that it
+    ends with [DONE]; returns the choices of every chunk (a graceful stop lets in-flight streams finish)."""
+    with httpx.stream("POST", url + "/v1/completions", json=dict(body, stream=True), timeout=120) as r:
+        it = r.iter_lines()
+        first = next(l for l in it if l.startswith("data:"))
+        send_sigterm()
+        rest = [l for l in it if l.startswith("data:")]
+    assert first and rest[-1] == "data: [DONE]"
+    return [json.loads(l[5:])["choices"][0] for l in [first] + rest[:-1]]

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import free_port, stream_across_sigterm
 from mixjax import distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,12 +26,6 @@ SERVE_ARGS = ["--mesh", "2x4", "--strategy", "hybrid_fused", "--max-batch", "4",
 PROMPTS = ["Once upon a time", "Max counted: one, two,", "The rabbit", "Hello"]
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -94,7 +88,7 @@ class Cluster:
     """N `python -m mixjax.serve` processes; process 0 serves HTTP."""
 
     def __init__(self, n=2, extra=(), per_process=None):
-        self.port, coord = _free_port(), f"127.0.0.1:{_free_port()}"
+        self.port, coord = free_port(), f"127.0.0.1:{free_port()}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs = []
         for i in range(n):
@@ -158,11 +152,11 @@ def _bytes_per_node(llm) -> list[int]:
 # --- 2 processes x 4 CPU devices serve the same greedy tokens as one process ----------------------------------
 def test_two_processes_serve_same_greedy_tokens(reference):
     """Started by the documented example script (examples/multihost_local.sh)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     script = Proc(["bash", "examples/multihost_local.sh", *SERVE_ARGS[2:], "--failure-timeout", "15",
                    "--init-timeout", "120"],
-                  {"N": "2", "DEVICES": "4", "PORT": str(port), "COORDINATOR": f"127.0.0.1:{_free_port()}",
+                  {"N": "2", "DEVICES": "4", "PORT": str(port), "COORDINATOR": f"127.0.0.1:{free_port()}",
                    "PY": sys.executable})
     try:
         t0 = time.monotonic()
@@ -207,14 +201,8 @@ def test_two_processes_serve_same_greedy_tokens(reference):
 
         # SIGTERM (to the script, which passes it to process 0) while a stream is in flight: the stream finishes,
         # every process exits 0
-        body = {"prompt": "Last one", "max_tokens": 30, "temperature": 0, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-            it = r.iter_lines()
-            first = next(l for l in it if l.startswith("data:"))
-            script.proc.send_signal(signal.SIGTERM)
-            rest = [l for l in it if l.startswith("data:")]
-        assert first and rest[-1] == "data: [DONE]"
-        chunks = [json.loads(l[5:])["choices"][0] for l in [first] + rest[:-1]]
+        body = {"prompt": "Last one", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        chunks = stream_across_sigterm(url, body, lambda: script.proc.send_signal(signal.SIGTERM))
         assert sum(len(ch.get("token_ids", [])) for ch in chunks) == 30
         assert script.wait(60) == 0, script.text[-3000:]
         assert "mixjax stopped" in script.text and "mixjax process 1 stopped" in script.text
@@ -284,11 +272,11 @@ def test_watchdog_names_the_dead_process_while_idle():
     bound. Separately, SIGKILL process 0 of a 2-process cluster: process 1 stops too."""
     t = "3"
     bound = dist.failure_bound(float(t))  # process 0's; the others exit sooner
-    coord = f"127.0.0.1:{_free_port()}"
+    coord = f"127.0.0.1:{free_port()}"
     three = [Proc(["-c", _JOIN_AND_WAIT], {"MIXJAX_COORDINATOR": coord, "MIXJAX_NUM_PROCESSES": "3",
                                             "MIXJAX_PROCESS_ID": str(i), "MIXJAX_FAILURE_TIMEOUT": t}, devices=1)
              for i in range(3)]
-    coord2 = f"127.0.0.1:{_free_port()}"
+    coord2 = f"127.0.0.1:{free_port()}"
     two = [Proc(["-c", _JOIN_AND_WAIT], {"MIXJAX_COORDINATOR": coord2, "MIXJAX_NUM_PROCESSES": "2",
                                           "MIXJAX_PROCESS_ID": str(i), "MIXJAX_FAILURE_TIMEOUT": t}, devices=1)
            for i in range(2)]
@@ -321,7 +309,7 @@ def test_bad_settings_fail_clearly():
     serve = ["-m", "mixjax.serve"]
     bad_id = Proc(serve + ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"])
     partial = Proc(serve + ["--num-processes", "2"])
-    unreachable = Proc(serve + ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+    unreachable = Proc(serve + ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2",
                                 "--process-id", "1", "--init-timeout", "3"])
     assert bad_id.wait(60) == 2 and "--process-id 2 is out of range" in bad_id.text, bad_id.text
     assert partial.wait(60) == 2 and "missing: --coordinator" in partial.text, partial.text
@@ -345,7 +333,7 @@ def test_bad_settings_fail_clearly():
 
 # --- mixjax.LLM on two processes (the example script, configured through the environment) -----------------------
 def test_llm_two_processes_example(reference):
-    coord = f"127.0.0.1:{_free_port()}"
+    coord = f"127.0.0.1:{free_port()}"
     procs = [Proc(["examples/multihost_generate.py", PROMPTS[0], "16"],
                   {"MIXJAX_COORDINATOR": coord, "MIXJAX_NUM_PROCESSES": "2", "MIXJAX_PROCESS_ID": str(i)})
              for i in range(2)]

@@ -3,8 +3,8 @@
 import asyncio
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,11 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port, stream_across_sigterm
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SEQ = 128
-import json
-import shutil
-from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -50,15 +49,9 @@ def make_tiny_model(out: Path, fixture: str = "qwen3_moe_a") -> Path:
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProc:
     def __init__(self, model_dir, *extra):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
         env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -103,14 +96,8 @@ def server(model_dir):
     print(f"server start-up (load + warm-up compiles): {s.startup_s:.1f}s")
     yield s
     # SIGTERM while a stream is in flight: the stream finishes, then the process exits 0
-    body = {"prompt": "Last one", "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-        it = r.iter_lines()
-        first = next(l for l in it if l.startswith("data:"))
-        s.proc.send_signal(signal.SIGTERM)
-        rest = [l for l in it if l.startswith("data:")]
-    assert first and rest[-1] == "data: [DONE]"
-    chunks = [json.loads(l[5:])["choices"][0] for l in [first] + rest[:-1]]
+    body = {"prompt": "Last one", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    chunks = stream_across_sigterm(s.url, body, lambda: s.proc.send_signal(signal.SIGTERM))
     assert sum(len(c.get("token_ids", [])) for c in chunks) == 60 and chunks[-1]["finish_reason"] == "length"
     rc = s.stop()
     assert rc == 0, "".join(s.lines[-30:])

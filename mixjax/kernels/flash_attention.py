@@ -85,7 +85,7 @@ def prefill_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: fl
 
     On GPU, when every row starts at position 0 (a whole prompt, the common case), the keys are exactly the chunk's
     own k_new/v_new [B,T,K,D] and cuDNN's fused causal attention runs on them: 1.7x the Triton kernel at 8192
-    tokens on an H200 (tools/probe_cudnn.py). A chunk that starts mid-cache takes the Triton kernel. cuDNN needs
+    tokens on an H200 (tools/probe_flash.py). A chunk that starts mid-cache takes the Triton kernel. cuDNN needs
     16-bit inputs; other dtypes and the interpreter take the Triton kernel."""
     cached = lambda: flash_attention(q, k_cache, v_cache, positions, scale=scale, tiles=tiles,
                                      interpret=pallas == "interpret")

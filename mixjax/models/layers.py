@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -212,8 +213,6 @@ class Experts(nnx.Module):
         by the Pallas kernels of mixjax.kernels.grouped_experts (on GPU / interpreted anywhere); untouched
         experts' weights are not read. `top_k` bounds the non-zeros per row."""
         if impl != "dense":
-            from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu
-
             e, d, f = self.gate.shape
             k = min(top_k or e, e)
             blk = choose_blocks(x.shape[0] * k, e, d, f)

@@ -201,13 +201,11 @@ class Engine:
         self.cache = self._copy(self.cache, self.small, np.int32(0))
         z = np.zeros(self.slots, np.int32)  # (not _step: on a cluster every process warms up by itself)
         self._last_ids = z
-        no = np.zeros(self.slots, np.int32)
         for _ in range(2):  # the second call sees the first one's device-resident ids, as every later step does
-            self._run_decode(no, z, z, z, self._h_seed, self._h_temp, self._h_topk, self._h_topp,
-                             np.ones(3, np.int32))
-        logits, self.cache = self._decode(self.sm.leaves, self._last_ids, no, z, z, self.cache)
-        for f in PICK_VARIANTS:
-            jax.block_until_ready(self._picks[f](logits, self._h_seed, z, self._h_temp, self._h_topk, self._h_topp))
+            logits, self.cache = self._decode(self.sm.leaves, self._last_ids, z, z, z, self.cache)
+            outs = [self._picks[f](logits, self._h_seed, z, self._h_temp, self._h_topk, self._h_topp)
+                    for f in PICK_VARIANTS]
+            self._last_ids = outs[-1][0]
         jax.block_until_ready(self.cache)
         return time.monotonic() - t0
 
@@ -450,8 +448,6 @@ class Engine:
             return None
         rows = [(r.params.temperature, r.params.top_k, r.params.top_p) for r in members.values()]
         flags = np.array([*sampling_flags(rows), any(r.params.logprobs for r in members.values())], np.int32)
-        if not flags[0]:
-            flags[1] = 0
         if self.cluster is not None:
             self.cluster.channel.send("decode", {
                 "use_prev": use_prev, "tokens": tokens, "positions": positions, "steps": steps,
@@ -472,7 +468,7 @@ class Engine:
 
     def _collect(self, step: _Inflight):
         """Read a step's sampled tokens on the host and hand them to their requests (if still running)."""
-        ids, lps, top_ids, top_lp = [np.asarray(x) for x in step.out]
+        ids, lps, top_ids, top_lp = jax.device_get(step.out)  # one batched transfer, not four
         now = time.monotonic()
         for s, r in step.members.items():
             if self._active.get(s) is not r:
