@@ -1,5 +1,6 @@
-"""The pipelined decode loop (step n+1 dispatched from step n's tokens on the device) gives exactly the tokens of
-the step-by-step loop: seeded sampling, greedy, stop tokens, length limits, and requests joining mid-stream."""
+"""The pipelined decode loop (step n+1 dispatched from step n's tokens on the device) and the multi-step loop (K
+decode steps per dispatch, in one device-side loop) give exactly the tokens of the step-by-step loop: seeded
+sampling, greedy, stop tokens, length limits (max_tokens and the context limit), and requests joining mid-stream."""
 
 import threading
 from pathlib import Path
@@ -21,20 +22,22 @@ def model():
     return load_sharded(MODEL, make_mesh("1x1"), STRATEGIES["tp"], progress=False)
 
 
-def run(model, pipeline: bool, jobs):
-    eng = Engine(model, None, max_batch=3, max_seq_len=96, prefill_buckets=[16], pipeline=pipeline)
+def run(model, pipeline: bool, jobs, decode_steps: int = 1):
+    eng = Engine(model, None, max_batch=3, max_seq_len=96, prefill_buckets=[16], pipeline=pipeline,
+                 decode_steps=decode_steps)
     eng.warmup()
     eng.start()
     done, results = threading.Event(), {}
 
     def sink_for(i):
-        toks = []
+        toks, lps = [], []
 
         def sink(ev):
             if ev["type"] == "token":
                 toks.extend(ev["ids"])
+                lps.extend(ev["logprobs"])
             elif ev["type"] in ("done", "error"):
-                results[i] = (toks, ev.get("finish_reason"), ev.get("message"))
+                results[i] = (toks, ev.get("finish_reason"), ev.get("message"), lps)
                 if len(results) == len(jobs):
                     done.set()
         return sink
@@ -46,20 +49,47 @@ def run(model, pipeline: bool, jobs):
     return [results[i] for i in range(len(jobs))]
 
 
-def test_pipelined_loop_equals_step_by_step(model):
+@pytest.fixture(scope="module")
+def jobs_and_reference(model):
     rng = np.random.RandomState(0)
-    prompts = [rng.randint(3, 500, size=n).tolist() for n in (5, 9, 3, 12, 7)]
+    prompts = [rng.randint(3, 500, size=n).tolist() for n in (5, 9, 3, 12, 7, 80)]
     greedy_first = run(model, False, [(prompts[0], SamplingParams(max_tokens=20, temperature=0.0))])[0][0]
     stop_tok = greedy_first[5]  # a token greedy decoding reaches mid-sequence: the request stops there
     jobs = [
         (prompts[0], SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[stop_tok])),
         (prompts[1], SamplingParams(max_tokens=17, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)),
         (prompts[2], SamplingParams(max_tokens=1, temperature=0.0)),
-        (prompts[3], SamplingParams(max_tokens=25, temperature=1.2, top_k=20, seed=3, ignore_eos=True)),
+        (prompts[3], SamplingParams(max_tokens=25, temperature=1.2, top_k=20, seed=3, ignore_eos=True, logprobs=2)),
         (prompts[4], SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True)),
+        # runs into the context limit (96 positions) after 17 tokens, inside a multi-step call
+        (prompts[5], SamplingParams(max_tokens=40, temperature=0.7, seed=5, ignore_eos=True)),
     ]
     step_by_step = run(model, False, jobs)
-    pipelined = run(model, True, jobs)
-    assert pipelined == step_by_step
     assert step_by_step[0][1] == "stop" and len(step_by_step[0][0]) == greedy_first.index(stop_tok)
-    assert [len(r[0]) for r in step_by_step[1:]] == [17, 1, 25, 11]
+    assert [len(r[0]) for r in step_by_step[1:]] == [17, 1, 25, 11, 17]  # 96 - 80 positions + the prefill token
+    assert step_by_step[5][1] == "length"
+    return jobs, step_by_step
+
+
+def same(a, b):
+    """Identical tokens, finish reasons and errors; logprobs equal to float32 rounding (the multi-step program
+    is compiled as one loop, so XLA may fuse the sampling's arithmetic differently)."""
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra[3], rb[3], rtol=1e-5, atol=1e-5)
+
+
+def test_pipelined_loop_equals_step_by_step(model, jobs_and_reference):
+    jobs, step_by_step = jobs_and_reference
+    same(run(model, True, jobs), step_by_step)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_multi_step_loop_equals_step_by_step(model, jobs_and_reference, pipeline):
+    jobs, step_by_step = jobs_and_reference
+    same(run(model, pipeline, jobs, decode_steps=4), step_by_step)
+
+
+def test_decode_steps_must_be_positive(model):
+    with pytest.raises(ValueError, match="decode_steps must be >= 1"):
+        Engine(model, None, max_batch=1, max_seq_len=32, decode_steps=0)

@@ -18,8 +18,9 @@ counted: 2 x (attention, router and active expert parameters) per token, the cau
 
 "step ms" is the median of forward steps each waited for on the host; "b2b" is the mean of steps dispatched back to
 back without waiting (host dispatch hidden under the device). --engine N also runs the serving engine's decode loop
-(sampling and host bookkeeping included) with `batch` greedy requests of N tokens, pipelined (the default: step n+1
-starts from step n's tokens on the device) and step by step, and reports the median interval between tokens.
+(sampling and host bookkeeping included) with `batch` greedy requests of N tokens, pipelined (step n+1 starts from
+step n's tokens on the device), with one decode step per dispatch and with --engine-steps K per dispatch (K steps in
+one device-side loop), and reports the interval between a request's tokens (its mean; median over requests).
 
 --peer runs mixjax.bench.peer (Hugging Face transformers, same shapes) in a subprocess first, before JAX takes the
 GPU's memory, and reports mixjax / peer throughput.
@@ -92,17 +93,19 @@ def time_prefill(model: ShardedModel, t: int, iters: int) -> float:
     return timeit(run, iters=iters)
 
 
-def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, pipeline: bool) -> float:
-    """Median interval between consecutive tokens of `batch` greedy requests decoding together in the serving
-    engine (mixjax.serve.engine) with a KV cache of ctx slots: the engine's decode step as a server runs it,
-    sampling and host bookkeeping included. Intervals before the last request joined are not counted."""
+def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, pipeline: bool,
+                     decode_steps: int = 1) -> float:
+    """Mean interval between consecutive tokens of a request, the median over `batch` greedy requests decoding
+    together in the serving engine (mixjax.serve.engine) with a KV cache of ctx slots: the engine's decode step as
+    a server runs it, sampling and host bookkeeping included. Only tokens after the last request joined count. A
+    mean, not a median of gaps: with decode_steps K > 1 tokens arrive in bursts of K."""
     import threading
 
     from mixjax.serve.engine import Engine, Request, SamplingParams
 
     eng = Engine(model, None, max_batch=batch, max_seq_len=ctx, prefill_buckets=[16], max_queue=batch,
-                 pipeline=pipeline)
-    eng.warmup()
+                 pipeline=pipeline, decode_steps=decode_steps)
+    eng.warmup(variants=[(False, False, False)])  # greedy, no logprobs: the only sampling program used here
     eng.start()
     stamps, done = [[] for _ in range(batch)], threading.Event()
     left = [batch]
@@ -124,8 +127,12 @@ def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, p
     done.wait(600)
     eng.stop()
     joined = max(s[0] for s in stamps)
-    gaps = [b - a for s in stamps for a, b in zip(s, s[1:]) if a >= joined]
-    return statistics.median(gaps)
+    means = []
+    for s in stamps:
+        after = [t for t in s if t >= joined]
+        if len(after) > 1:
+            means.append((after[-1] - after[0]) / (len(after) - 1))
+    return statistics.median(means)
 
 
 def run_peer(args) -> dict | None:
@@ -156,6 +163,11 @@ def plot(path: str, result: dict):
         ax.plot([r["batch"] for r in rows], [r["back_to_back_step_s"] * 1e3 for r in rows], "o:",
                 color=line.get_color(), alpha=0.6, label=f"mixjax ({impl} experts), back to back")
     rows = [r for r in dec if r["impl"] == dec[0]["impl"]]
+    for key in sorted({k for r in rows for k in r if k.startswith("engine_") and k.endswith("_step_s")}):
+        er = [r for r in rows if key in r]
+        what = "1 step" if key == "engine_pipelined_step_s" else key[len("engine_multistep"):-len("_step_s")] + " steps"
+        ax.plot([r["batch"] for r in er], [r[key] * 1e3 for r in er], "^-.",
+                label=f"mixjax serving engine, {what} per dispatch (per token)")
     ax.plot([r["batch"] for r in rows], [r["roofline_s"] * 1e3 for r in rows], "k--", label="HBM roofline")
     if result.get("peer"):
         pr = result["peer"]["rows"]
@@ -179,8 +191,13 @@ def main(argv=None):
     ap.add_argument("--prefill", default="", help="prompt lengths for the prefill measurement, e.g. 512,2048,8192")
     ap.add_argument("--peer", action="store_true", help="also time Hugging Face transformers (same shapes)")
     ap.add_argument("--engine", type=int, default=0, metavar="TOKENS",
-                    help="also time the serving engine's decode loop (pipelined and step by step), TOKENS per request")
+                    help="also time the serving engine's decode loop (pipelined, one step per dispatch and "
+                         "--engine-steps per dispatch), TOKENS per request")
+    ap.add_argument("--engine-steps", type=int, default=8, metavar="K",
+                    help="decode steps per dispatch for the engine's multi-step measurement (default 8)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="weights and activations (the rooflines count 2 bytes per element either way)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of step time against batch, roofline drawn in")
     args = ap.parse_args(argv)
@@ -188,17 +205,19 @@ def main(argv=None):
     cfg = bench_config(args.preset, args.layers, args.vocab)
     bw, rate = measure_hbm_bandwidth(), measure_matmul_rate()
     device = jax.devices()[0].device_kind
-    weights = nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    dtype = jnp.dtype(args.dtype)
+    weights = nnx.state(Qwen3MoeForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     print(f"{device}; measured HBM {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; preset "
-          f"{args.preset}, {args.layers} layers, ctx {args.ctx}, bf16")
+          f"{args.preset}, {args.layers} layers, ctx {args.ctx}, {args.dtype}")
     peer_t = {r["batch"]: r["step_s"] for r in peer["rows"]} if peer else {}
     decode, prefill = [], []
     for impl in args.impl.split(","):
-        model = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=impl)
+        model = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=dtype, expert_impl=impl)
         model.set_state(weights)
         print(f"[{impl} experts]\n{'batch':>6s} {'step ms':>9s} {'roofline ms':>12s} {'ratio':>7s} {'tok/s':>9s} "
               f"{'vs peer':>8s} {'b2b ms':>8s} {'b2b ratio':>9s}"
-              + (f" {'eng pipe':>8s} {'ratio':>6s} {'eng sync':>8s} {'ratio':>6s}" if args.engine else ""))
+              + (f" {'eng 1/call':>10s} {'ratio':>6s} {'eng ' + str(args.engine_steps) + '/call':>10s} {'ratio':>6s}"
+                 if args.engine else ""))
         for b in (int(x) for x in args.batch.split(",")):
             # one new token per sequence at position ctx-1
             t, t_b2b = time_step(model, b, 1, args.ctx, args.iters, back_to_back=True)
@@ -209,11 +228,11 @@ def main(argv=None):
             row = decode[-1]
             extra = ""
             if args.engine:
-                for pipe in (True, False):
-                    te = engine_step_time(model, b, args.ctx, args.engine, pipe)
-                    key = "engine_pipelined" if pipe else "engine_step_by_step"
+                for k in (1, args.engine_steps):
+                    te = engine_step_time(model, b, args.ctx, args.engine, True, k)
+                    key = "engine_pipelined" if k == 1 else f"engine_multistep{k}"
                     row[key + "_step_s"], row[key + "_ratio"] = te, roof / te
-                    extra += f" {te * 1e3:8.3f} {roof / te:6.1%}"
+                    extra += f" {te * 1e3:10.3f} {roof / te:6.1%}"
             print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f} {vs:7.1f}x "
                   f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}{extra}", flush=True)
         if args.prefill:

@@ -6,12 +6,13 @@ Random bf16 weights [E, D, F], random top-k routing (uniform over experts, disti
 count: the exact number of experts the routing touches, the bytes that must be read (touched experts' weights +
 activations), the time of the dense einsum over all experts and of the grouped Pallas kernels, the grouped
 output's error against the dense one, and each time's ratio to max(bytes / HBM bandwidth, FLOPs / matmul rate),
-both measured in the same run. `--tile bm,bk,bf,bd,warps,stages` overrides the tile choice (for tuning).
+both measured in the same run. `--tile bm,bk,bf,bd,warps,stages[,b_bk,b_warps,b_stages]` overrides the tile choice (for tuning).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -131,7 +132,7 @@ def main(argv=None):
             if ref is not None:
                 out = fn(x, g, wg, wu, wd).astype(jnp.float32)
                 err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
-            tile = f"{blk.bm},{blk.bk},{blk.bf},{blk.bd},{blk.warps},{blk.stages}"
+            tile = ",".join(str(v) for v in dataclasses.astuple(blk))
             print(f"{n:7d} {touched:7d} {roof * 1e6:8.1f} {t_dense * 1e6:9.1f} {t * 1e6:8.1f} {roof / t:8.1%} "
                   f"{tile:>22s} {err:8.1e}", flush=True)
             rows.append(dict(tokens=n, touched=touched, bytes=bytes_, flops=flops, roofline_s=roof,

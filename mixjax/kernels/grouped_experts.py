@@ -29,8 +29,9 @@ from jax.experimental import pallas as pl
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Tile sizes. bm: rows per block (one expert per block); bk: the D (contraction) tile of kernel A;
-    bf: the F tile of kernel A and the contraction tile of kernel B; bd: the D (output) tile of kernel B."""
+    """Tile sizes. bm: rows per block (one expert per block). Kernel A: bk, the D (contraction) tile, and bf, the
+    F (output) tile, with `warps` and `stages`. Kernel B: b_bk, the F (contraction) tile (0: bf), and bd, the D
+    (output) tile, with b_warps and b_stages (0: as kernel A)."""
 
     bm: int
     bk: int
@@ -38,6 +39,15 @@ class Blocks:
     bd: int
     warps: int = 4
     stages: int = 3
+    b_bk: int = 0
+    b_warps: int = 0
+    b_stages: int = 0
+
+    @property
+    def down(self) -> "Blocks":
+        """Kernel B's tiles, as (bk, bf, bd, warps, stages) with bf its contraction tile."""
+        return Blocks(self.bm, self.bk, self.b_bk or self.bf, self.bd, self.b_warps or self.warps,
+                      self.b_stages or self.stages)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -51,16 +61,27 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
     """Tile sizes for this shape, or None when the shape does not tile (the caller then uses the dense path).
 
     Decode (few rows per expert) is bound by reading weights: 16-row blocks (the smallest tensor-core tile) and
-    narrow F tiles for many programs. Prefill (many rows per expert) is bound by the matmuls: taller blocks so
-    each weight tile is reused by more rows."""
+    enough programs to keep every SM streaming. Prefill (many rows per expert) is bound by the matmuls: taller
+    blocks so each weight tile is reused by more rows, wide output tiles, 8 warps. The tiles are the fastest of a
+    sweep on an H200 with Qwen3-30B-A3B expert shapes (tools/sweep_grouped_tiles.py, 2026-11-29; docs/BENCHMARKS.md)
+    where the shape divides them, else the largest power of two that does."""
     per_expert = pairs / max(1, min(num_experts, pairs))
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64 if per_expert <= 256 else 128
-    bk = _pow2_divisor(d_model, 128 if bm <= 32 else 64)  # taller blocks take a shorter K tile (shared memory)
-    bf = _pow2_divisor(d_ff, 64 if bm <= 32 else 128)
-    bd = _pow2_divisor(d_model, 64 if bm <= 32 else 128)
-    if min(bk, bf, bd) < 16:
+    if bm == 16 and pairs <= 16:  # one or two tokens: latency of few programs, deeper pipelines
+        a, b = (128, 64, 4, 4), (128, 64, 4, 2)
+    elif bm == 16:
+        a, b = (64, 128, 4, 3), (64, 128, 4, 2)
+    elif bm == 32:
+        a, b = (128, 64, 4, 3), (64, 64, 4, 3)
+    elif bm == 64:
+        a, b = (64, 256, 8, 3), (64, 256, 4, 4)
+    else:
+        a, b = (64, 128, 8, 4), (64, 256, 8, 4)
+    bk, bf = _pow2_divisor(d_model, a[0]), _pow2_divisor(d_ff, a[1])
+    b_bk, bd = _pow2_divisor(d_ff, b[0]), _pow2_divisor(d_model, b[1])
+    if min(bk, bf, b_bk, bd) < 16:
         return None
-    return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=4 if bm <= 64 else 8)
+    return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=a[2], stages=a[3], b_bk=b_bk, b_warps=b[2], b_stages=b[3])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +181,11 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
         out_shape=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(nb, f // blk.bf),
         compiler_params=_compiler_params(blk, interpret), interpret=interpret, name="grouped_gate_up",
     )(lay.block_expert, xp, w_gate, w_up)
+    down = blk.down
     y = pl.pallas_call(
-        functools.partial(_down_kernel, blk=blk, f=f),
-        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // blk.bd),
-        compiler_params=_compiler_params(blk, interpret), interpret=interpret, name="grouped_down",
+        functools.partial(_down_kernel, blk=down, f=f),
+        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // down.bd),
+        compiler_params=_compiler_params(down, interpret), interpret=interpret, name="grouped_down",
     )(lay.block_expert, h, w_down)
     rows = y[jnp.minimum(lay.dest, m - 1)]  # [n, k, D]; pairs that do not exist have weight 0
     rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)

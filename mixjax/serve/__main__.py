@@ -33,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--no-pipeline", action="store_true",
                    help="read each decode step's tokens before dispatching the next (default: pipelined, the next "
                         "step starts from the sampled tokens on the device while the host reads them)")
+    p.add_argument("--decode-steps", type=int, default=1, metavar="K",
+                   help="decode steps per dispatch (default 1): K > 1 runs K steps in one device-side loop and reads "
+                        "K tokens per request at once, paying the host's per-step work once per K tokens; tokens "
+                        "stream in bursts of K")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
     g = p.add_argument_group("multi-host (docs/MULTIHOST.md)", "One process per host, the same options on every "
@@ -120,7 +124,7 @@ def _serve(args, cluster):
         cluster.agree("serving", {
             "config.json": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16],
             "mesh": mesh_shape, "strategy": strategy, "dtype": args.dtype, "max_batch": args.max_batch,
-            "max_seq_len": args.max_seq_len, "prefill_buckets": buckets})
+            "max_seq_len": args.max_seq_len, "prefill_buckets": buckets, "decode_steps": args.decode_steps})
         hosts = {p: sorted(d.id for d in mesh.devices[p]) for p in range(mesh.devices.shape[0])}
         print(f"mixjax{me}: node {cluster.process_id} of the mesh = this process, devices {hosts[cluster.process_id]}",
               flush=True)
@@ -131,7 +135,8 @@ def _serve(args, cluster):
           f"{st['model_bytes']} bytes)", flush=True)
     tok = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     engine = Engine(sm, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
-                    max_queue=args.max_queue, cluster=cluster, pipeline=not args.no_pipeline)
+                    max_queue=args.max_queue, cluster=cluster, pipeline=not args.no_pipeline,
+                    decode_steps=args.decode_steps)
     if cluster is not None:
         cluster.watchdog.on_failure.append(engine.mark_failed)
         engine.metrics.processes = cluster.num_processes

@@ -5,6 +5,11 @@ Every step of the loop: drop cancelled requests (their slots are free at once), 
 slots (prefill into a small separate cache, then copy that row into the slot of the big cache), then run one
 decode step for all slots together. Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device;
 stop tokens, stop strings and max_tokens are checked on the host after each step.
+
+Multi-step decode (`decode_steps=K > 1`): one dispatch runs K decode steps in a device-side loop, each feeding its
+sampled tokens to the next, and the host reads K tokens per row at once. The host's per-step work (dispatch, reading
+results back, per-request bookkeeping) is paid once per K tokens; tokens reach clients in bursts of K, and a request
+that stops inside a burst wastes the rest of its row's steps (their tokens are discarded).
 """
 
 from __future__ import annotations
@@ -92,10 +97,12 @@ class Request:
 
 @dataclass
 class _Inflight:
-    """A dispatched decode step whose outputs have not been read: device arrays, and the request of each row."""
+    """A dispatched decode call whose outputs have not been read: device arrays ([k, slots, ...] for k steps), the
+    request of each row, and the number of steps."""
 
     out: tuple
     members: dict
+    k: int = 1
 
 
 class Engine:
@@ -105,8 +112,11 @@ class Engine:
 
     def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
                  prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None,
-                 cluster=None, pipeline: bool = True):
+                 cluster=None, pipeline: bool = True, decode_steps: int = 1):
         self.sm = sm
+        if int(decode_steps) < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = int(decode_steps)
         # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
         # step n's tokens are read on the host, so the host's dispatch work overlaps the device's step.
         self.pipeline = pipeline
@@ -176,12 +186,39 @@ class Engine:
             logits, cache = fwd(state, tokens[:, None], positions[:, None], cache)
             return logits[:, 0, :V], cache
 
+        def decode_steps(state, prev_ids, use_prev, tokens, positions, steps, seeds, temp, topk, topp, cache, *,
+                         k, flags):
+            """k decode steps in one device-side loop, step i at positions + i, each sampling the next tokens with
+            the same keys as k single steps would (seed, step + i). Returns ([k, n] ids, logprobs, [k, n, 5] top
+            ids and logprobs), the last step's ids, and the cache."""
+            tokens = jnp.where(use_prev != 0, prev_ids, tokens)
+            n, kk = tokens.shape[0], min(TOP_LOGPROBS, V)
+            bufs = (jnp.zeros((k, n), jnp.int32), jnp.zeros((k, n), jnp.float32), jnp.zeros((k, n, kk), jnp.int32),
+                    jnp.zeros((k, n, kk), jnp.float32))
+
+            def body(i, carry):
+                tok, cache, bufs = carry
+                logits, cache = fwd(state, tok[:, None], (positions + i)[:, None], cache)
+                out = pick(logits[:, 0, :V], seeds, steps + i, temp, topk, topp, draw=flags[0], filter=flags[1],
+                           want_top=flags[2])
+                bufs = tuple(b.at[i].set(o.astype(b.dtype)) for b, o in zip(bufs, out))
+                return out[0], cache, bufs
+
+            last, cache, bufs = jax.lax.fori_loop(0, k, body, (tokens, cache, bufs))
+            if rep is not None:
+                bufs = tuple(jax.lax.with_sharding_constraint(x, rep) for x in bufs)
+            return bufs, last, cache
+
         self._prefill = jax.jit(prefill, donate_argnums=(3,))
         self._decode = jax.jit(decode, donate_argnums=(5,))
         # Sampling is a separate small program per (draw, filter, want_top), chosen on the host for the batch: no
         # lax.cond inside the step (the GPU runtime would read its predicate back to the host mid-step).
         self._picks = {f: jax.jit(functools.partial(pick, draw=f[0], filter=f[1], want_top=f[2]))
                        for f in PICK_VARIANTS}
+        # multi-step decode: one program per sampling variant (the loop cannot choose one without a host read-back)
+        self._multi = {} if self.decode_steps == 1 else {
+            f: jax.jit(functools.partial(decode_steps, k=self.decode_steps, flags=f), donate_argnums=(10,))
+            for f in PICK_VARIANTS}
 
     @staticmethod
     def _copy_fn(big, small, slot):
@@ -189,8 +226,11 @@ class Engine:
             lambda b, s: jax.lax.dynamic_update_slice_in_dim(b, jax.lax.slice(s, (0,) * s.ndim, (1,) + b.shape[1:]),
                                                              slot, axis=0), big, small)
 
-    def warmup(self):
-        """Compile every shape the loop uses (each prefill bucket, the slot copy, the decode step)."""
+    def warmup(self, variants=None):
+        """Compile every shape the loop uses (each prefill bucket, the slot copy, the decode step, and the K-step
+        decode program of each sampling variant). `variants` limits the K-step programs compiled here to those
+        (draw, filter, want_top) combinations (a benchmark of greedy requests needs one); the others then compile
+        on first use."""
         t0 = time.monotonic()
         dp = self.sm.dp_size
         for b in self.buckets:
@@ -206,6 +246,11 @@ class Engine:
             outs = [self._picks[f](logits, self._h_seed, z, self._h_temp, self._h_topk, self._h_topp)
                     for f in PICK_VARIANTS]
             self._last_ids = outs[-1][0]
+        for f, prog in self._multi.items():  # every sampling variant of the K-step program
+            if variants is not None and f not in variants:
+                continue
+            _, self._last_ids, self.cache = prog(self.sm.leaves, self._last_ids, z, z, z, z, self._h_seed,
+                                                 self._h_temp, self._h_topk, self._h_topp, self.cache)
         jax.block_until_ready(self.cache)
         return time.monotonic() - t0
 
@@ -418,44 +463,55 @@ class Engine:
         self.cache = self._copy(self.cache, self.small, np.int32(slot))
         return tuple(np.asarray(x)[0] for x in out) if fetch else None
 
-    def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, flags):
-        """One decode step, then sampling. Rows with use_prev take their token from the previous step's sampled
-        ids, which stay on the device (every process of a cluster keeps its own copy), instead of from `tokens`.
-        flags [3] int: (some row samples, some sampled row uses top-k/top-p, some request wants logprobs)."""
+    def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, flags, k: int = 1):
+        """k decode steps (1, or the engine's decode_steps), each followed by sampling. Rows with use_prev take their
+        token from the previous call's last sampled ids, which stay on the device (every process of a cluster keeps
+        its own copy), instead of from `tokens`. flags [3] int: (some row samples, some sampled row uses
+        top-k/top-p, some request wants logprobs). Returns device arrays, [k, slots, ...] when k > 1."""
+        f = tuple(bool(x) for x in flags)
+        if k > 1:
+            out, self._last_ids, self.cache = self._multi[f](self.sm.leaves, self._last_ids, use_prev, tokens,
+                                                             positions, steps, seeds, temp, topk, topp, self.cache)
+            return out
         logits, self.cache = self._decode(self.sm.leaves, self._last_ids, use_prev, tokens, positions, self.cache)
-        out = self._picks[tuple(bool(f) for f in flags)](logits, seeds, steps, temp, topk, topp)
+        out = self._picks[f](logits, seeds, steps, temp, topk, topp)
         self._last_ids = out[0]
-        return out
+        return out  # [slots, ...]: _collect adds the step axis on the host
 
     def _dispatch_decode(self, prev: _Inflight | None) -> _Inflight | None:
-        """Start a decode step for the active requests. A request that is in `prev` (not yet read) continues from
-        its token on the device, one position further; one that `prev` is sure to finish (length limits) is left
-        out. If `prev` ends a request another way (a stop token or string, a cancel), the step's row for it is
-        wasted work and its output is dropped."""
+        """Start a decode call for the active requests. A request that is in `prev` (not yet read) continues from
+        its last token on the device, prev.k positions further; one that `prev` is sure to finish (length limits)
+        is left out. If `prev` ends a request another way (a stop token or string, a cancel), the call's row for it
+        is wasted work and its output is dropped. The call runs decode_steps steps when some member can use them
+        all, else one; a row's steps past its own limits are discarded on collection (positions past the cache's
+        end write into that row's last slot, which no live request reads)."""
         n = self.slots
         tokens, positions, steps = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
         use_prev = np.zeros(n, np.int32)  # int32: step plans carry int32/uint32/float32 arrays only
-        members = {}
+        members, room = {}, 0
         for s, r in self._active.items():
             if prev is not None and prev.members.get(s) is r:
-                if r.pos + 1 >= self.max_seq_len or len(r.out_ids) + 1 >= r.params.max_tokens:
+                ahead = prev.k
+                if r.pos + ahead >= self.max_seq_len or len(r.out_ids) + ahead >= r.params.max_tokens:
                     continue
-                use_prev[s], positions[s], steps[s] = 1, r.pos + 1, len(r.out_ids) + 1
+                use_prev[s], positions[s], steps[s] = 1, r.pos + ahead, len(r.out_ids) + ahead
             else:
                 tokens[s], positions[s], steps[s] = r.last_token, r.pos, len(r.out_ids)
             members[s] = r
+            room = max(room, min(self.max_seq_len - positions[s], r.params.max_tokens - steps[s]))
         if not members:
             return None
+        k = self.decode_steps if room >= self.decode_steps else 1
         rows = [(r.params.temperature, r.params.top_k, r.params.top_p) for r in members.values()]
         flags = np.array([*sampling_flags(rows), any(r.params.logprobs for r in members.values())], np.int32)
         if self.cluster is not None:
             self.cluster.channel.send("decode", {
                 "use_prev": use_prev, "tokens": tokens, "positions": positions, "steps": steps,
                 "seeds": self._h_seed, "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp,
-                "flags": flags})
+                "flags": flags, "k": np.array([k], np.int32)})
         out = self._run_decode(use_prev, tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk,
-                               self._h_topp, flags)
-        return _Inflight(out, members)
+                               self._h_topp, flags, k)
+        return _Inflight(out, members, k)
 
     def _step(self):
         prev, self._inflight = self._inflight, None
@@ -467,20 +523,24 @@ class Engine:
             self._collect(prev)
 
     def _collect(self, step: _Inflight):
-        """Read a step's sampled tokens on the host and hand them to their requests (if still running)."""
+        """Read a call's sampled tokens on the host and hand them to their requests, step by step, while each
+        request is still running."""
         ids, lps, top_ids, top_lp = jax.device_get(step.out)  # one batched transfer, not four
+        if step.k == 1:
+            ids, lps, top_ids, top_lp = ids[None], lps[None], top_ids[None], top_lp[None]
         now = time.monotonic()
         for s, r in step.members.items():
-            if self._active.get(s) is not r:
-                continue  # ended while the step ran (its row was speculative)
-            r.pos += 1
-            if r.t_last is not None:
-                self.metrics.itl.observe(now - r.t_last)
-            r.t_last = now
-            if r.cancelled:
-                self._finish(r, reason="cancelled")
-            else:
-                self._on_token(r, int(ids[s]), float(lps[s]), top_ids[s], top_lp[s])
+            for i in range(step.k):
+                if self._active.get(s) is not r:
+                    break  # ended while the call ran, or by an earlier token of this call: the rest is discarded
+                r.pos += 1
+                if r.t_last is not None:
+                    self.metrics.itl.observe(now - r.t_last)
+                r.t_last = now
+                if r.cancelled:
+                    self._finish(r, reason="cancelled")
+                else:
+                    self._on_token(r, int(ids[i, s]), float(lps[i, s]), top_ids[i, s], top_lp[i, s])
 
     # --- the other processes of a cluster ------------------------------------------------------------------------
     def follow(self):
@@ -503,7 +563,7 @@ class Engine:
                     off += n
             elif kind == "decode":
                 self._run_decode(a["use_prev"], a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"],
-                                 a["topk"], a["topp"], a["flags"])
+                                 a["topk"], a["topp"], a["flags"], int(a["k"][0]))
             else:
                 raise DistributedError(f"received an unknown step plan {kind!r} from process 0")
 
