@@ -178,7 +178,11 @@ def attend(q, k, v, mask, scale, heads_major: bool = False):
     scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, :, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v, preferred_element_type=jnp.float32)
+    # Output in the dot's own order (batch, probs' free dims, v's), transposed after. Asking einsum for "btkgd"
+    # directly lets XLA:CPU fold that transpose into the dot after it has decided the bf16 dot needs no f32
+    # upcast, leaving a form its runtime cannot execute ("Unsupported element type for DotThunk::Execute:
+    # BF16 x BF16 = F32", batch >= 2 with several KV heads). Same dot on GPU; only the small output moves.
+    out = jnp.einsum(f"bkgts,{kv}->bkgtd", probs, v, preferred_element_type=jnp.float32).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
 
 
