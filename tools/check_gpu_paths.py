@@ -20,7 +20,7 @@ w32 = jax.tree.map(lambda a: a.astype(jnp.float32), w)
 for impl, dt, ws in (("f32", jnp.float32, w32), ("dense", jnp.bfloat16, w), ("grouped", jnp.bfloat16, w)):
     m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=dt,
                      expert_impl="dense" if impl == "f32" else impl).set_state(ws)
-    whole, _ = m.forward(tok, pos, m.init_cache(b, t + 64))
+    whole, _ = m.forward(tok, pos, m.init_cache(b, t + 64), fresh=True)
     cache = m.init_cache(b, t + 64)
     _, cache = m.forward(tok[:, :256], pos[:, :256], cache)
     second, cache = m.forward(tok[:, 256:], pos[:, 256:], cache)

@@ -22,7 +22,7 @@ for b in map(int, a.batch.split(",")):
     tok = jnp.zeros((b, t), jnp.int32) + 7
     pos = jnp.asarray(np.broadcast_to(np.arange(ctx - t, ctx, dtype=np.int32), (b, t)))
     cache = m.init_cache(b, ctx)
-    run = (lambda c: m.forward_last(tok, pos, c, jnp.full((b,), t - 1, jnp.int32))) if a.prefill else \
+    run = (lambda c: m.forward_last(tok, pos, c, jnp.full((b,), t - 1, jnp.int32), fresh=True)) if a.prefill else \
           (lambda c: m.forward(tok, pos, c))
     for _ in range(3):
         lg, cache = run(cache)

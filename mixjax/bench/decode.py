@@ -87,7 +87,7 @@ def time_prefill(model: ShardedModel, t: int, iters: int) -> float:
     state = {"cache": model.init_cache(1, t)}
 
     def run():
-        logits, state["cache"] = model.forward_last(tokens, pos, state["cache"], last)
+        logits, state["cache"] = model.forward_last(tokens, pos, state["cache"], last, fresh=True)
         return logits
 
     return timeit(run, iters=iters)

@@ -35,41 +35,55 @@ def timeit(fn, *args, iters: int = 20) -> float:
     return statistics.median(times)
 
 
-def measure_hbm_bandwidth(n_bytes: int = 2 << 30, iters: int = 20) -> float:
-    """The best rate the memory sustains, bytes per second: the fastest of three probes over n_bytes, each the best
-    of `iters` runs: an elementwise pass (read + write counted), a reduction, and a vector-matrix product (read
-    only: the access pattern of a decode step's weight reads; earlier probes without it read 3.0-3.5 TB/s on an
-    H200 while decode steps streamed faster, putting measured/roofline above 100%). Taking the fastest keeps the
-    rooflines built on it from flattering what they are compared with."""
-    cols = 131072
-    x = jnp.ones((n_bytes // 2 // cols, cols), jnp.bfloat16)
-    v = jnp.ones((1, x.shape[0]), jnp.bfloat16)
-    probes = [(jax.jit(lambda a, _: a + 1), 2 * n_bytes),
-              (jax.jit(lambda a, _: jnp.sum(a, axis=1, dtype=jnp.float32)), n_bytes),
-              (jax.jit(lambda a, u: jnp.dot(u, a, preferred_element_type=jnp.float32)), n_bytes)]
-    best_rate = 0.0
-    for f, moved in probes:
-        jax.block_until_ready(f(x, v))
-        for _ in range(iters):
+def device_seconds_per_op(op, inputs, r_lo: int = 2, r_hi: int = 8, reps: int = 5) -> float:
+    """Device seconds of one `op(*inputs[i])`: programs running the op on r_lo and on r_hi different inputs in one
+    jit, each the best of `reps` runs, and the slope between them, so that the call's dispatch and the host's wait
+    (tens of us on a GPU, several % of a 1 ms op) drop out. Distinct inputs keep XLA from merging the ops."""
+    best = {}
+    for r in (r_lo, r_hi):
+        f = jax.jit(lambda ins, r=r: [op(*ins[i]) for i in range(r)])
+        args = inputs[:r]
+        jax.block_until_ready(f(args))
+        t = float("inf")
+        for _ in range(reps):
             t0 = time.perf_counter()
-            jax.block_until_ready(f(x, v))
-            best_rate = max(best_rate, moved / (time.perf_counter() - t0))
-    return best_rate
+            jax.block_until_ready(f(args))
+            t = min(t, time.perf_counter() - t0)
+        best[r] = t
+    return max((best[r_hi] - best[r_lo]) / (r_hi - r_lo), 1e-12)
 
 
-def measure_matmul_rate(n: int = 8192, dtype=jnp.bfloat16, iters: int = 10) -> float:
-    """FLOP/s of one large square matmul, the faster of two forms (output in the input dtype, and float32
-    output), each the best of `iters` runs: the rate the device can reach, for "fraction of the matmul rate"."""
-    a = jnp.ones((n, n), dtype)
-    best = 0.0
-    for f in (jax.jit(lambda x, y: jnp.dot(x, y)),
-              jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))):
-        jax.block_until_ready(f(a, a))
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(a, a))
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
+def measure_hbm_bandwidth(n_bytes: int | None = None) -> float:
+    """The best rate the memory sustains, bytes read per second: the faster of two read probes over an n_bytes bf16
+    matrix (2 GiB on accelerators), device time per op (device_seconds_per_op): a product of 8 rows by the matrix
+    (the access pattern of a decode step's weight reads, a matrix product as XLA emits it for a decode batch) and a
+    reduction over its rows. Earlier versions timed one call per sync and used a single-row product, which XLA
+    turns into multiply + reduce: they read 2.9-3.6 TB/s on an H200 while the LM head's product streamed at 4.4,
+    putting measured/roofline above 100%. Taking the fastest keeps the rooflines from flattering what they are
+    compared with."""
+    if n_bytes is None:
+        n_bytes = (2 << 30) if jax.default_backend() != "cpu" else (64 << 20)
+    cols = 16384
+    rows = n_bytes // 2 // cols
+    w = jnp.ones((rows, cols), jnp.bfloat16)
+    vs = [jnp.full((8, rows), 1.0 + i, jnp.bfloat16) for i in range(8)]
+    cs = [jnp.full((1, cols), 1.0 + i, jnp.bfloat16) for i in range(8)]
+    gemm = device_seconds_per_op(lambda v, a: jnp.dot(v, a, preferred_element_type=jnp.float32), [(v, w) for v in vs])
+    red = device_seconds_per_op(lambda a, c: jnp.sum(a * c, axis=0, dtype=jnp.float32), [(w, c) for c in cs])
+    return n_bytes / min(gemm, red)
+
+
+def measure_matmul_rate(n: int | None = None, dtype=jnp.bfloat16) -> float:
+    """FLOP/s of a large square matmul (8192 on accelerators), device time per op (device_seconds_per_op), the
+    faster of two forms (output in the input dtype, and float32 output): the rate the device can reach, for
+    "fraction of the matmul rate". Earlier versions timed one call per sync, which cost an H200 ~10-25% of it."""
+    if n is None:
+        n = 8192 if jax.default_backend() != "cpu" else 1024
+    b = jnp.ones((n, n), dtype)
+    ins = [(jnp.full((n, n), 1.0 + i / 8, dtype), b) for i in range(8)]
+    t = min(device_seconds_per_op(lambda x, y: jnp.dot(x, y), ins),
+            device_seconds_per_op(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32), ins))
+    return 2 * n ** 3 / t
 
 
 def dense_experts(x, gates, wg, wu, wd):

@@ -80,21 +80,23 @@ def flash_attention(q, k, v, positions, *, scale: float, tiles: tuple[int, int, 
     return out[:, :t]
 
 
-def prefill_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: float, tiles, pallas: str):
+def prefill_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: float, tiles, pallas: str,
+                      fresh: bool = False):
     """Attention of a prompt chunk q [B,T,H,D] over the heads-major cache (which already holds k_new/v_new).
 
-    On GPU, when every row starts at position 0 (a whole prompt, the common case), the keys are exactly the chunk's
-    own k_new/v_new [B,T,K,D] and cuDNN's fused causal attention runs on them: 1.7x the Triton kernel at 8192
-    tokens on an H200 (tools/probe_flash.py). A chunk that starts mid-cache takes the Triton kernel. cuDNN needs
-    16-bit inputs; other dtypes and the interpreter take the Triton kernel."""
+    fresh=True promises that every row starts at position 0 (a whole prompt, the common case; the caller knows it
+    when compiling). Then the keys are exactly the chunk's own k_new/v_new [B,T,K,D], and on GPU cuDNN's fused
+    causal attention runs on them: 1.7x the Triton kernel at 8192 tokens on an H200 (tools/probe_flash.py). A chunk
+    that starts mid-cache takes the Triton kernel. The choice is static: a lax.cond on the positions made the GPU
+    runtime read its predicate back to the host in every layer. cuDNN needs 16-bit inputs; other dtypes and the
+    interpreter take the Triton kernel, which is exact for any start."""
     cached = lambda: flash_attention(q, k_cache, v_cache, positions, scale=scale, tiles=tiles,
                                      interpret=pallas == "interpret")
     if pallas != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] not in (64, 128):
         return cached()
 
-    def fresh():
-        return jax.nn.dot_product_attention(q, k_new.astype(q.dtype), v_new.astype(q.dtype), scale=scale,
-                                            is_causal=True, implementation="cudnn")
-
-    return lax.cond(jnp.all(positions[:, 0] == 0), fresh, cached)
+    if not fresh:
+        return cached()
+    return jax.nn.dot_product_attention(q, k_new.astype(q.dtype), v_new.astype(q.dtype), scale=scale,
+                                        is_causal=True, implementation="cudnn")
 

@@ -112,7 +112,8 @@ class Qwen3Attention(nnx.Module):
         kc, vc = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         tiles = tiles_for(t, kc.shape[2], hd) if par.pallas and t > 1 else None
         if tiles:  # prefill: flash attention, no [T, S] score matrix in memory
-            out = prefill_attention(q, k, v, kc, vc, positions, scale=hd ** -0.5, tiles=tiles, pallas=par.pallas)
+            out = prefill_attention(q, k, v, kc, vc, positions, scale=hd ** -0.5, tiles=tiles, pallas=par.pallas,
+                                    fresh=par.fresh_prompt)
         else:
             out = attend(q, kc, vc, causal_mask(positions, kc.shape[2]), hd ** -0.5, heads_major=True)
         out = self.o_proj(out.reshape(b, t, -1))

@@ -3,6 +3,7 @@ one jit-compiled `shard_map` whose body is the model's local-view code with expl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -49,6 +50,11 @@ class ShardedModel:
                             for entries in self.cache_layout]
         self._forward = jax.jit(self._build_forward(), donate_argnums=(3,))
         self._forward_last = jax.jit(self._build_forward(last=True), donate_argnums=(3,))
+        # whole prompts (every row from position 0): separate programs only where they differ (GPU flash attention)
+        gpu = self.par.pallas == "gpu"
+        self._forward_fresh = jax.jit(self._build_forward(fresh=True), donate_argnums=(3,)) if gpu else self._forward
+        self._forward_last_fresh = (jax.jit(self._build_forward(last=True, fresh=True), donate_argnums=(3,))
+                                    if gpu else self._forward_last)
 
     # The jitted step takes the weights as a flat list of arrays: flattening an nnx.State in Python on every call
     # cost ~0.8 ms per step on an H200 (measured 2026-11-24), as much as the whole batch-1 decode step on the GPU.
@@ -108,8 +114,10 @@ class ShardedModel:
                    for entries in self.cache_layout for e in entries)
 
     # --- forward -----------------------------------------------------------------------------------------------
-    def _build_forward(self, last: bool = False):
+    def _build_forward(self, last: bool = False, fresh: bool = False):
         graphdef, par = self.graphdef, self.par
+        if fresh:
+            par = dataclasses.replace(par, fresh_prompt=True)
 
         treedef = self._treedef
 
@@ -122,17 +130,22 @@ class ShardedModel:
                              in_specs=(self._leaf_specs, self.token_spec, self.token_spec, self.cache_specs) + extra,
                              out_specs=(self.logits_spec, self.cache_specs), check_vma=False)
 
-    def forward(self, tokens, positions, cache):
-        """tokens, positions [B, T] int32 -> (logits [B, T, vocab_padded] float32, new cache). Donates `cache`."""
+    def forward(self, tokens, positions, cache, *, fresh: bool = False):
+        """tokens, positions [B, T] int32 -> (logits [B, T, vocab_padded] float32, new cache). Donates `cache`.
+        fresh=True: every row starts at position 0 (a whole prompt); on GPU its attention then runs in cuDNN over
+        the prompt's own keys, without reading the cache (a wrong promise gives wrong attention there)."""
         if self.state is None:
             raise RuntimeError("no weights: call load() or set_state() first")
-        return self._forward(self.leaves, tokens, positions, cache)
+        return (self._forward_fresh if fresh else self._forward)(self.leaves, tokens, positions, cache)
 
-    def forward_last(self, tokens, positions, cache, last):
-        """As forward, but logits only at position last[b] of each row: [B, 1, vocab_padded] (prefill)."""
+    def forward_last(self, tokens, positions, cache, last, *, fresh: bool = False):
+        """As forward, but logits only at position last[b] of each row: [B, 1, vocab_padded] (prefill).
+        fresh=True: every row starts at position 0 (a whole prompt or its first chunk); a wrong promise gives wrong
+        attention on GPU."""
         if self.state is None:
             raise RuntimeError("no weights: call load() or set_state() first")
-        return self._forward_last(self.leaves, tokens, positions, cache, last)
+        fn = self._forward_last_fresh if fresh else self._forward_last
+        return fn(self.leaves, tokens, positions, cache, last)
 
     def lower_forward(self, batch: int, seq: int, max_len: int):
         """The lowered forward for given shapes (for HLO inspection and compile-time checks)."""

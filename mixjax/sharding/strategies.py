@@ -93,6 +93,9 @@ class ParallelContext:
     fused_chunks: int = 2
     capacity_factor: float | None = None  # None: exact, no token can be dropped
     expert_impl: str = "dense"  # "dense" | "grouped" | "grouped-interpret" (see layers.Experts)
+    # Every row of the call starts at position 0 (a whole prompt, or its first chunk), known when compiling: prefill
+    # attention then runs over the chunk's own keys (cuDNN on GPU) without a run-time test of the positions.
+    fresh_prompt: bool = False
 
     @property
     def pallas(self) -> str | None:
