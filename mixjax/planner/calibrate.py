@@ -339,6 +339,85 @@ def measure_launch(mesh, R: int, reps: int) -> dict:
     return {"op_overhead_s": t / per_body, "kernels_per_body": per_body, "step_overhead_s": max(0.0, t1 - t)}
 
 
+# Qwen3-30B-A3B's expert shapes: the grouped-kernel probe (GPU calibration) measures the Triton kernels there
+GROUPED_PROBE = dict(d_model=2048, d_ff=768, experts=128, top_k=8, tokens=(64, 1024, 2048, 8192))
+GROUPED_PROBE_QUICK = dict(GROUPED_PROBE, tokens=(64, 2048))
+# forced on a CPU (--grouped on): the kernels run interpreted, so only a small shape is affordable
+GROUPED_PROBE_INTERPRET = dict(d_model=64, d_ff=32, experts=8, top_k=2, tokens=(8, 64))
+
+
+def _uniform_gates(n: int, e: int, k: int, seed: int = 0):
+    """[n, e] float32 gates with k non-zeros per row at uniformly random experts (weights summing to 1)."""
+    rng = np.random.RandomState(seed)
+    ids = np.argsort(rng.random_sample((n, e)), axis=1)[:, :k]
+    w = rng.random_sample((n, k)).astype(np.float32) + 0.1
+    g = np.zeros((n, e), np.float32)
+    np.put_along_axis(g, ids, w / w.sum(1, keepdims=True), axis=1)
+    return g
+
+
+def measure_grouped_experts(d_model: int, d_ff: int, experts: int, top_k: int, tokens, dtype, reps: int,
+                            interpret: bool = False) -> dict:
+    """Achieved rates of the grouped expert kernels (mixjax.kernels.grouped_experts, the real `grouped_swiglu`)
+    on one device, per row-block size BM.
+
+    For each token count n (uniform top-k routing): the whole `grouped_swiglu` call, and the same call without
+    its two Pallas kernels (the layout: top-k, sort, scatters, the gather of x into the padded buffer; and the
+    combine: the gather of the [n, k, D] outputs and the weighted sum), each timed R times (TIME_STAT). The
+    kernels' time is the difference. With this routing's exact blocks (from `group_layout`) and the cost
+    model's work of the two kernels (`grouped_expert_cost`: FLOPs 2 * 3 D F per padded row; bytes = each block's
+    expert weights once + the x / h / y rows), the achieved matmul rate FLOPs / t and bandwidth bytes / t
+    per BM are what `impl_step_cost` then charges the kernels at (the roofline of the two)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax import lax  # noqa: PLC0415
+
+    from mixjax.kernels.grouped_experts import choose_blocks, group_layout, grouped_swiglu  # noqa: PLC0415
+
+    dt = jnp.dtype(dtype)
+    d, f, e, k = d_model, d_ff, experts, top_k
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    wg = (jax.random.normal(keys[0], (e, d, f), jnp.float32) * 0.02).astype(dt)
+    wu = (jax.random.normal(keys[1], (e, d, f), jnp.float32) * 0.02).astype(dt)
+    wd = (jax.random.normal(keys[2], (e, f, d), jnp.float32) * 0.02).astype(dt)
+    samples = []
+    for n in tokens:
+        blk = choose_blocks(n * k, e, d, f)
+        if blk is None:
+            continue
+        x = jax.random.normal(jax.random.fold_in(keys[3], n), (n, d), jnp.float32).astype(dt)
+        gates = jnp.asarray(_uniform_gates(n, e, k, seed=n))
+
+        def full(x, g, blk=blk):
+            return grouped_swiglu(x, g, wg, wu, wd, k=k, blk=blk, interpret=interpret)
+
+        def around(x, g, blk=blk):  # grouped_swiglu's layout and combine, the padded x standing in for y
+            lay = group_layout(g, k, blk.bm)
+            m = lay.block_expert.shape[0] * blk.bm
+            y = lax.optimization_barrier(jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row])
+            rows = y[jnp.minimum(lay.dest, m - 1)]
+            rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
+            return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)
+
+        t_full, t_around = _time_interleaved([jax.jit(full), jax.jit(around)], (x, gates), reps)
+        blocks = int(np.sum(np.asarray(group_layout(gates, k, blk.bm).block_expert) >= 0))
+        padded = blocks * blk.bm
+        flops = 2.0 * 3 * d * f * padded
+        nbytes = blocks * 3.0 * d * f * dt.itemsize + padded * (2 * d + 2 * f) * dt.itemsize
+        t_k = t_full - t_around
+        samples.append({"tokens": n, "bm": blk.bm, "blocks": blocks, "padded_rows": padded, "flops": flops,
+                        "kernel_bytes": nbytes, "t_full_s": t_full, "t_layout_combine_s": t_around,
+                        "t_kernels_s": t_k})
+    rates = {}
+    for bm in sorted({s["bm"] for s in samples}):
+        pts = [s for s in samples if s["bm"] == bm and s["t_kernels_s"] > 0]
+        if pts:
+            t = sum(s["t_kernels_s"] for s in pts)
+            rates[str(bm)] = {"flops": sum(s["flops"] for s in pts) / t, "bw": sum(s["kernel_bytes"] for s in pts) / t}
+    return {"shape": {"d_model": d, "d_ff": f, "experts": e, "top_k": k}, "dtype": str(dt),
+            "interpret": interpret, "samples": samples, "rates": rates}
+
+
 # ---------------------------------------------------------------- plan of measurements
 @dataclasses.dataclass
 class Settings:
@@ -366,6 +445,14 @@ def settings_for(platform: str, quick: bool) -> Settings:
                     mem_bytes=1024 * M)
 
 
+def _loadavg() -> list[float] | None:
+    """The host's 1, 5 and 15 minute load averages (other processes competing for the cores), if known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def default_mesh_shape(n_devices: int) -> str:
     return f"2x{n_devices // 2}" if n_devices >= 4 and n_devices % 2 == 0 else f"1x{n_devices}"
 
@@ -383,8 +470,11 @@ def device_memory_bytes(device, n_devices: int) -> float | None:
 
 
 def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | None = None,
-              progress: bool = True, log=print) -> dict:
-    """Measure the current devices; returns the profile dict (see save_profile)."""
+              progress: bool = True, log=print, grouped: bool | None = None, grouped_probe: dict | None = None,
+              ) -> dict:
+    """Measure the current devices; returns the profile dict (see save_profile). grouped: also probe the
+    grouped expert kernels (`measure_grouped_experts`; default: on GPU only, where mixjax runs them; elsewhere
+    they would run interpreted), on `grouped_probe` shapes (default GROUPED_PROBE, or GROUPED_PROBE_QUICK)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -409,11 +499,14 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
     jobs += [("matmul", None, d, w) for d in mm_dtypes for w in st.matmul_widths]
     jobs += [("memory", None, None, None), ("relayout", None, None, None)]
     jobs += [("coll", g, k, s) for g in groups for k in COLLECTIVES for s in st.coll_sizes]
+    if grouped if grouped is not None else platform == "gpu":
+        jobs.append(("grouped", None, None, None))
     samples: dict = {g: {k: [] for k in COLLECTIVES} for g in groups}
     ag_time: dict = {}
     mm_samples: dict = {d: [] for d in mm_dtypes}
     compute: dict = {"matmul_flops": {}, "matmul_half_width": {}, "matmul_shape": list(st.matmul_mk)}
     t_start = time.perf_counter()
+    load_start = _loadavg()
     bar = tqdm(jobs, desc=f"calibrate {platform} {mesh_shape}", disable=not progress, leave=False)
     for what, group, kind, size in bar:
         bar.set_postfix_str(f"{what} {group or ''} {kind or ''} {size or ''}".strip())
@@ -427,6 +520,12 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
             key = "mem_bw" if what == "memory" else "relayout_bw"
             compute[key] = measure_memory_bw(mesh, st.mem_bytes, jnp.float32, max(3, st.chain // 2), st.reps,
                                              relayout=what == "relayout")
+        elif what == "grouped":
+            probe = dict(grouped_probe or (GROUPED_PROBE_INTERPRET if platform != "gpu" else
+                                           GROUPED_PROBE_QUICK if quick else GROUPED_PROBE))
+            compute["grouped_experts"] = measure_grouped_experts(
+                **probe, dtype=jnp.bfloat16 if platform != "cpu" else jnp.float32, reps=st.reps,
+                interpret=platform != "gpu")
         else:
             axes = groups[group]
             t, nbytes = measure_collective(mesh, kind, axes, size, coll_dtype, st.chain, st.reps,
@@ -457,6 +556,7 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
         "platform": platform, "device_kind": dev.device_kind, "device_count": len(devices),
         "mesh": f"{nodes}x{gpus}", "quick": quick, "collective_dtype": str(coll_dtype), "statistic": TIME_STAT,
         "jax_version": jax.__version__, "seconds": round(time.perf_counter() - t_start, 2),
+        "load_average": {"start": load_start, "end": _loadavg()},
         "hbm_bytes": device_memory_bytes(dev, len(devices)),
         "compute": compute, "collectives": fits,
         "notes": "all rates per device with every device of the mesh busy at once",
@@ -517,6 +617,15 @@ def print_profile(prof: dict, log=print) -> None:
     for d, pts in c.get("matmul_samples", {}).items():
         log(f"  matmul {d} [{c['matmul_shape'][0]}x{c['matmul_shape'][1]}] @ [.. x width]: " + "  ".join(
             f"w{w:.0f}:{f / t / 1e12:.3g}" if t > 0 else f"w{w:.0f}:-" for f, w, t in pts) + " TFLOP/s")
+    ge = c.get("grouped_experts")
+    if ge:
+        sh = ge["shape"]
+        log(f"  grouped expert kernels (D {sh['d_model']}, F {sh['d_ff']}, {sh['experts']} experts, top-"
+            f"{sh['top_k']}, {ge['dtype']}{', interpreted' if ge.get('interpret') else ''}): " + "  ".join(
+                f"{s['tokens']} tokens BM {s['bm']}: {s['t_full_s'] * 1e6:.0f} us (kernels "
+                f"{s['t_kernels_s'] * 1e6:.0f})" for s in ge["samples"]))
+        log("    achieved per BM: " + "  ".join(f"BM {bm}: {r['bw'] / 1e9:.4g} GB/s, {r['flops'] / 1e12:.4g} TFLOP/s"
+                                               for bm, r in ge["rates"].items()))
     if prof.get("hbm_bytes"):
         log(f"  device memory {prof['hbm_bytes'] / 2**30:.1f} GiB")
     if not prof["collectives"]:
@@ -620,6 +729,8 @@ def cluster_from_profile(prof: dict, nodes: int | None = None, gpus: int | None 
         hbm_bytes=float(hbm), hbm_bw=float(c["mem_bw"]), peak_flops=float(mm[dtype]),
         mm_half_width=float(c.get("matmul_half_width", {}).get(dtype, 0.0)),
         relayout_bw=float(c.get("relayout_bw", 0.0)),
+        grouped_rates={int(bm): (float(r["flops"]), float(r["bw"]))
+                       for bm, r in c.get("grouped_experts", {}).get("rates", {}).items()} or None,
         collectives=fits, calib_mesh=(pn, pg), op_overhead=float(c.get("op_overhead_s", 0.0)),
         step_overhead=float(c.get("step_overhead_s", 0.0)), source=src,
         platform=prof["platform"], **links)

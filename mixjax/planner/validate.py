@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import os
 import statistics
 import sys
 import time
@@ -77,9 +78,20 @@ def compare_rankings(names, predicted, measured, spread=None, tol: float = 0.03)
             "pairs_agree": agree, "pairs_distinguishable": total, "pairs_disagree": disagree}
 
 
-def _config(model: str, layers: int):
-    from mixjax.bench.layers import PRESETS  # noqa: PLC0415
+# Validation-only shapes (next to mixjax.bench.layers.PRESETS): "cpu-small" is the CPU default, large enough
+# that the matmuls and memory passes the cost model prices outweigh the fixed costs (kernel dispatch, thread
+# rendezvous) and the timing noise of 8 simulated devices on a few cores, small enough for a few minutes' run.
+VALIDATE_PRESETS = {
+    "cpu-small": dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=64, num_experts=16,
+                      num_experts_per_tok=2),
+}
 
+
+def _config(model: str, layers: int):
+    from mixjax.bench.layers import PRESETS as BENCH  # noqa: PLC0415
+
+    PRESETS = {**BENCH, **VALIDATE_PRESETS}
     if model in PRESETS:
         from mixjax.models.qwen3_moe import Qwen3MoeConfig  # noqa: PLC0415
 
@@ -91,7 +103,7 @@ def _config(model: str, layers: int):
 
         cfg = load_config(model)
         return dataclasses.replace(cfg, num_hidden_layers=layers) if layers else cfg
-    raise SystemExit(f"--model {model!r}: neither a bench preset ({sorted(PRESETS)}) nor a config directory")
+    raise SystemExit(f"--model {model!r}: neither a preset ({sorted(PRESETS)}) nor a config directory")
 
 
 def _build(cfg, mesh, strategy: str, dtype, chunks: int, expert_impl: str = "auto"):
@@ -111,13 +123,20 @@ class _Run:
     """One (mesh, strategy, phase): a built model, its inputs and cache, and the timed samples."""
 
     def __init__(self, mesh, nodes, gpus, strategy, phase, model, batch, seq, ctx, kernels):
+        import jax  # noqa: PLC0415
         import jax.numpy as jnp  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
+        from jax.sharding import NamedSharding  # noqa: PLC0415
 
         self.mesh, self.nodes, self.gpus, self.strategy, self.phase = mesh, nodes, gpus, strategy, phase
         self.model, self.batch, self.seq, self.ctx, self.kernels = model, batch, seq, ctx, kernels
-        self.tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32)
-        self.pos = jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq)))
+        # inputs placed as the compiled step takes them: otherwise every call first runs a resharding program for
+        # tokens and positions (a host-side cost of ~0.6 ms per step on the 8 CPU devices, not part of the step)
+        on_mesh = NamedSharding(model.mesh, model.token_spec)
+        self.tokens = jax.device_put(
+            jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32), on_mesh)
+        self.pos = jax.device_put(
+            jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq))), on_mesh)
         self.cache = model.init_cache(batch, ctx)
         self.samples: list[float] = []
         for _ in range(2):  # compile and warm up (as mixjax.bench.layers.time_step)
@@ -132,6 +151,14 @@ class _Run:
             t0 = time.perf_counter()
             self._step()
             self.samples.append(time.perf_counter() - t0)
+
+
+def _loadavg() -> list[float] | None:
+    """The host's 1, 5 and 15 minute load averages (other processes competing for the cores), if known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def default_meshes(n_devices: int) -> list[str]:
@@ -199,6 +226,7 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
     # $MIXJAX_EXPERTS included)
     impl = resolve_expert_impl(expert_impl, make_mesh(meshes[0], devices))
     t_start = time.perf_counter()
+    load_start = _loadavg()
     # build and compile everything first, then time in interleaved rounds, so that a change in the machine's
     # load (other processes) shifts every strategy alike instead of whichever ran at the time
     runs = []
@@ -249,7 +277,8 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
         "expert_impl": impl, "timed": "ShardedModel.forward (logits for every position)",
         "shapes": {ph: dict(zip(("batch", "seq", "ctx"), shapes[ph])) for ph in phases},
         "chunks": chunks, "iters": iters, "rounds": rounds, "statistic": stat,
-        "seconds": round(time.perf_counter() - t_start, 1), "skipped": skipped, **out,
+        "seconds": round(time.perf_counter() - t_start, 1), "load_average": {"start": load_start, "end": _loadavg()},
+        "skipped": skipped, **out,
     }
     return out
 
