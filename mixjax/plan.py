@@ -98,7 +98,7 @@ def validate_main(argv) -> int:
     ap.add_argument("--phases", default="decode,prefill")
     ap.add_argument("--dtype", help="default float32 on CPU, bfloat16 elsewhere")
     ap.add_argument("--chunks", type=int, default=2, help="fused path chunks (ShardedModel.fused_chunks)")
-    ap.add_argument("--iters", type=int, help="timed steps per (mesh, strategy, phase) (default 24 on CPU, 12 "
+    ap.add_argument("--iters", type=int, help="timed steps per (mesh, strategy, phase) (default 48 on CPU, 12 "
                                               "elsewhere)")
     ap.add_argument("--rounds", type=int, help="interleaved timing rounds the steps are spread over (default 8 on "
                                                "CPU, 4 elsewhere)")
@@ -118,7 +118,7 @@ def validate_main(argv) -> int:
 
     cpu = jax.devices()[0].platform == "cpu"
     model = args.model or ("cpu-small" if cpu else "qwen3-30b-a3b")
-    iters, rounds = args.iters or (24 if cpu else 12), args.rounds or (8 if cpu else 4)
+    iters, rounds = args.iters or (48 if cpu else 12), args.rounds or (8 if cpu else 4)
     ctx = args.ctx or (128 if cpu else 1024)
     pb, pl = args.prefill_batch or (8 if cpu else 4), args.prefill_len or (32 if cpu else 512)
     res = validate(model=model, layers=args.layers, meshes=args.mesh.split(",") if args.mesh else None,

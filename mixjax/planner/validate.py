@@ -161,6 +161,27 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _reference_ratio(prof: dict, devices, stat: str) -> float | None:
+    """The calibration's widest matmul probe timed again now, over its time in the profile: how much slower (> 1)
+    or faster the machine runs than when it was calibrated (other processes' load; reported, not used by the
+    predictions). None when the profile's mesh does not fit these devices."""
+    from mixjax.planner import calibrate as C  # noqa: PLC0415
+    from mixjax.sharding.mesh import make_mesh  # noqa: PLC0415
+
+    c = prof["compute"]
+    d = "float32" if "float32" in c.get("matmul_samples", {}) else next(iter(c.get("matmul_samples", {})), None)
+    if d is None or prof.get("device_count") != len(devices):
+        return None
+    flops, _, t_prof = max(c["matmul_samples"][d], key=lambda x: x[0])
+    m, k = c["matmul_shape"]
+    old, C.TIME_STAT = C.TIME_STAT, stat
+    try:
+        t = C.measure_matmul(make_mesh(prof["mesh"], devices), m, k, int(round(flops / (2 * m * k))), d, 6, 9)
+    finally:
+        C.TIME_STAT = old
+    return round(t / t_prof, 3) if t_prof > 0 else None
+
+
 def default_meshes(n_devices: int) -> list[str]:
     out = [f"1x{n_devices}"]
     if n_devices >= 4 and n_devices % 2 == 0:
@@ -227,6 +248,7 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
     impl = resolve_expert_impl(expert_impl, make_mesh(meshes[0], devices))
     t_start = time.perf_counter()
     load_start = _loadavg()
+    ref_start = _reference_ratio(prof, devices, stat)
     # build and compile everything first, then time in interleaved rounds, so that a change in the machine's
     # load (other processes) shifts every strategy alike instead of whichever ran at the time
     runs = []
@@ -265,6 +287,7 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
             "collectives": r.kernels["collectives"],
         })
     runs.clear()
+    ref_end = _reference_ratio(prof, devices, stat)
     out = _summarise(rows, meshes, phases)
     out = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -278,6 +301,7 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
         "shapes": {ph: dict(zip(("batch", "seq", "ctx"), shapes[ph])) for ph in phases},
         "chunks": chunks, "iters": iters, "rounds": rounds, "statistic": stat,
         "seconds": round(time.perf_counter() - t_start, 1), "load_average": {"start": load_start, "end": _loadavg()},
+        "reference_slowdown": {"start": ref_start, "end": ref_end},
         "skipped": skipped, **out,
     }
     return out
@@ -297,11 +321,19 @@ def _summarise(rows, meshes, phases) -> dict:
                               [r["measured_rel_spread"] for r in sel])
         rankings.append(dict(mesh=m, phase=ph, **rk))
     errs = [abs(r["rel_err"]) for r in rows]
+    cells = [r for r in rankings if r["mesh"] != "all"]  # the per-(mesh, phase) rankings the criterion is about
     return {"rows": rows, "rankings": rankings,
             "summary": {"median_abs_rel_err": statistics.median(errs) if errs else None,
                         "max_abs_rel_err": max(errs) if errs else None,
+                        "median_rel_err": statistics.median(r["rel_err"] for r in rows) if rows else None,
                         "rankings_exact": sum(r["exact"] for r in rankings), "rankings": len(rankings),
-                        "best_match": sum(r["best_match"] for r in rankings)}}
+                        "best_match": sum(r["best_match"] for r in rankings),
+                        # per (mesh, phase): pairs outside the noise ordered right, and the cells in which every
+                        # such pair is (the order is right up to pairs the measurement cannot tell apart)
+                        "cell_pairs_agree": sum(r["pairs_agree"] for r in cells),
+                        "cell_pairs_distinguishable": sum(r["pairs_distinguishable"] for r in cells),
+                        "cells_consistent": sum(r["pairs_agree"] == r["pairs_distinguishable"] for r in cells),
+                        "cells": len(cells)}}
 
 
 def repredict(res: dict, prof: dict, expert_impl: str | None = None) -> dict:
@@ -373,6 +405,19 @@ def print_report(res: dict, log=print) -> None:
     log(f"\n|relative error|: median {sm['median_abs_rel_err']:.1%}, max {sm['max_abs_rel_err']:.1%}; exact "
         f"ranking {sm['rankings_exact']}/{sm['rankings']}, best strategy {sm['best_match']}/{sm['rankings']}; "
         f"{res['seconds']:.0f} s")
+    if "cells" in sm:
+        log(_pairs_line(sm))
+    if res.get("load_average"):
+        log(f"load average (1, 5, 15 min) at start {res['load_average']['start']}, at end {res['load_average']['end']}")
+    if (res.get("reference_slowdown") or {}).get("start"):
+        rs = res["reference_slowdown"]
+        log(f"the calibration's matmul probe ran {rs['start']}x (start) and {rs['end']}x (end) its calibrated time")
+
+
+def _pairs_line(sm: dict) -> str:
+    return (f"Per mesh and phase: {sm['cell_pairs_agree']}/{sm['cell_pairs_distinguishable']} pairs whose measured "
+            f"difference is outside the noise ordered right; {sm['cells_consistent']}/{sm['cells']} cells with every "
+            "such pair right.")
 
 
 def to_markdown(res: dict) -> str:
@@ -412,5 +457,12 @@ def to_markdown(res: dict) -> str:
     sm = res["summary"]
     out += ["", f"|relative error|: median {sm['median_abs_rel_err']:.0%}, max {sm['max_abs_rel_err']:.0%}. "
                 f"Exact order {sm['rankings_exact']}/{sm['rankings']}, fastest strategy {sm['best_match']}/"
-                f"{sm['rankings']}."]
+                f"{sm['rankings']}." + (" " + _pairs_line(sm) if "cells" in sm else "")]
+    if res.get("load_average"):
+        out.append(f"Load average (1, 5, 15 min): {res['load_average']['start']} at the start, "
+                   f"{res['load_average']['end']} at the end.")
+    if (res.get("reference_slowdown") or {}).get("start"):
+        rs = res["reference_slowdown"]
+        out.append(f"The calibration's widest matmul probe, timed again, ran at {rs['start']}x (start) and "
+                   f"{rs['end']}x (end) its calibrated time (not used by the predictions).")
     return "\n".join(out)
