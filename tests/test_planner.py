@@ -493,3 +493,19 @@ def test_calibrate_skips_grouped_probe_on_cpu_by_default(monkeypatch):
     prof = C.calibrate("2x4", quick=True, progress=False, grouped=True)
     assert called and called[0]["interpret"] and called[0]["d_model"] == C.GROUPED_PROBE_INTERPRET["d_model"]
     assert prof["compute"]["grouped_experts"] == {"rates": {}}
+
+
+def test_rankings_best_within_noise_and_cell_summary():
+    from mixjax.planner.validate import _summarise, compare_rankings
+
+    # b measured fastest by 2 %, inside a 5 % noise: predicting a fastest is not a miss within the noise
+    rk = compare_rankings(["a", "b", "c"], [1.0, 1.1, 2.0], [1.02, 1.0, 2.0], [0.05, 0.05, 0.05])
+    assert not rk["best_match"] and rk["best_within_noise"] and rk["pairs_distinguishable"] == 2
+    rk = compare_rankings(["a", "b"], [1.0, 2.0], [2.0, 1.0], [0.01, 0.01])
+    assert not rk["best_within_noise"] and rk["pairs_disagree"] == ["a vs b"]
+    rows = [dict(mesh=m, phase="decode", strategy=s, measured_s=t, predicted_s=p, rel_err=p / t - 1,
+                 measured_rel_spread=0.01) for m, s, t, p in (("1x8", "tp", 1.0, 1.0), ("1x8", "ep", 2.0, 0.5),
+                                                              ("2x4", "tp", 1.0, 1.0), ("2x4", "ep", 2.0, 3.0))]
+    sm = _summarise(rows, ["1x8", "2x4"], ["decode"])["summary"]
+    assert (sm["cells"], sm["cell_pairs_distinguishable"], sm["cell_pairs_agree"], sm["cells_consistent"],
+            sm["cells_best_within_noise"]) == (2, 2, 1, 1, 1)

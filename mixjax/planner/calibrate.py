@@ -519,7 +519,7 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
             mm_samples[kind].append([2.0 * m_ * k_ * size, min(m_, k_, size), t])
         elif what in ("memory", "relayout"):
             key = "mem_bw" if what == "memory" else "relayout_bw"
-            compute[key] = measure_memory_bw(mesh, st.mem_bytes, jnp.float32, max(3, st.chain // 2), st.reps,
+            compute[key] = measure_memory_bw(mesh, st.mem_bytes, jnp.float32, max(3, st.chain), st.reps,
                                              relayout=what == "relayout")
         elif what == "grouped":
             probe = dict(grouped_probe or (GROUPED_PROBE_INTERPRET if platform != "gpu" else
