@@ -326,6 +326,9 @@ def test_calibrate_quick_cli(tmp_path):
             assert fits[k]["alpha"] >= 0 and fits[k]["bw"] > 0 and fits[k]["samples"]
     c = prof["compute"]
     assert c["mem_bw"] > 0 and c["matmul_flops"]["float32"] > 0 and c["op_overhead_s"] >= 0
+    # the second matmul sweep, narrow in rows (weights passed as arguments), on CPU
+    assert [w for _, w, _ in c["matmul_rows_samples"]["float32"]] == [8, 32, 128, 256]
+    assert "grouped_experts" not in c and prof["load_average"]["start"] is not None
     assert "all_reduce" in r.stdout and "profile written" in r.stdout
     cl = C.cluster_from_profile(prof)
     assert cl.source.startswith("calibrated") and math.isfinite(cl.peak_flops)

@@ -176,21 +176,25 @@ def _sharded_input(mesh, per_device_shape, dtype, fill=1.0):
     return make()
 
 
-def _chain_program(mesh, body, R: int):
+def _chain_program(mesh, body, R: int, consts: int = 0):
     """jit(shard_map) applying `body` (same shape in and out) R times in a row on every device: x <- body(x).
     Each step depends on the previous one through its data and an optimization barrier (which also keeps XLA
-    from fusing elementwise steps together), so that the steps run one after another."""
+    from fusing elementwise steps together), so that the steps run one after another. `consts` more arguments,
+    replicated, are passed to every body (x <- body(x, *consts)): operands such as weights that a real step
+    receives as arguments rather than as compile-time constants."""
     import jax  # noqa: PLC0415
     from jax import lax  # noqa: PLC0415
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
     spec = _all_devices_spec(mesh)
 
-    def local(x):
+    def local(x, *c):
         for _ in range(R):
-            x = lax.optimization_barrier(body(x))
+            x = lax.optimization_barrier(body(x, *c))
         return x
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) + (P(),) * consts, out_specs=spec,
+                                 check_vma=False))
 
 
 def _time_interleaved(fns, args, reps: int, warmup: int = 2) -> list[float]:
@@ -208,12 +212,12 @@ def _time_interleaved(fns, args, reps: int, warmup: int = 2) -> list[float]:
     return [min(t) if TIME_STAT == "min" else statistics.median(t) for t in ts]
 
 
-def _per_run(mesh, body, x, R: int, reps: int) -> tuple[float, object, float]:
+def _per_run(mesh, body, x, R: int, reps: int, consts=()) -> tuple[float, object, float]:
     """Time of one `body`: the least-squares slope of T(r) over chains of r = 1, R/2 and R bodies (the
     intercept, a call's fixed cost, drops out). Returns (slope, the compiled R-chain, T(1))."""
     lengths = sorted({1, max(2, R // 2), R})
-    fns = [_chain_program(mesh, body, r) for r in lengths]
-    ts = _time_interleaved(fns, (x,), reps)
+    fns = [_chain_program(mesh, body, r, len(consts)) for r in lengths]
+    ts = _time_interleaved(fns, (x, *consts), reps)
     slope = float(np.polyfit(np.array(lengths, float), np.array(ts), 1)[0])
     return max(slope, 0.0), fns[-1], ts[0]
 
@@ -256,17 +260,20 @@ def measure_collective(mesh, kind: str, axes, nbytes: int, dtype, R: int, reps: 
 
 def measure_matmul(mesh, m: int, k: int, n: int, dtype, R: int, reps: int) -> float:
     """Seconds per [m, k] @ [k, n] matmul with every device of the mesh multiplying at once (the chain runs
-    x <- (x @ w) @ w^T, two matmuls per step of the same FLOPs and narrow dimension n)."""
+    x <- (x @ w) @ w^T, two matmuls per step of the same FLOPs and narrowest dimension min(m, k, n)). The
+    weight w is an argument of the program, as a model's weights are: XLA:CPU prepares (packs) a weight that is
+    a compile-time constant once, and an argument on every call, which costs a product of few rows about as
+    much as its arithmetic (2x on [8, 512] @ [512, 512])."""
     import jax.numpy as jnp  # noqa: PLC0415
 
     x = _sharded_input(mesh, (m, k), dtype, fill=1.0 / k)
     w = jnp.full((k, n), 1.0 / max(k, n), dtype)
 
-    def body(a):
+    def body(a, w):
         h = jnp.matmul(a, w, preferred_element_type=jnp.float32).astype(a.dtype)
         return jnp.matmul(h, w.T, preferred_element_type=jnp.float32).astype(a.dtype)
 
-    t, _, _ = _per_run(mesh, body, x, R, reps)
+    t, _, _ = _per_run(mesh, body, x, R, reps, consts=(w,))
     return t / 2
 
 
@@ -428,6 +435,9 @@ class Settings:
     matmul_mk: tuple[int, int]  # rows and contraction of the width sweep
     matmul_widths: tuple[int, ...]
     mem_bytes: int
+    # contraction and columns of a second sweep whose narrow dimension is the rows, as in a decode step's
+    # products (CPU, where a product of few rows pays the per-call preparation of its weight; None: not swept)
+    matmul_rows_kn: tuple[int, int] | None = None
 
 
 def settings_for(platform: str, quick: bool) -> Settings:
@@ -435,9 +445,9 @@ def settings_for(platform: str, quick: bool) -> Settings:
     if platform == "cpu":
         if quick:
             return Settings((4 * K, 64 * K, 1 * M), chain=4, reps=5, matmul_mk=(512, 256),
-                            matmul_widths=(8, 32, 128, 512), mem_bytes=4 * M)
+                            matmul_widths=(8, 32, 128, 512), mem_bytes=4 * M, matmul_rows_kn=(256, 1024))
         return Settings((4 * K, 16 * K, 64 * K, 256 * K, 1 * M, 4 * M), chain=6, reps=9, matmul_mk=(1024, 256),
-                        matmul_widths=(8, 16, 32, 64, 128, 256, 512), mem_bytes=16 * M)
+                        matmul_widths=(8, 16, 32, 64, 128, 256, 512), mem_bytes=16 * M, matmul_rows_kn=(256, 1024))
     if quick:
         return Settings((64 * K, 1 * M, 16 * M, 128 * M), chain=4, reps=5, matmul_mk=(8192, 4096),
                         matmul_widths=(128, 512, 2048, 8192), mem_bytes=256 * M)
@@ -498,6 +508,8 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
         groups.pop("world")  # same ranks as the one axis of size > 1
     jobs = [("launch", None, None, None)]
     jobs += [("matmul", None, d, w) for d in mm_dtypes for w in st.matmul_widths]
+    if st.matmul_rows_kn:
+        jobs += [("matmul_rows", None, d, w) for d in mm_dtypes for w in st.matmul_widths]
     jobs += [("memory", None, None, None), ("relayout", None, None, None)]
     jobs += [("coll", g, k, s) for g in groups for k in COLLECTIVES for s in st.coll_sizes]
     if grouped if grouped is not None else platform == "gpu":
@@ -505,6 +517,7 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
     samples: dict = {g: {k: [] for k in COLLECTIVES} for g in groups}
     ag_time: dict = {}
     mm_samples: dict = {d: [] for d in mm_dtypes}
+    mm_rows: dict = {d: [] for d in mm_dtypes}
     compute: dict = {"matmul_flops": {}, "matmul_half_width": {}, "matmul_shape": list(st.matmul_mk)}
     t_start = time.perf_counter()
     load_start = _loadavg()
@@ -517,6 +530,10 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
             m_, k_ = st.matmul_mk
             t = measure_matmul(mesh, m_, k_, size, jnp.dtype(kind), max(3, st.chain // 2), st.reps)
             mm_samples[kind].append([2.0 * m_ * k_ * size, min(m_, k_, size), t])
+        elif what == "matmul_rows":
+            k_, n_ = st.matmul_rows_kn
+            t = measure_matmul(mesh, size, k_, n_, jnp.dtype(kind), max(3, st.chain // 2), st.reps)
+            mm_rows[kind].append([2.0 * size * k_ * n_, min(size, k_, n_), t])
         elif what in ("memory", "relayout"):
             key = "mem_bw" if what == "memory" else "relayout_bw"
             compute[key] = measure_memory_bw(mesh, st.mem_bytes, jnp.float32, max(3, st.chain), st.reps,
@@ -536,11 +553,13 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
             samples[group][kind].append([nbytes, t])
     bar.close()
     for d, pts in mm_samples.items():
-        f = fit_matmul(pts)
+        f = fit_matmul(pts + mm_rows[d])  # one width curve over both sweeps
         compute["matmul_flops"][d] = f["peak"]
         compute["matmul_half_width"][d] = f["half_width"]
         compute.setdefault("matmul_fit_rel_rms", {})[d] = f["rel_rms"]
     compute["matmul_samples"] = mm_samples
+    if st.matmul_rows_kn:
+        compute["matmul_rows_samples"], compute["matmul_rows_shape"] = mm_rows, list(st.matmul_rows_kn)
     fits: dict = {}
     for g, axes in groups.items():
         p = math.prod(mesh.shape[a] for a in axes)
@@ -618,6 +637,10 @@ def print_profile(prof: dict, log=print) -> None:
     for d, pts in c.get("matmul_samples", {}).items():
         log(f"  matmul {d} [{c['matmul_shape'][0]}x{c['matmul_shape'][1]}] @ [.. x width]: " + "  ".join(
             f"w{w:.0f}:{f / t / 1e12:.3g}" if t > 0 else f"w{w:.0f}:-" for f, w, t in pts) + " TFLOP/s")
+    for d, pts in c.get("matmul_rows_samples", {}).items():
+        kk, nn = c["matmul_rows_shape"]
+        log(f"  matmul {d} [rows x {kk}] @ [{kk}x{nn}]: " + "  ".join(
+            f"r{w:.0f}:{f / t / 1e12:.3g}" if t > 0 else f"r{w:.0f}:-" for f, w, t in pts) + " TFLOP/s")
     ge = c.get("grouped_experts")
     if ge:
         sh = ge["shape"]
