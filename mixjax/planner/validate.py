@@ -1,6 +1,6 @@
 """Validation: the planner's predicted step time against mixjax's measured step time, for every strategy.
 
-    python -m mixjax.plan validate [--model tiny] [--layers 2] [--mesh 2x4,1x8] [--batch 64 --ctx 128]
+    python -m mixjax.plan validate [--model cpu-small] [--layers 2] [--mesh 2x4,1x8] [--batch 64 --ctx 128]
                                    [--prefill-batch 8 --prefill-len 32] [--profile PATH] [--json OUT]
 
 For each mesh and each strategy the mesh admits, it builds a model of the given shapes with random weights,
