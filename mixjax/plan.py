@@ -3,7 +3,7 @@ current devices; validate its predictions against measured steps.
 
     python -m mixjax.plan --model deepseek-r1 --cluster h800-roce --nodes 2 --gpus-per-node 8 --workload decode
     python -m mixjax.plan --model qwen3-30b-a3b --cluster current        # this machine (calibration profile)
-    python -m mixjax.plan calibrate [--mesh 2x4] [--out PATH] [--quick] [--plot PNG]
+    python -m mixjax.plan calibrate [--mesh 2x4] [--out PATH] [--quick] [--plot PNG] [--grouped auto|on|off]
     python -m mixjax.plan validate [--model tiny] [--mesh 2x4,1x8] [--profile PATH] [--json OUT]
     python -m mixjax.plan repredict RESULTS.json --profile PATH [--json OUT] [--md OUT]   # offline, no devices
 """
@@ -58,6 +58,9 @@ def calibrate_main(argv) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (seconds, noisier)")
     ap.add_argument("--dtype", help="collective buffer dtype (default float32 on CPU, bfloat16 elsewhere)")
     ap.add_argument("--plot", help="write a PNG of measured vs fitted collective times")
+    ap.add_argument("--grouped", choices=["auto", "on", "off"], default="auto",
+                    help="probe the grouped expert kernels' achieved rates (auto: on GPU only; on a CPU they run "
+                         "interpreted, on a small shape)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     import jax  # noqa: PLC0415
@@ -65,7 +68,8 @@ def calibrate_main(argv) -> int:
     devs = jax.devices()
     print(f"calibrating {devs[0].platform} / {devs[0].device_kind} x {len(devs)}"
           f"{' (quick)' if args.quick else ''}...", flush=True)
-    prof = calibrate(args.mesh, quick=args.quick, dtype=args.dtype, progress=not args.no_progress)
+    prof = calibrate(args.mesh, quick=args.quick, dtype=args.dtype, progress=not args.no_progress,
+                     grouped={"auto": None, "on": True, "off": False}[args.grouped])
     out = Path(args.out) if args.out else default_profile_path(prof["platform"], prof["device_kind"],
                                                                prof["device_count"])
     prof["_path"] = str(out)
@@ -82,8 +86,8 @@ def validate_main(argv) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m mixjax.plan validate",
                                  description="Predicted vs measured step time of every strategy on this machine.")
-    ap.add_argument("--model", default=None, help="bench preset (tiny, qwen3-30b-a3b) or a config directory; "
-                                                  "default tiny on CPU, qwen3-30b-a3b elsewhere")
+    ap.add_argument("--model", default=None, help="preset (cpu-small, tiny, qwen3-30b-a3b) or a config directory; "
+                                                  "default cpu-small on CPU, qwen3-30b-a3b elsewhere")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--mesh", help="comma-separated NODExGPU meshes (default: 2x(n/2) and 1xn)")
     ap.add_argument("--strategies", help="comma-separated (default: all)")
@@ -94,8 +98,10 @@ def validate_main(argv) -> int:
     ap.add_argument("--phases", default="decode,prefill")
     ap.add_argument("--dtype", help="default float32 on CPU, bfloat16 elsewhere")
     ap.add_argument("--chunks", type=int, default=2, help="fused path chunks (ShardedModel.fused_chunks)")
-    ap.add_argument("--iters", type=int, default=12, help="timed steps per (mesh, strategy, phase)")
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds the steps are spread over")
+    ap.add_argument("--iters", type=int, help="timed steps per (mesh, strategy, phase) (default 48 on CPU, 12 "
+                                              "elsewhere)")
+    ap.add_argument("--rounds", type=int, help="interleaved timing rounds the steps are spread over (default 8 on "
+                                               "CPU, 4 elsewhere)")
     ap.add_argument("--profile", help="calibration profile (default: this machine's; calibrated now if absent)")
     ap.add_argument("--recalibrate", action="store_true",
                     help="calibrate first (same load conditions as the timings) and write the profile")
@@ -111,12 +117,13 @@ def validate_main(argv) -> int:
     import jax  # noqa: PLC0415
 
     cpu = jax.devices()[0].platform == "cpu"
-    model = args.model or ("tiny" if cpu else "qwen3-30b-a3b")
+    model = args.model or ("cpu-small" if cpu else "qwen3-30b-a3b")
+    iters, rounds = args.iters or (48 if cpu else 12), args.rounds or (8 if cpu else 4)
     ctx = args.ctx or (128 if cpu else 1024)
     pb, pl = args.prefill_batch or (8 if cpu else 4), args.prefill_len or (32 if cpu else 512)
     res = validate(model=model, layers=args.layers, meshes=args.mesh.split(",") if args.mesh else None,
                    batch=args.batch, ctx=ctx, prefill_batch=pb, prefill_len=pl,
-                   dtype=args.dtype, profile=args.profile, iters=args.iters, rounds=args.rounds,
+                   dtype=args.dtype, profile=args.profile, iters=iters, rounds=rounds,
                    recalibrate=args.recalibrate, stat=args.stat,
                    strategies=args.strategies.split(",") if args.strategies else None, chunks=args.chunks,
                    phases=tuple(args.phases.split(",")), expert_impl=args.expert_impl, progress=not args.no_progress)

@@ -326,6 +326,9 @@ def test_calibrate_quick_cli(tmp_path):
             assert fits[k]["alpha"] >= 0 and fits[k]["bw"] > 0 and fits[k]["samples"]
     c = prof["compute"]
     assert c["mem_bw"] > 0 and c["matmul_flops"]["float32"] > 0 and c["op_overhead_s"] >= 0
+    # the second matmul sweep, narrow in rows (weights passed as arguments), on CPU
+    assert [w for _, w, _ in c["matmul_rows_samples"]["float32"]] == [8, 32, 128, 256]
+    assert "grouped_experts" not in c and prof["load_average"]["start"] is not None
     assert "all_reduce" in r.stdout and "profile written" in r.stdout
     cl = C.cluster_from_profile(prof)
     assert cl.source.startswith("calibrated") and math.isfinite(cl.peak_flops)
@@ -419,3 +422,93 @@ def test_repredict_keeps_measurements():
     assert out["expert_impl"] == "grouped" and r["measured_s"] == 1e-3 and r["predicted_before_s"] == 5e-3
     assert r["rel_err"] == pytest.approx(r["predicted_s"] / 1e-3 - 1) and r["predicted_s"] != 5e-3
     assert out["summary"]["rankings"] == 1
+
+
+# ---------------------------------------------------------------- grouped-kernel probe (GPU calibration)
+def test_grouped_probe_interpreted_round_trip_and_cost(tmp_path):
+    """The probe runs the real grouped kernels (interpreted here, on a small shape); its per-BM rates survive
+    the profile file, reach the ClusterSpec, and the grouped cost charges the kernels at them."""
+    import jax.numpy as jnp
+
+    from mixjax.planner.cost import grouped_expert_cost, grouped_rate
+
+    ge = C.measure_grouped_experts(**C.GROUPED_PROBE_INTERPRET, dtype=jnp.float32, reps=2, interpret=True)
+    assert ge["interpret"] and [s["tokens"] for s in ge["samples"]] == [8, 64]
+    for s in ge["samples"]:
+        assert s["t_full_s"] > 0 and s["blocks"] > 0 and s["flops"] == 2 * 3 * 64 * 32 * s["padded_rows"]
+        assert s["padded_rows"] == s["blocks"] * s["bm"]
+    # synthetic rates for the cost check (interpreted timings say nothing about a GPU)
+    prof = _synthetic_profile("gpu", "NVIDIA H200", 1, "1x1")
+    prof["compute"] = dict(prof["compute"], matmul_flops={"bfloat16": 1e15}, matmul_half_width={"bfloat16": 200.0},
+                           grouped_experts=dict(ge, rates={"16": {"flops": 1e14, "bw": 2e12},
+                                                           "64": {"flops": 4e14, "bw": 3e12}}))
+    back = C.load_profile(C.save_profile(prof, tmp_path / "p.json"))
+    cl = C.cluster_from_profile(back)
+    assert cl.grouped_rates == {16: (1e14, 2e12), 64: (4e14, 3e12)}
+    assert grouped_rate(cl, 16) == (1e14, 2e12) and grouped_rate(cl, 32) == (1e14, 2e12)  # nearest, ties low
+    assert grouped_rate(cl, 128) == (4e14, 3e12) and grouped_rate(cluster_preset("h200-ib", 1, 1), 16) is None
+    cfg, _ = model_preset("qwen3-30b-a3b")
+    kw = dict(cfg=cfg, strategy=STRATEGIES["tp"], nodes=1, gpus=1, batch=64, seq=1, cache_len=1024, wbytes=2,
+              abytes=2, expert_impl="grouped")
+    r = impl_step_cost(cl=cl, **kw)["moe_layer_parts"]
+    g = grouped_expert_cost(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts,
+                            cfg.num_experts_per_tok, 64, 64, 2, 2)
+    assert g["bm"] == 16 and r["grouped_rate"]["bm"] == 16
+    assert r["compute"]["grouped_experts"] == pytest.approx(max(g["flops"] / 1e14, g["kernel_bytes"] / 2e12))
+    # without the probe (an older profile): the matmul width curve and the streaming bandwidth, as before
+    old = C.cluster_from_profile(dict(prof, compute={k: v for k, v in prof["compute"].items()
+                                                      if k != "grouped_experts"}))
+    assert old.grouped_rates is None
+    r_old = impl_step_cost(cl=old, **kw)["moe_layer_parts"]
+    rate = 1e15 * 16 / (16 + 200.0)
+    assert "grouped_rate" not in r_old and r_old["compute"]["grouped_experts"] == pytest.approx(
+        max(g["flops"] / rate, g["kernel_bytes"] / old.hbm_bw))
+
+
+def test_cpu_dense_experts_weight_copy_and_separate_rooflines():
+    """Dense experts on a CPU cluster: the gate/up weight copy XLA:CPU makes (once per layer, also for the fused
+    path's chunks), and the products and the combine priced as kernels that run one after the other."""
+    cfg, _ = model_preset("qwen3-30b-a3b")
+    cpu = _cluster(platform="cpu", relayout_bw=2e11)
+    gpu = _cluster(platform="gpu", relayout_bw=2e11)
+    kw = dict(cfg=cfg, nodes=2, gpus=4, batch=64, seq=1, cache_len=128, wbytes=2, abytes=2, expert_impl="dense")
+    e_l, f_l, d = cfg.num_experts / 8, cfg.moe_intermediate_size, cfg.hidden_size
+    r = impl_step_cost(cl=cpu, strategy=STRATEGIES["dp_ep"], **kw)["moe_layer_parts"]["compute"]
+    assert r["expert_weight_relayout"] == pytest.approx(2 * 2 * e_l * d * f_l * 2 / 2e11)
+    assert r["experts_combine"] > 0 and r["experts"] > 0
+    assert impl_step_cost(cl=gpu, strategy=STRATEGIES["dp_ep"], **kw)["moe_layer_parts"]["compute"][
+        "expert_weight_relayout"] == 0.0
+    fused = impl_step_cost(cl=cpu, strategy=STRATEGIES["hybrid_fused"], chunks=2, **kw)["moe_layer_parts"]["compute"]
+    assert fused["expert_weight_relayout"] == pytest.approx(2 * 2 * (cfg.num_experts / 2) * d * (f_l / 4) * 2 / 2e11)
+
+
+def test_calibrate_skips_grouped_probe_on_cpu_by_default(monkeypatch):
+    """calibrate() runs the grouped probe only on GPU unless asked (the CLI's --grouped on)."""
+    called = []
+    monkeypatch.setattr(C, "measure_grouped_experts", lambda **kw: called.append(kw) or {"rates": {}})
+    monkeypatch.setattr(C, "measure_launch", lambda *a: {"op_overhead_s": 1e-6, "step_overhead_s": 1e-5})
+    monkeypatch.setattr(C, "measure_matmul", lambda mesh, m, k, n, *a: 2.0 * m * k * n / 1e10)
+    monkeypatch.setattr(C, "measure_memory_bw", lambda *a, **kw: 1e10)
+    monkeypatch.setattr(C, "measure_collective", lambda mesh, kind, axes, nbytes, *a, **kw: (1e-5 + nbytes / 1e9,
+                                                                                           nbytes))
+    prof = C.calibrate("2x4", quick=True, progress=False)
+    assert not called and "grouped_experts" not in prof["compute"] and prof["load_average"]["start"] is not None
+    prof = C.calibrate("2x4", quick=True, progress=False, grouped=True)
+    assert called and called[0]["interpret"] and called[0]["d_model"] == C.GROUPED_PROBE_INTERPRET["d_model"]
+    assert prof["compute"]["grouped_experts"] == {"rates": {}}
+
+
+def test_rankings_best_within_noise_and_cell_summary():
+    from mixjax.planner.validate import _summarise, compare_rankings
+
+    # b measured fastest by 2 %, inside a 5 % noise: predicting a fastest is not a miss within the noise
+    rk = compare_rankings(["a", "b", "c"], [1.0, 1.1, 2.0], [1.02, 1.0, 2.0], [0.05, 0.05, 0.05])
+    assert not rk["best_match"] and rk["best_within_noise"] and rk["pairs_distinguishable"] == 2
+    rk = compare_rankings(["a", "b"], [1.0, 2.0], [2.0, 1.0], [0.01, 0.01])
+    assert not rk["best_within_noise"] and rk["pairs_disagree"] == ["a vs b"]
+    rows = [dict(mesh=m, phase="decode", strategy=s, measured_s=t, predicted_s=p, rel_err=p / t - 1,
+                 measured_rel_spread=0.01) for m, s, t, p in (("1x8", "tp", 1.0, 1.0), ("1x8", "ep", 2.0, 0.5),
+                                                              ("2x4", "tp", 1.0, 1.0), ("2x4", "ep", 2.0, 3.0))]
+    sm = _summarise(rows, ["1x8", "2x4"], ["decode"])["summary"]
+    assert (sm["cells"], sm["cell_pairs_distinguishable"], sm["cell_pairs_agree"], sm["cells_consistent"],
+            sm["cells_best_within_noise"]) == (2, 2, 1, 1, 1)

@@ -176,21 +176,25 @@ def _sharded_input(mesh, per_device_shape, dtype, fill=1.0):
     return make()
 
 
-def _chain_program(mesh, body, R: int):
+def _chain_program(mesh, body, R: int, consts: int = 0):
     """jit(shard_map) applying `body` (same shape in and out) R times in a row on every device: x <- body(x).
     Each step depends on the previous one through its data and an optimization barrier (which also keeps XLA
-    from fusing elementwise steps together), so that the steps run one after another."""
+    from fusing elementwise steps together), so that the steps run one after another. `consts` more arguments,
+    replicated, are passed to every body (x <- body(x, *consts)): operands such as weights that a real step
+    receives as arguments rather than as compile-time constants."""
     import jax  # noqa: PLC0415
     from jax import lax  # noqa: PLC0415
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
     spec = _all_devices_spec(mesh)
 
-    def local(x):
+    def local(x, *c):
         for _ in range(R):
-            x = lax.optimization_barrier(body(x))
+            x = lax.optimization_barrier(body(x, *c))
         return x
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) + (P(),) * consts, out_specs=spec,
+                                 check_vma=False))
 
 
 def _time_interleaved(fns, args, reps: int, warmup: int = 2) -> list[float]:
@@ -208,12 +212,12 @@ def _time_interleaved(fns, args, reps: int, warmup: int = 2) -> list[float]:
     return [min(t) if TIME_STAT == "min" else statistics.median(t) for t in ts]
 
 
-def _per_run(mesh, body, x, R: int, reps: int) -> tuple[float, object, float]:
+def _per_run(mesh, body, x, R: int, reps: int, consts=()) -> tuple[float, object, float]:
     """Time of one `body`: the least-squares slope of T(r) over chains of r = 1, R/2 and R bodies (the
     intercept, a call's fixed cost, drops out). Returns (slope, the compiled R-chain, T(1))."""
     lengths = sorted({1, max(2, R // 2), R})
-    fns = [_chain_program(mesh, body, r) for r in lengths]
-    ts = _time_interleaved(fns, (x,), reps)
+    fns = [_chain_program(mesh, body, r, len(consts)) for r in lengths]
+    ts = _time_interleaved(fns, (x, *consts), reps)
     slope = float(np.polyfit(np.array(lengths, float), np.array(ts), 1)[0])
     return max(slope, 0.0), fns[-1], ts[0]
 
@@ -256,17 +260,20 @@ def measure_collective(mesh, kind: str, axes, nbytes: int, dtype, R: int, reps: 
 
 def measure_matmul(mesh, m: int, k: int, n: int, dtype, R: int, reps: int) -> float:
     """Seconds per [m, k] @ [k, n] matmul with every device of the mesh multiplying at once (the chain runs
-    x <- (x @ w) @ w^T, two matmuls per step of the same FLOPs and narrow dimension n)."""
+    x <- (x @ w) @ w^T, two matmuls per step of the same FLOPs and narrowest dimension min(m, k, n)). The
+    weight w is an argument of the program, as a model's weights are: XLA:CPU prepares (packs) a weight that is
+    a compile-time constant once, and an argument on every call, which costs a product of few rows about as
+    much as its arithmetic (2x on [8, 512] @ [512, 512])."""
     import jax.numpy as jnp  # noqa: PLC0415
 
     x = _sharded_input(mesh, (m, k), dtype, fill=1.0 / k)
     w = jnp.full((k, n), 1.0 / max(k, n), dtype)
 
-    def body(a):
+    def body(a, w):
         h = jnp.matmul(a, w, preferred_element_type=jnp.float32).astype(a.dtype)
         return jnp.matmul(h, w.T, preferred_element_type=jnp.float32).astype(a.dtype)
 
-    t, _, _ = _per_run(mesh, body, x, R, reps)
+    t, _, _ = _per_run(mesh, body, x, R, reps, consts=(w,))
     return t / 2
 
 
@@ -339,6 +346,86 @@ def measure_launch(mesh, R: int, reps: int) -> dict:
     return {"op_overhead_s": t / per_body, "kernels_per_body": per_body, "step_overhead_s": max(0.0, t1 - t)}
 
 
+# Qwen3-30B-A3B's expert shapes: the grouped-kernel probe (GPU calibration) measures the Triton kernels there
+GROUPED_PROBE = dict(d_model=2048, d_ff=768, experts=128, top_k=8, tokens=(64, 1024, 2048, 8192))
+GROUPED_PROBE_QUICK = dict(GROUPED_PROBE, tokens=(64, 2048))
+# forced on a CPU (--grouped on): the kernels run interpreted, so only a small shape is affordable
+GROUPED_PROBE_INTERPRET = dict(d_model=64, d_ff=32, experts=8, top_k=2, tokens=(8, 64))
+
+
+def _uniform_gates(n: int, e: int, k: int, seed: int = 0):
+    """[n, e] float32 gates with k non-zeros per row at uniformly random experts (weights summing to 1)."""
+    rng = np.random.RandomState(seed)
+    ids = np.argsort(rng.random_sample((n, e)), axis=1)[:, :k]
+    w = rng.random_sample((n, k)).astype(np.float32) + 0.1
+    g = np.zeros((n, e), np.float32)
+    np.put_along_axis(g, ids, w / w.sum(1, keepdims=True), axis=1)
+    return g
+
+
+def measure_grouped_experts(d_model: int, d_ff: int, experts: int, top_k: int, tokens, dtype, reps: int,
+                            interpret: bool = False) -> dict:
+    """Achieved rates of the grouped expert kernels (mixjax.kernels.grouped_experts, the real `grouped_swiglu`)
+    on one device, per row-block size BM.
+
+    For each token count n (uniform top-k routing): the whole `grouped_swiglu` call, and the same call without
+    its two Pallas kernels (the layout: top-k, sort, scatters, the gather of x into the padded buffer; and the
+    combine: the gather of the [n, k, D] outputs and the weighted sum), each timed R times (TIME_STAT). The
+    kernels' time is the difference. With this routing's exact blocks (from `group_layout`) and the cost
+    model's work of the two kernels (`grouped_expert_cost`: FLOPs 2 * 3 D F per padded row; bytes = each block's
+    expert weights once + the x / h / y rows), the achieved matmul rate FLOPs / t and bandwidth bytes / t
+    per BM are what `impl_step_cost` then charges the kernels at (the roofline of the two)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax import lax  # noqa: PLC0415
+
+    from mixjax.kernels.grouped_experts import choose_blocks, group_layout, grouped_swiglu  # noqa: PLC0415
+
+    dt = jnp.dtype(dtype)
+    d, f, e, k = d_model, d_ff, experts, top_k
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    wg = (jax.random.normal(keys[0], (e, d, f), jnp.float32) * 0.02).astype(dt)
+    wu = (jax.random.normal(keys[1], (e, d, f), jnp.float32) * 0.02).astype(dt)
+    wd = (jax.random.normal(keys[2], (e, f, d), jnp.float32) * 0.02).astype(dt)
+    samples = []
+    for n in tokens:
+        blk = choose_blocks(n * k, e, d, f)
+        if blk is None:
+            continue
+        x = jax.random.normal(jax.random.fold_in(keys[3], n), (n, d), jnp.float32).astype(dt)
+        gates = jnp.asarray(_uniform_gates(n, e, k, seed=n))
+
+        # the weights are arguments (closed over, 1.2 GB of them would be compiled in as constants)
+        def full(x, g, wg, wu, wd, blk=blk):
+            return grouped_swiglu(x, g, wg, wu, wd, k=k, blk=blk, interpret=interpret)
+
+        def around(x, g, *_, blk=blk):  # grouped_swiglu's layout and combine, the padded x standing in for y
+            lay = group_layout(g, k, blk.bm)
+            m = lay.block_expert.shape[0] * blk.bm
+            y = lax.optimization_barrier(jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row])
+            rows = y[jnp.minimum(lay.dest, m - 1)]
+            rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
+            return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)
+
+        t_full, t_around = _time_interleaved([jax.jit(full), jax.jit(around)], (x, gates, wg, wu, wd), reps)
+        blocks = int(np.sum(np.asarray(group_layout(gates, k, blk.bm).block_expert) >= 0))
+        padded = blocks * blk.bm
+        flops = 2.0 * 3 * d * f * padded
+        nbytes = blocks * 3.0 * d * f * dt.itemsize + padded * (2 * d + 2 * f) * dt.itemsize
+        t_k = t_full - t_around
+        samples.append({"tokens": n, "bm": blk.bm, "blocks": blocks, "padded_rows": padded, "flops": flops,
+                        "kernel_bytes": nbytes, "t_full_s": t_full, "t_layout_combine_s": t_around,
+                        "t_kernels_s": t_k})
+    rates = {}
+    for bm in sorted({s["bm"] for s in samples}):
+        pts = [s for s in samples if s["bm"] == bm and s["t_kernels_s"] > 0]
+        if pts:
+            t = sum(s["t_kernels_s"] for s in pts)
+            rates[str(bm)] = {"flops": sum(s["flops"] for s in pts) / t, "bw": sum(s["kernel_bytes"] for s in pts) / t}
+    return {"shape": {"d_model": d, "d_ff": f, "experts": e, "top_k": k}, "dtype": str(dt),
+            "interpret": interpret, "samples": samples, "rates": rates}
+
+
 # ---------------------------------------------------------------- plan of measurements
 @dataclasses.dataclass
 class Settings:
@@ -348,6 +435,9 @@ class Settings:
     matmul_mk: tuple[int, int]  # rows and contraction of the width sweep
     matmul_widths: tuple[int, ...]
     mem_bytes: int
+    # contraction and columns of a second sweep whose narrow dimension is the rows, as in a decode step's
+    # products (CPU, where a product of few rows pays the per-call preparation of its weight; None: not swept)
+    matmul_rows_kn: tuple[int, int] | None = None
 
 
 def settings_for(platform: str, quick: bool) -> Settings:
@@ -355,15 +445,23 @@ def settings_for(platform: str, quick: bool) -> Settings:
     if platform == "cpu":
         if quick:
             return Settings((4 * K, 64 * K, 1 * M), chain=4, reps=5, matmul_mk=(512, 256),
-                            matmul_widths=(8, 32, 128, 512), mem_bytes=4 * M)
+                            matmul_widths=(8, 32, 128, 512), mem_bytes=4 * M, matmul_rows_kn=(256, 1024))
         return Settings((4 * K, 16 * K, 64 * K, 256 * K, 1 * M, 4 * M), chain=6, reps=9, matmul_mk=(1024, 256),
-                        matmul_widths=(8, 16, 32, 64, 128, 256, 512), mem_bytes=16 * M)
+                        matmul_widths=(8, 16, 32, 64, 128, 256, 512), mem_bytes=16 * M, matmul_rows_kn=(256, 1024))
     if quick:
         return Settings((64 * K, 1 * M, 16 * M, 128 * M), chain=4, reps=5, matmul_mk=(8192, 4096),
                         matmul_widths=(128, 512, 2048, 8192), mem_bytes=256 * M)
     return Settings((4 * K, 16 * K, 64 * K, 256 * K, 1 * M, 4 * M, 16 * M, 64 * M, 256 * M), chain=8, reps=11,
                     matmul_mk=(8192, 4096), matmul_widths=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
                     mem_bytes=1024 * M)
+
+
+def _loadavg() -> list[float] | None:
+    """The host's 1, 5 and 15 minute load averages (other processes competing for the cores), if known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def default_mesh_shape(n_devices: int) -> str:
@@ -383,8 +481,11 @@ def device_memory_bytes(device, n_devices: int) -> float | None:
 
 
 def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | None = None,
-              progress: bool = True, log=print) -> dict:
-    """Measure the current devices; returns the profile dict (see save_profile)."""
+              progress: bool = True, log=print, grouped: bool | None = None, grouped_probe: dict | None = None,
+              ) -> dict:
+    """Measure the current devices; returns the profile dict (see save_profile). grouped: also probe the
+    grouped expert kernels (`measure_grouped_experts`; default: on GPU only, where mixjax runs them; elsewhere
+    they would run interpreted), on `grouped_probe` shapes (default GROUPED_PROBE, or GROUPED_PROBE_QUICK)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -407,13 +508,19 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
         groups.pop("world")  # same ranks as the one axis of size > 1
     jobs = [("launch", None, None, None)]
     jobs += [("matmul", None, d, w) for d in mm_dtypes for w in st.matmul_widths]
+    if st.matmul_rows_kn:
+        jobs += [("matmul_rows", None, d, w) for d in mm_dtypes for w in st.matmul_widths]
     jobs += [("memory", None, None, None), ("relayout", None, None, None)]
     jobs += [("coll", g, k, s) for g in groups for k in COLLECTIVES for s in st.coll_sizes]
+    if grouped if grouped is not None else platform == "gpu":
+        jobs.append(("grouped", None, None, None))
     samples: dict = {g: {k: [] for k in COLLECTIVES} for g in groups}
     ag_time: dict = {}
     mm_samples: dict = {d: [] for d in mm_dtypes}
+    mm_rows: dict = {d: [] for d in mm_dtypes}
     compute: dict = {"matmul_flops": {}, "matmul_half_width": {}, "matmul_shape": list(st.matmul_mk)}
     t_start = time.perf_counter()
+    load_start = _loadavg()
     bar = tqdm(jobs, desc=f"calibrate {platform} {mesh_shape}", disable=not progress, leave=False)
     for what, group, kind, size in bar:
         bar.set_postfix_str(f"{what} {group or ''} {kind or ''} {size or ''}".strip())
@@ -423,10 +530,20 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
             m_, k_ = st.matmul_mk
             t = measure_matmul(mesh, m_, k_, size, jnp.dtype(kind), max(3, st.chain // 2), st.reps)
             mm_samples[kind].append([2.0 * m_ * k_ * size, min(m_, k_, size), t])
+        elif what == "matmul_rows":
+            k_, n_ = st.matmul_rows_kn
+            t = measure_matmul(mesh, size, k_, n_, jnp.dtype(kind), max(3, st.chain // 2), st.reps)
+            mm_rows[kind].append([2.0 * size * k_ * n_, min(size, k_, n_), t])
         elif what in ("memory", "relayout"):
             key = "mem_bw" if what == "memory" else "relayout_bw"
-            compute[key] = measure_memory_bw(mesh, st.mem_bytes, jnp.float32, max(3, st.chain // 2), st.reps,
+            compute[key] = measure_memory_bw(mesh, st.mem_bytes, jnp.float32, max(3, st.chain), st.reps,
                                              relayout=what == "relayout")
+        elif what == "grouped":
+            probe = dict(grouped_probe or (GROUPED_PROBE_INTERPRET if platform != "gpu" else
+                                           GROUPED_PROBE_QUICK if quick else GROUPED_PROBE))
+            compute["grouped_experts"] = measure_grouped_experts(
+                **probe, dtype=jnp.bfloat16 if platform != "cpu" else jnp.float32, reps=st.reps,
+                interpret=platform != "gpu")
         else:
             axes = groups[group]
             t, nbytes = measure_collective(mesh, kind, axes, size, coll_dtype, st.chain, st.reps,
@@ -436,11 +553,13 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
             samples[group][kind].append([nbytes, t])
     bar.close()
     for d, pts in mm_samples.items():
-        f = fit_matmul(pts)
+        f = fit_matmul(pts + mm_rows[d])  # one width curve over both sweeps
         compute["matmul_flops"][d] = f["peak"]
         compute["matmul_half_width"][d] = f["half_width"]
         compute.setdefault("matmul_fit_rel_rms", {})[d] = f["rel_rms"]
     compute["matmul_samples"] = mm_samples
+    if st.matmul_rows_kn:
+        compute["matmul_rows_samples"], compute["matmul_rows_shape"] = mm_rows, list(st.matmul_rows_kn)
     fits: dict = {}
     for g, axes in groups.items():
         p = math.prod(mesh.shape[a] for a in axes)
@@ -457,6 +576,7 @@ def calibrate(mesh_shape: str | None = None, quick: bool = False, dtype: str | N
         "platform": platform, "device_kind": dev.device_kind, "device_count": len(devices),
         "mesh": f"{nodes}x{gpus}", "quick": quick, "collective_dtype": str(coll_dtype), "statistic": TIME_STAT,
         "jax_version": jax.__version__, "seconds": round(time.perf_counter() - t_start, 2),
+        "load_average": {"start": load_start, "end": _loadavg()},
         "hbm_bytes": device_memory_bytes(dev, len(devices)),
         "compute": compute, "collectives": fits,
         "notes": "all rates per device with every device of the mesh busy at once",
@@ -517,6 +637,19 @@ def print_profile(prof: dict, log=print) -> None:
     for d, pts in c.get("matmul_samples", {}).items():
         log(f"  matmul {d} [{c['matmul_shape'][0]}x{c['matmul_shape'][1]}] @ [.. x width]: " + "  ".join(
             f"w{w:.0f}:{f / t / 1e12:.3g}" if t > 0 else f"w{w:.0f}:-" for f, w, t in pts) + " TFLOP/s")
+    for d, pts in c.get("matmul_rows_samples", {}).items():
+        kk, nn = c["matmul_rows_shape"]
+        log(f"  matmul {d} [rows x {kk}] @ [{kk}x{nn}]: " + "  ".join(
+            f"r{w:.0f}:{f / t / 1e12:.3g}" if t > 0 else f"r{w:.0f}:-" for f, w, t in pts) + " TFLOP/s")
+    ge = c.get("grouped_experts")
+    if ge:
+        sh = ge["shape"]
+        log(f"  grouped expert kernels (D {sh['d_model']}, F {sh['d_ff']}, {sh['experts']} experts, top-"
+            f"{sh['top_k']}, {ge['dtype']}{', interpreted' if ge.get('interpret') else ''}): " + "  ".join(
+                f"{s['tokens']} tokens BM {s['bm']}: {s['t_full_s'] * 1e6:.0f} us (kernels "
+                f"{s['t_kernels_s'] * 1e6:.0f})" for s in ge["samples"]))
+        log("    achieved per BM: " + "  ".join(f"BM {bm}: {r['bw'] / 1e9:.4g} GB/s, {r['flops'] / 1e12:.4g} TFLOP/s"
+                                               for bm, r in ge["rates"].items()))
     if prof.get("hbm_bytes"):
         log(f"  device memory {prof['hbm_bytes'] / 2**30:.1f} GiB")
     if not prof["collectives"]:
@@ -620,6 +753,8 @@ def cluster_from_profile(prof: dict, nodes: int | None = None, gpus: int | None 
         hbm_bytes=float(hbm), hbm_bw=float(c["mem_bw"]), peak_flops=float(mm[dtype]),
         mm_half_width=float(c.get("matmul_half_width", {}).get(dtype, 0.0)),
         relayout_bw=float(c.get("relayout_bw", 0.0)),
+        grouped_rates={int(bm): (float(r["flops"]), float(r["bw"]))
+                       for bm, r in c.get("grouped_experts", {}).get("rates", {}).items()} or None,
         collectives=fits, calib_mesh=(pn, pg), op_overhead=float(c.get("op_overhead_s", 0.0)),
         step_overhead=float(c.get("step_overhead_s", 0.0)), source=src,
         platform=prof["platform"], **links)

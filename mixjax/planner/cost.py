@@ -450,6 +450,17 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
             "layout_bytes": layout, "kernel_bytes": kernels, "combine_bytes": combine}
 
 
+def grouped_rate(cl: ClusterSpec, bm: int) -> tuple[float, float] | None:
+    """(FLOP/s, bytes/s) the grouped expert kernels achieved in calibration at row-block size `bm` (the nearest
+    measured BM, by ratio, when `bm` itself was not probed), or None when the profile has no such probe (nameplate
+    presets, CPU profiles, profiles older than the probe)."""
+    rates = cl.grouped_rates
+    if not rates:
+        return None
+    near = min(rates, key=lambda b: (abs(math.log(b / bm)), b))
+    return rates[near]
+
+
 def flash_attention_work(seq: int, cache_len: int, start: int, head_dim: int, fresh: bool) -> dict | None:
     """Keys the prompt attends to in mixjax.kernels.flash_attention's tiling, or None when it does not tile
     (XLA's attention then runs). Query tile i (BQ queries, the last padded) walks the keys in blocks of BK up to
@@ -521,23 +532,39 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
         parts["comm"][name] = parts["comm"].get(name, 0.0) + t
         return t
 
-    def experts(parts, rows, e_l, f_l):
+    def experts(parts, rows, e_l, f_l, weight_copy=True):
         # gate / up: one [rows, D] x [D, E_l * F_l] product each; down: E_l batched [rows, F_l] x [F_l, D]
+        # Two groups of kernels that run one after the other, each its own roofline (a single roofline over both
+        # hid the combine's memory time under the products' FLOPs): the products (weights, x, the gate/up and h
+        # intermediates, y written), then the gate-weighted sum over the experts, a contraction over the leading
+        # axis of y that XLA runs as a re-laying pass (y read and written at relayout_bw, then read)
         mm = [(2 * rows * d * f_l * e_l * 2, min(rows, d, e_l * f_l)), (2 * rows * f_l * d * e_l, min(rows, f_l, d))]
         y = e_l * rows * d * f32  # per-expert outputs [E_l, rows, D] f32
-        by = (3 * e_l * d * f_l * wb + rows * d * ab + rows * e_l * f32
+        by = (3 * e_l * d * f_l * wb + rows * d * ab
               + e_l * rows * f_l * (2 * 2 * f32 + 2 * ab)  # gate/up (f32) written and read, h written and read
-              + 2 * y)  # y written, and read by the gate-weighted sum
-        comp(parts, "experts", mm, fl=2 * e_l * rows * d, by=by, relayout=2 * y)  # y re-laid out once
+              + y)  # y written
+        # XLA:CPU copies the gate and up weights [E_l, D, F_l] into [E_l F_l, D] for the products every step (a
+        # transposing copy of each, seen in the compiled CPU programs of every strategy)
+        # (once per layer: the fused path's chunks share the copy)
+        w_relayout = 2 * 2 * e_l * d * f_l * wb if cl.platform == "cpu" and weight_copy else 0.0
+        comp(parts, "expert_weight_relayout", relayout=w_relayout)
+        comp(parts, "experts", mm, fl=2 * e_l * rows * d, by=by)
+        comp(parts, "experts_combine", by=y + rows * e_l * f32 + rows * d * ab, relayout=2 * y)
 
-    def moe_experts(parts, rows, tokens, e_l, f_l):
+    def moe_experts(parts, rows, tokens, e_l, f_l, weight_copy=True):
         """The routed experts on `rows` input rows carrying `tokens` real tokens: grouped or dense."""
         g = grouped_expert_cost(d, f_l, e_l, E, cfg.num_experts_per_tok, rows, tokens, wb, ab) if pallas else None
         if g is None:
-            experts(parts, rows, e_l, f_l)
+            experts(parts, rows, e_l, f_l, weight_copy)
             return
         comp(parts, "expert_layout", by=g["layout_bytes"])
-        comp(parts, "grouped_experts", [(g["flops"], g["mm_width"])], by=g["kernel_bytes"])
+        rate = grouped_rate(cl, g["bm"])
+        if rate:  # the kernels' achieved matmul rate and bandwidth at this BM, measured by calibrate's probe
+            t_g = max(g["flops"] / rate[0], g["kernel_bytes"] / rate[1])
+            parts["compute"]["grouped_experts"] = parts["compute"].get("grouped_experts", 0.0) + t_g
+            parts["grouped_rate"] = {"bm": g["bm"], "flops": rate[0], "bw": rate[1]}
+        else:
+            comp(parts, "grouped_experts", [(g["flops"], g["mm_width"])], by=g["kernel_bytes"])
         comp(parts, "expert_combine", by=g["combine_bytes"])
         parts["grouped"] = {k: g[k] for k in ("bm", "blocks", "padded_rows", "touched", "pairs")}
 
@@ -576,13 +603,17 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
                 return
             fl = 2 * 2 * n * h_l * cache_len * hd  # QK^T and PV over every cache slot (masked)
             cache = B * cache_len * kv_l * hd * ab  # K (or V) on this device
-            by = (proj_by + 2 * cache  # K and V read by the dots
+            by = (2 * cache  # K and V read by the dots
                   + 4 * B * h_l * seq * cache_len * f32)  # scores: written, masked/softmaxed, read
             # The dots read the heads-major cache as it is, except that XLA:CPU copies K into [B, kv, D, S] for
             # the score dot when a device holds one KV head (seen in the compiled CPU programs)
             if cl.platform == "cpu" and kv_l == 1:
                 relayout += 2 * cache
             parts["attention_path"] = "xla"
+            # projections, then the score / softmax / PV kernels: one roofline each, run one after the other
+            comp(parts, "attention", mm, by=proj_by)
+            comp(parts, "attention_scores", fl=fl, by=by, relayout=relayout)
+            return
         comp(parts, "attention", mm, fl=fl, by=by, relayout=relayout)
 
     def layer(moe: bool):
@@ -648,10 +679,10 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
         else:
             parts["comm"]["fused_pipeline"] = c * (sum(intra) + sum(inter))
         parts["comm"]["(chunks)"] = c
-        for _ in range(c):
+        for i in range(c):
             comp(parts, "router", [(2 * rows * d * E, min(rows, d, E))], by=d * E * wb + 4 * rows * E * f32)
             comp(parts, "dispatch_pack", by=3 * (buf_x + buf_g) + rows * nn * d * ab)
-            moe_experts(parts, g * nn * rows, g * nn * rows, e_l, F / g)
+            moe_experts(parts, g * nn * rows, g * nn * rows, e_l, F / g, weight_copy=i == 0)
             comp(parts, "combine_unpack", by=3 * buf_x + rows * nn * d * f32)
             if shared_w:
                 sw = shared_w / g

@@ -76,6 +76,9 @@ class ClusterSpec:
     calib_mesh: tuple[int, int] | None = None  # (nodes, gpus) the "world" fits were measured on
     mm_half_width: float = 0.0  # matmul rate = peak_flops * w / (w + this), w = narrowest dimension (0: peak)
     relayout_bw: float = 0.0  # bytes/s of layout-changing copies (transposes); 0: hbm_bw
+    # grouped expert kernels' achieved (FLOP/s, bytes/s) per row-block size BM, measured by calibrate's probe
+    # of mixjax.kernels.grouped_experts (GPU profiles); None: the matmul width curve and hbm_bw instead
+    grouped_rates: dict | None = dataclasses.field(default=None, compare=False, repr=False)
     op_overhead: float = 0.0  # s per kernel launched inside a step (used when a kernel count is known)
     step_overhead: float = 0.0  # s per jitted call
     source: str = "nameplate"  # where the numbers come from, for reports

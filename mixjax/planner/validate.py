@@ -1,6 +1,6 @@
 """Validation: the planner's predicted step time against mixjax's measured step time, for every strategy.
 
-    python -m mixjax.plan validate [--model tiny] [--layers 2] [--mesh 2x4,1x8] [--batch 64 --ctx 128]
+    python -m mixjax.plan validate [--model cpu-small] [--layers 2] [--mesh 2x4,1x8] [--batch 64 --ctx 128]
                                    [--prefill-batch 8 --prefill-len 32] [--profile PATH] [--json OUT]
 
 For each mesh and each strategy the mesh admits, it builds a model of the given shapes with random weights,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import os
 import statistics
 import sys
 import time
@@ -62,10 +63,16 @@ def compare_rankings(names, predicted, measured, spread=None, tol: float = 0.03)
     meas_order = [names[i] for i in sorted(range(len(names)), key=lambda i: measured[i])]
     agree = total = 0
     disagree = []
+
+    def apart(i, j):  # the measured times of i and j differ by more than the noise
+        gap = abs(measured[i] - measured[j]) / min(measured[i], measured[j])
+        return gap > max(tol, 2 * math.hypot(spread[i], spread[j]))
+
+    fastest = min(range(len(names)), key=lambda i: measured[i])
+    pred_fastest = min(range(len(names)), key=lambda i: predicted[i])
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
-            gap = abs(measured[i] - measured[j]) / min(measured[i], measured[j])
-            if gap <= max(tol, 2 * math.hypot(spread[i], spread[j])):
+            if not apart(i, j):
                 continue
             total += 1
             if (predicted[i] < predicted[j]) == (measured[i] < measured[j]):
@@ -74,12 +81,25 @@ def compare_rankings(names, predicted, measured, spread=None, tol: float = 0.03)
                 disagree.append(f"{names[i]} vs {names[j]}")
     return {"predicted_order": pred_order, "measured_order": meas_order, "exact": pred_order == meas_order,
             "spearman": spearman(predicted, measured), "best_match": pred_order[0] == meas_order[0],
+            # the predicted fastest is the measured fastest or indistinguishable from it
+            "best_within_noise": pred_fastest == fastest or not apart(pred_fastest, fastest),
             "pairs_agree": agree, "pairs_distinguishable": total, "pairs_disagree": disagree}
 
 
-def _config(model: str, layers: int):
-    from mixjax.bench.layers import PRESETS  # noqa: PLC0415
+# Validation-only shapes (next to mixjax.bench.layers.PRESETS): "cpu-small" is the CPU default, large enough
+# that the matmuls and memory passes the cost model prices outweigh the fixed costs (kernel dispatch, thread
+# rendezvous) and the timing noise of 8 simulated devices on a few cores, small enough for a few minutes' run.
+VALIDATE_PRESETS = {
+    "cpu-small": dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=64, num_experts=16,
+                      num_experts_per_tok=2),
+}
 
+
+def _config(model: str, layers: int):
+    from mixjax.bench.layers import PRESETS as BENCH  # noqa: PLC0415
+
+    PRESETS = {**BENCH, **VALIDATE_PRESETS}
     if model in PRESETS:
         from mixjax.models.qwen3_moe import Qwen3MoeConfig  # noqa: PLC0415
 
@@ -91,7 +111,7 @@ def _config(model: str, layers: int):
 
         cfg = load_config(model)
         return dataclasses.replace(cfg, num_hidden_layers=layers) if layers else cfg
-    raise SystemExit(f"--model {model!r}: neither a bench preset ({sorted(PRESETS)}) nor a config directory")
+    raise SystemExit(f"--model {model!r}: neither a preset ({sorted(PRESETS)}) nor a config directory")
 
 
 def _build(cfg, mesh, strategy: str, dtype, chunks: int, expert_impl: str = "auto"):
@@ -111,13 +131,20 @@ class _Run:
     """One (mesh, strategy, phase): a built model, its inputs and cache, and the timed samples."""
 
     def __init__(self, mesh, nodes, gpus, strategy, phase, model, batch, seq, ctx, kernels):
+        import jax  # noqa: PLC0415
         import jax.numpy as jnp  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
+        from jax.sharding import NamedSharding  # noqa: PLC0415
 
         self.mesh, self.nodes, self.gpus, self.strategy, self.phase = mesh, nodes, gpus, strategy, phase
         self.model, self.batch, self.seq, self.ctx, self.kernels = model, batch, seq, ctx, kernels
-        self.tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32)
-        self.pos = jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq)))
+        # inputs placed as the compiled step takes them: otherwise every call first runs a resharding program for
+        # tokens and positions (a host-side cost of ~0.6 ms per step on the 8 CPU devices, not part of the step)
+        on_mesh = NamedSharding(model.mesh, model.token_spec)
+        self.tokens = jax.device_put(
+            jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32), on_mesh)
+        self.pos = jax.device_put(
+            jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq))), on_mesh)
         self.cache = model.init_cache(batch, ctx)
         self.samples: list[float] = []
         for _ in range(2):  # compile and warm up (as mixjax.bench.layers.time_step)
@@ -132,6 +159,35 @@ class _Run:
             t0 = time.perf_counter()
             self._step()
             self.samples.append(time.perf_counter() - t0)
+
+
+def _loadavg() -> list[float] | None:
+    """The host's 1, 5 and 15 minute load averages (other processes competing for the cores), if known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _reference_ratio(prof: dict, devices, stat: str) -> float | None:
+    """The calibration's widest matmul probe timed again now, over its time in the profile: how much slower (> 1)
+    or faster the machine runs than when it was calibrated (other processes' load; reported, not used by the
+    predictions). None when the profile's mesh does not fit these devices."""
+    from mixjax.planner import calibrate as C  # noqa: PLC0415
+    from mixjax.sharding.mesh import make_mesh  # noqa: PLC0415
+
+    c = prof["compute"]
+    d = "float32" if "float32" in c.get("matmul_samples", {}) else next(iter(c.get("matmul_samples", {})), None)
+    if d is None or prof.get("device_count") != len(devices):
+        return None
+    flops, _, t_prof = max(c["matmul_samples"][d], key=lambda x: x[0])
+    m, k = c["matmul_shape"]
+    old, C.TIME_STAT = C.TIME_STAT, stat
+    try:
+        t = C.measure_matmul(make_mesh(prof["mesh"], devices), m, k, int(round(flops / (2 * m * k))), d, 6, 9)
+    finally:
+        C.TIME_STAT = old
+    return round(t / t_prof, 3) if t_prof > 0 else None
 
 
 def default_meshes(n_devices: int) -> list[str]:
@@ -199,6 +255,8 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
     # $MIXJAX_EXPERTS included)
     impl = resolve_expert_impl(expert_impl, make_mesh(meshes[0], devices))
     t_start = time.perf_counter()
+    load_start = _loadavg()
+    ref_start = _reference_ratio(prof, devices, stat)
     # build and compile everything first, then time in interleaved rounds, so that a change in the machine's
     # load (other processes) shifts every strategy alike instead of whichever ran at the time
     runs = []
@@ -237,6 +295,7 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
             "collectives": r.kernels["collectives"],
         })
     runs.clear()
+    ref_end = _reference_ratio(prof, devices, stat)
     out = _summarise(rows, meshes, phases)
     out = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -249,7 +308,9 @@ def validate(model: str = "tiny", layers: int = 2, meshes=None, batch: int = 64,
         "expert_impl": impl, "timed": "ShardedModel.forward (logits for every position)",
         "shapes": {ph: dict(zip(("batch", "seq", "ctx"), shapes[ph])) for ph in phases},
         "chunks": chunks, "iters": iters, "rounds": rounds, "statistic": stat,
-        "seconds": round(time.perf_counter() - t_start, 1), "skipped": skipped, **out,
+        "seconds": round(time.perf_counter() - t_start, 1), "load_average": {"start": load_start, "end": _loadavg()},
+        "reference_slowdown": {"start": ref_start, "end": ref_end},
+        "skipped": skipped, **out,
     }
     return out
 
@@ -268,11 +329,20 @@ def _summarise(rows, meshes, phases) -> dict:
                               [r["measured_rel_spread"] for r in sel])
         rankings.append(dict(mesh=m, phase=ph, **rk))
     errs = [abs(r["rel_err"]) for r in rows]
+    cells = [r for r in rankings if r["mesh"] != "all"]  # the per-(mesh, phase) rankings the criterion is about
     return {"rows": rows, "rankings": rankings,
             "summary": {"median_abs_rel_err": statistics.median(errs) if errs else None,
                         "max_abs_rel_err": max(errs) if errs else None,
+                        "median_rel_err": statistics.median(r["rel_err"] for r in rows) if rows else None,
                         "rankings_exact": sum(r["exact"] for r in rankings), "rankings": len(rankings),
-                        "best_match": sum(r["best_match"] for r in rankings)}}
+                        "best_match": sum(r["best_match"] for r in rankings),
+                        # per (mesh, phase): pairs outside the noise ordered right, and the cells in which every
+                        # such pair is (the order is right up to pairs the measurement cannot tell apart)
+                        "cell_pairs_agree": sum(r["pairs_agree"] for r in cells),
+                        "cell_pairs_distinguishable": sum(r["pairs_distinguishable"] for r in cells),
+                        "cells_consistent": sum(r["pairs_agree"] == r["pairs_distinguishable"] for r in cells),
+                        "cells_best_within_noise": sum(r.get("best_within_noise", r["best_match"]) for r in cells),
+                        "cells": len(cells)}}
 
 
 def repredict(res: dict, prof: dict, expert_impl: str | None = None) -> dict:
@@ -344,6 +414,20 @@ def print_report(res: dict, log=print) -> None:
     log(f"\n|relative error|: median {sm['median_abs_rel_err']:.1%}, max {sm['max_abs_rel_err']:.1%}; exact "
         f"ranking {sm['rankings_exact']}/{sm['rankings']}, best strategy {sm['best_match']}/{sm['rankings']}; "
         f"{res['seconds']:.0f} s")
+    if "cells" in sm:
+        log(_pairs_line(sm))
+    if res.get("load_average"):
+        log(f"load average (1, 5, 15 min) at start {res['load_average']['start']}, at end {res['load_average']['end']}")
+    if (res.get("reference_slowdown") or {}).get("start"):
+        rs = res["reference_slowdown"]
+        log(f"the calibration's matmul probe ran {rs['start']}x (start) and {rs['end']}x (end) its calibrated time")
+
+
+def _pairs_line(sm: dict) -> str:
+    return (f"Per mesh and phase: {sm['cell_pairs_agree']}/{sm['cell_pairs_distinguishable']} pairs whose measured "
+            f"difference is outside the noise ordered right; {sm['cells_consistent']}/{sm['cells']} cells with every "
+            f"such pair right; predicted fastest measured fastest or within the noise of it in "
+            f"{sm.get('cells_best_within_noise', '?')}/{sm['cells']}.")
 
 
 def to_markdown(res: dict) -> str:
@@ -383,5 +467,12 @@ def to_markdown(res: dict) -> str:
     sm = res["summary"]
     out += ["", f"|relative error|: median {sm['median_abs_rel_err']:.0%}, max {sm['max_abs_rel_err']:.0%}. "
                 f"Exact order {sm['rankings_exact']}/{sm['rankings']}, fastest strategy {sm['best_match']}/"
-                f"{sm['rankings']}."]
+                f"{sm['rankings']}." + (" " + _pairs_line(sm) if "cells" in sm else "")]
+    if res.get("load_average"):
+        out.append(f"Load average (1, 5, 15 min): {res['load_average']['start']} at the start, "
+                   f"{res['load_average']['end']} at the end.")
+    if (res.get("reference_slowdown") or {}).get("start"):
+        rs = res["reference_slowdown"]
+        out.append(f"The calibration's widest matmul probe, timed again, ran at {rs['start']}x (start) and "
+                   f"{rs['end']}x (end) its calibrated time (not used by the predictions).")
     return "\n".join(out)
