@@ -147,13 +147,13 @@ class ShardedModel:
         fn = self._forward_last_fresh if fresh else self._forward_last
         return fn(self.leaves, tokens, positions, cache, last)
 
-    def lower_forward(self, batch: int, seq: int, max_len: int):
-        """The lowered forward for given shapes (for HLO inspection and compile-time checks)."""
+    def lower_forward(self, batch: int, seq: int, max_len: int, fresh: bool = False):
+        """The lowered forward for given shapes (for HLO inspection and compile-time checks); fresh as in forward."""
         tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=NamedSharding(self.mesh, self.token_spec))
         cache = jax.eval_shape(lambda: self.init_cache(batch, max_len))
         state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                              self.abstract_state, self.param_shardings, is_leaf=is_param)
-        return self._forward.lower(jax.tree.leaves(state), tok, tok, cache)
+        return (self._forward_fresh if fresh else self._forward).lower(jax.tree.leaves(state), tok, tok, cache)
 
 
 EXPERT_IMPLS = ("dense", "grouped", "grouped-interpret")
