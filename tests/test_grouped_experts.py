@@ -69,6 +69,41 @@ def test_tile_choice_follows_rows_per_expert():
     decode, prefill = choose_blocks(8, 128, 2048, 768), choose_blocks(65536, 128, 2048, 768)
     assert decode.bm == 16 and prefill.bm == 128
     assert choose_blocks(8, 8, 32, 4) is None  # F slice of 4 cannot make a tensor-core tile: dense path
+    # every tile divides the shape it tiles, for each regime (decode, 512 / 2048 / 8192-token prefill)
+    for pairs in (8, 256, 4096, 16384, 65536):
+        blk = choose_blocks(pairs, 128, 2048, 768)
+        down = blk.down
+        assert 2048 % blk.bk == 0 and 768 % blk.bf == 0 and 768 % down.bf == 0 and 2048 % down.bd == 0
+
+
+def test_down_kernel_with_its_own_tiles_equals_dense():
+    """Kernel B (down projection) with a contraction tile, warps and stages other than kernel A's."""
+    rng = np.random.RandomState(3)
+    n, e, k, d, f = 19, 8, 2, 64, 64
+    x = rng.randn(n, d).astype(np.float32)
+    gates = routed_gates(rng, n, e, k)
+    wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
+    wd = rng.randn(e, f, d).astype(np.float32) * 0.2
+    blk = Blocks(16, 32, 16, 32, warps=4, stages=3, b_bk=64, b_warps=8, b_stages=2)
+    assert (blk.down.bf, blk.down.bd, blk.down.warps, blk.down.stages) == (64, 32, 8, 2)
+    out = grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=k, blk=blk, interpret=True)
+    assert rel_err(np.asarray(out), dense_reference(x, gates, wg, wu, wd)) < 1e-5
+
+
+def test_one_row_matmul_on_gpu_path_equals_einsum(monkeypatch):
+    """On GPU a one-row product is computed on two rows (XLA would rewrite a vector-matrix product as multiply +
+    reduce); forced here on CPU, it gives the one-row result."""
+    from mixjax.models import layers
+
+    rng = np.random.RandomState(4)
+    w = jnp.asarray(rng.randn(48, 40).astype(np.float32))
+    for shape in [(1, 1, 48), (1, 48), (3, 1, 48)]:
+        x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+        want = np.einsum("...i,io->...o", np.asarray(x), np.asarray(w))
+        monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+        got = layers.matmul(x, w)
+        monkeypatch.undo()
+        assert got.shape == want.shape and rel_err(np.asarray(got), want) < 1e-5
 
 
 def test_unknown_expert_impl_is_rejected():
