@@ -121,7 +121,8 @@ class LLM:
         tokens = np.zeros((b, t), np.int32)
         tokens[: len(ids)] = ids
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-        logits, _ = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), self.model.init_cache(b, t))
+        logits, _ = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), self.model.init_cache(b, t),
+                                       fresh=True)  # whole prompts from position 0
         return distributed.to_host(logits)[: len(ids), :, : self.config.vocab_size]
 
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
@@ -146,7 +147,7 @@ class LLM:
         lengths = np.concatenate([lengths, np.ones(b - len(ids), int)])
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
         cache = self.model.init_cache(b, max_len)
-        logits, cache = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), cache)
+        logits, cache = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), cache, fresh=True)
         last = jnp.asarray(logits)[jnp.arange(b), jnp.asarray(lengths - 1), : self.config.vocab_size]
         keys = jax.random.split(jax.random.key(seed), b)
         temp = jnp.full((b,), temperature, jnp.float32)
