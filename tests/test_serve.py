@@ -299,3 +299,31 @@ def test_load_generator_reports_percentiles(server, tmp_path):
     assert rc == 0 and report["ok"] == 6 and report["errors"] == {}
     assert 18 <= report["generated_tokens"] <= 36  # ignore_eos: each request makes its drawn length
     assert report["ttft_ms"]["p50"] > 0 and report["itl_ms"]["p99"] >= report["itl_ms"]["p50"]
+
+
+def test_multi_step_server_matches_offline(model_dir, offline):
+    """`--decode-steps 4`: 4 decode steps per dispatch; over HTTP the tokens are those of the offline API, batched
+    requests and streamed text included, and a stop string inside a burst of 4 cuts the text where it should."""
+    s = ServerProc(model_dir, "--decode-steps", "4")
+    try:
+        n = 19  # not a multiple of 4: the last burst overshoots max_tokens and its extra tokens are dropped
+        ref = offline.generate([offline.tokenizer.encode(p) for p in PROMPTS], max_new_tokens=n)
+
+        async def go():
+            async with httpx.AsyncClient(timeout=60) as c:
+                rs = await asyncio.gather(*[c.post(s.url + "/v1/completions", json={
+                    "prompt": p, "max_tokens": n, "temperature": 0}) for p in PROMPTS])
+                return [r.json()["choices"][0]["token_ids"] for r in rs]
+
+        assert asyncio.run(go()) == ref
+        text = offline.tokenizer.decode(ref[1])
+        stop = text[5:7]  # a string the greedy text reaches mid-way
+        body = {"prompt": PROMPTS[1], "max_tokens": n, "temperature": 0, "stop": [stop]}
+        r = _post(s, "/v1/completions", body).json()["choices"][0]
+        assert r["text"] == text[: text.index(stop)] and r["finish_reason"] == "stop"
+        with httpx.stream("POST", s.url + "/v1/completions", json=dict(body, stream=True), timeout=60) as resp:
+            parts = [json.loads(line[6:]) for line in resp.iter_lines()
+                     if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "".join(p["choices"][0]["text"] for p in parts if p.get("choices")) == r["text"]
+    finally:
+        assert s.stop() == 0
