@@ -211,6 +211,29 @@ def test_two_processes_serve_same_greedy_tokens(reference):
             os.killpg(os.getpgid(script.proc.pid), signal.SIGKILL)
 
 
+# --- multi-step decode on 2 processes: K travels in the step plan -------------------------------------------------
+def test_two_processes_multi_step_decode(reference):
+    """`--decode-steps 4` on every process: the followers run the same 4-step programs from process 0's plans, and
+    the tokens are those of one process (18 tokens: the last call of 4 overshoots and its extra tokens are dropped)."""
+    c = Cluster(2, extra=["--decode-steps", "4"])
+    try:
+        c.wait_ready()
+        n = 18
+        want = [_greedy(reference, p, n) for p in PROMPTS]
+
+        async def go():
+            async with httpx.AsyncClient(timeout=120) as cl:
+                rs = await asyncio.gather(*[cl.post(c.url + "/v1/completions", json={
+                    "prompt": p, "max_tokens": n, "temperature": 0}) for p in PROMPTS])
+                return [r.json()["choices"][0]["token_ids"] for r in rs]
+
+        assert asyncio.run(go()) == want
+        c.procs[0].proc.send_signal(signal.SIGTERM)
+        assert [p.wait(60) for p in c.procs] == [0, 0], c.procs[1].text[-2000:]
+    finally:
+        c.kill()
+
+
 # --- a killed process stops the others within the bound ---------------------------------------------------------
 FAILURE_TIMEOUT = 4.0
 BOUND = dist.failure_bound(FAILURE_TIMEOUT)  # process 0; documented in docs/MULTIHOST.md
