@@ -82,6 +82,7 @@ class LLM:
                                   fused_chunks=fused_chunks, capacity_factor=capacity_factor)
         self.model.load(self.model_dir, progress=progress)
         self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
+        self._step_fns = {}
 
     # --- inputs ------------------------------------------------------------------------------------------------
     def _encode(self, prompts) -> tuple[list[list[int]], bool]:
@@ -125,12 +126,35 @@ class LLM:
                                        fresh=True)  # whole prompts from position 0
         return distributed.to_host(logits)[: len(ids), :, : self.config.vocab_size]
 
+    def _decode_steps_fn(self, k: int):
+        """The jitted loop of k decode steps, each sampling the next token on device (keys fold_in(key, step))."""
+        if k not in self._step_fns:
+            fwd, V = self.model._forward, self.config.vocab_size
+
+            def steps(leaves, tok, pos, cache, keys, step0, temp, tk, tp):
+                def body(i, carry):
+                    tok, cache, out = carry
+                    logits, cache = fwd(leaves, tok[:, None], (pos + i)[:, None], cache)
+                    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step0 + i)
+                    nxt, _ = sample(logits[:, 0, :V], step_keys, temp, tk, tp)
+                    return nxt, cache, out.at[:, i].set(nxt)
+
+                out = jnp.zeros((tok.shape[0], k), jnp.int32)
+                return jax.lax.fori_loop(0, k, body, (tok, cache, out))
+
+            self._step_fns[k] = jax.jit(steps, donate_argnums=(3,))
+        return self._step_fns[k]
+
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop_token_ids=None):
+                 top_p: float = 1.0, seed: int = 0, stop_token_ids=None, steps_per_call: int = 8):
         """New tokens for each prompt (lists of ids, or strings when the prompts were strings).
 
         Stops a row at max_new_tokens or at a stop token (default: the checkpoint's EOS ids, if it has a
-        tokenizer); the stop token is not returned."""
+        tokenizer); the stop token is not returned. Decoding runs steps_per_call steps per device call (the
+        host reads their tokens at once and checks the stops between calls; steps past every row's end are
+        discarded)."""
+        if steps_per_call < 1:
+            raise ValueError("steps_per_call must be at least 1")
         ids, as_text = self._encode(prompts)
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
@@ -156,21 +180,28 @@ class LLM:
         out = [[] for _ in range(b)]
         done = np.zeros(b, bool)
         done[len(ids):] = True
-        for step in range(max_new_tokens):
-            step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-            nxt, _ = sample(last, step_keys, temp, tk, tp)
-            nxt = distributed.to_host(nxt)
+
+        def take(toks):  # one step's tokens [b] on the host
             for i in range(b):
                 if not done[i]:
-                    if int(nxt[i]) in stop_token_ids:
+                    if int(toks[i]) in stop_token_ids:
                         done[i] = True
                     else:
-                        out[i].append(int(nxt[i]))
-            if done.all() or step == max_new_tokens - 1:
-                break
-            pos = (lengths + step).astype(np.int32)[:, None]
-            logits, cache = self.model.forward(jnp.asarray(nxt[:, None]), jnp.asarray(pos), cache)
-            last = logits[:, 0, : self.config.vocab_size]
+                        out[i].append(int(toks[i]))
+                        done[i] = len(out[i]) >= max_new_tokens
+
+        nxt, _ = sample(last, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), temp, tk, tp)  # token 0
+        take(distributed.to_host(nxt))
+        step, run = 1, self._decode_steps_fn(steps_per_call)
+        lengths = jnp.asarray(lengths.astype(np.int32))
+        while not done.all():
+            # token `step` comes from feeding token step-1 at position length + step - 1; a row past its cache
+            # end writes into its own last slot and its tokens are discarded
+            nxt, cache, toks = run(self.model.leaves, nxt, lengths + (step - 1), cache, keys, jnp.int32(step),
+                                   temp, tk, tp)
+            for t in distributed.to_host(toks).T:
+                take(t)
+            step += steps_per_call
         out = out[: len(ids)]
         return [self.tokenizer.decode(o) for o in out] if as_text else out
 

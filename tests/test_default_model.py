@@ -12,6 +12,21 @@ def test_default_model_generates_text():
     assert " went to the " in story and story.count(".") >= 2
 
 
+def test_generate_steps_per_call_gives_the_same_tokens():
+    """LLM.generate decodes several steps per device call; the tokens do not depend on how many: seeded sampling
+    (per-step keys), a stop token reached mid-call, rows of different lengths, and max_new_tokens not a multiple
+    of the call size."""
+    llm = mixjax.LLM(progress=False)
+    prompts = [llm.tokenizer.encode(p) for p in ("Once upon a time", "Max counted: one,", "The")]
+    greedy = llm.generate(prompts, max_new_tokens=13, steps_per_call=1)
+    stop = greedy[0][6]
+    for kw in (dict(temperature=0.9, top_p=0.9, seed=3), dict(stop_token_ids=[stop])):
+        one = llm.generate(prompts, max_new_tokens=13, steps_per_call=1, **kw)
+        assert llm.generate(prompts, max_new_tokens=13, steps_per_call=4, **kw) == one
+        assert llm.generate(prompts, max_new_tokens=13, steps_per_call=8, **kw) == one
+    assert len(one[0]) == greedy[0].index(stop) and all(len(o) <= 13 for o in one)
+
+
 def test_default_model_load_sharded_greedy_and_export_roundtrip():
     """The checkpoint through the low-level path: load_sharded on a 1x1 mesh, a greedy loop on the KV cache
     (one token per call, so one compile), and mixjax.export writing back the very tensors it was read from."""
