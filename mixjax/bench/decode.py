@@ -3,18 +3,33 @@
     python -m mixjax.bench.decode --preset qwen3-30b-a3b --layers 4 --batch 1,8,32,128,256 --ctx 1024 \\
         --prefill 512,2048,8192 --peer --plot decode.png --json decode.json
 
+Presets: `qwen3-30b-a3b` (Qwen3-30B-A3B's shapes, vocabulary 151,936 unless --vocab) and `tiny` build a
+Qwen3MoeConfig; `deepseek-v3` (DeepSeek-V3's shapes: MLA, 256 routed experts top-8 with group-limited routing, one
+shared expert, YaRN, vocabulary 129,280) and `deepseek-tiny` (the same structure, small enough for CPU) build a
+DeepseekV3Config, every layer MoE unless --dense-layers N makes the first N dense (first_k_dense_replace).
+
+    python -m mixjax.bench.decode --preset deepseek-v3 --layers 2 --batch 1,8,32,128 --ctx 1024 \\
+        --prefill 512,2048 --engine 32 --engine-steps 8
+
 Random bf16 weights of the preset's real shapes (fewer layers), the real decode step (`ShardedModel.forward` with
 one token per sequence and a KV cache of --ctx positions), timed on the device after warm-up (median of --iters),
 for each expert implementation in --impl (the grouped Pallas kernels and the dense einsum over all experts).
 
-Decode roofline: the bytes a step must read once (attention and dense weights, LM head, router, the experts the
-batch touches in expectation under uniform routing, the KV cache up to the current position) over the HBM
-bandwidth measured in the same run (a large elementwise pass, bytes read + written).
+Decode roofline: the bytes a step must read once over the HBM bandwidth measured in the same run (the faster of
+two read probes, `measure_hbm_bandwidth`). The bytes are read off the model's abstract parameters (`param_counts`,
+classified by path): every non-routed matrix (attention, MLA included, shared experts, dense MLPs, routers, at
+their stored dtype), the LM head, per MoE layer the routed experts the batch touches in expectation under uniform
+routing (E * (1 - (1 - k/E)^batch) of E), and the cache up to the current position as the model lays it out (Qwen3:
+K and V; DeepSeek: the latent c_kv and k_pe). The embedding (B rows read) and norm vectors are left out. Bytes
+only: mixjax's MLA expands the whole latent cache through kv_b_proj every decode step (2 x ctx x kv_lora_rank x
+heads x (qk_nope + v_head_dim) FLOPs per sequence and layer), so large DeepSeek batches can be compute-bound.
 
 Prefill (batch 1, prompts of --prefill tokens, logits of the last position only, as the server does): tokens/s and
 the achieved FLOP rate as a fraction of the bf16 matmul rate measured in the same run (one 8192^3 matmul). FLOPs
-counted: 2 x (attention, router and active expert parameters) per token, the causal attention scores and values
-(2 x 2 x heads x head_dim x T(T+1)/2 per layer) and the LM head for one position.
+counted: 2 x the per-token active parameters (non-routed matrices, k/E of the routed experts; no embedding) per
+token, the attention scores and values (Qwen3: causal, 2 x 2 x heads x head_dim x T(T+1)/2 per layer; DeepSeek: the
+whole masked T x T matrix MLA computes, 2 x heads x (qk_nope + qk_rope + v_head_dim) x T^2 per layer) and the LM
+head for one position.
 
 "step ms" is the median of forward steps each waited for on the host; "b2b" is the mean of steps dispatched back to
 back without waiting (host dispatch hidden under the device). --engine N also runs the serving engine's decode loop
@@ -23,13 +38,15 @@ step n's tokens on the device), with one decode step per dispatch and with --eng
 one device-side loop), and reports the interval between a request's tokens (its mean; median over requests).
 
 --peer runs mixjax.bench.peer (Hugging Face transformers, same shapes) in a subprocess first, before JAX takes the
-GPU's memory, and reports mixjax / peer throughput.
+GPU's memory, and reports mixjax / peer throughput. Qwen3 presets only: with a DeepSeek preset it says so and skips
+the peer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -43,41 +60,109 @@ import numpy as np
 from flax import nnx
 
 from mixjax.bench.experts import measure_hbm_bandwidth, measure_matmul_rate, timeit
-from mixjax.bench.layers import PRESETS, add_decode_shape_args, time_step
-from mixjax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from mixjax.bench.layers import DEEPSEEK_PRESETS, PRESETS, add_decode_shape_args, decode_vocab, time_step
+from mixjax.models import model_class
+from mixjax.models.deepseek_v3 import DeepseekV3Config
+from mixjax.models.qwen3_moe import Qwen3MoeConfig
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
 
 
-def bench_config(preset: str, layers: int, vocab: int) -> Qwen3MoeConfig:
+def bench_config(preset: str, layers: int, vocab: int, dense_layers: int = 0):
+    """The preset's config with `layers` layers and a `vocab`-token vocabulary: a Qwen3MoeConfig for the Qwen3
+    presets, a DeepseekV3Config (the first `dense_layers` layers dense, the rest MoE) for the DeepSeek ones."""
+    if preset in DEEPSEEK_PRESETS:
+        p = dict(DEEPSEEK_PRESETS[preset], vocab_size=vocab)
+        p["rope_scaling"] = dict(p["rope_scaling"])
+        return DeepseekV3Config(num_hidden_layers=layers, first_k_dense_replace=dense_layers, rms_norm_eps=1e-6,
+                                tie_word_embeddings=False, **p)
+    if dense_layers:
+        raise ValueError("--dense-layers applies to the DeepSeek presets only")
     p = dict(PRESETS[preset], vocab_size=vocab)
     return Qwen3MoeConfig(num_hidden_layers=layers, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(),
                           rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None, max_position_embeddings=32768,
                           tie_word_embeddings=False, **p)
 
 
-def _attn_params(cfg) -> int:
-    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    return d * hd * (2 * h + 2 * kv)
+_COUNTS: dict = {}
 
 
-def step_bytes(cfg: Qwen3MoeConfig, batch: int, ctx: int, elem: int = 2) -> float:
-    d, kv, hd = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
-    e, k, f = cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size
-    touched = e * (1 - (1 - k / e) ** batch)
-    experts = touched * 3 * d * f * elem
-    router = d * e * elem
-    kv_cache = batch * ctx * 2 * kv * hd * elem
-    head = cfg.vocab_size * d * elem
-    return cfg.num_hidden_layers * (_attn_params(cfg) * elem + experts + router + kv_cache) + head
+def param_counts(cfg, elem: int = 2) -> dict:
+    """What the rooflines need, read off the model's abstract parameters (`nnx.eval_shape` of the family's class,
+    built in bf16 for elem 2 / float32 for 4; leaves that the family keeps in float32, e.g. DeepSeek's router, count
+    4 bytes) and its cache layout. Leaves are classified by their path:
+
+    - routed experts (the stacked [E, ...] weights under an MoE block's `experts`): per MoE layer, (E, k, bytes,
+      parameters) of all E experts;
+    - the token embedding: not counted (a step reads only B of its rows), except as the LM head when tied;
+    - the LM head: `head_bytes`, `head_params`;
+    - everything else with two or more dims (attention, MLA included, shared experts, dense MLPs, routers):
+      `fixed_bytes`, `fixed_params`. Vectors (RMSNorm weights, DeepSeek's router bias) are left out: they are
+      under 0.1% of a layer and the Qwen3 figures stay those of the earlier hand-written formulas.
+
+    `cache_bytes_per_token`: all layers' cache entries (Qwen3: K and V; DeepSeek: the latent c_kv and k_pe) for one
+    position of one sequence, elem bytes per element."""
+    key = (repr(cfg), elem)
+    if key in _COUNTS:
+        return _COUNTS[key]
+    dtype = {2: jnp.bfloat16, 4: jnp.float32}[elem]
+    cls = model_class(cfg)
+    abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    out = dict(fixed_bytes=0, fixed_params=0, head_bytes=0, head_params=0, routed={})
+    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        names = [str(p) for p in path]
+        shape = tuple(leaf.shape)
+        n = math.prod(shape)
+        nbytes = n * jnp.dtype(leaf.dtype).itemsize
+        if names[0] == "layers" and "experts" in names:
+            layer = int(names[1])
+            e_, k_, b_, p_ = out["routed"].get(layer, (shape[0], cfg.top_k, 0, 0))
+            out["routed"][layer] = (e_, k_, b_ + nbytes, p_ + n)
+        elif names[0] == "lm_head" or (names[0] == "embed" and cfg.tie_word_embeddings):
+            out["head_bytes"] += nbytes
+            out["head_params"] += n
+        elif names[0] == "embed" or len(shape) < 2:
+            continue
+        else:
+            out["fixed_bytes"] += nbytes
+            out["fixed_params"] += n
+    out["cache_bytes_per_token"] = sum(math.prod(e.feature_shape) * elem for i in range(cfg.num_hidden_layers)
+                                       for e in abstract.cache_entries(i))
+    _COUNTS[key] = out
+    return out
 
 
-def prefill_flops(cfg: Qwen3MoeConfig, t: int) -> float:
-    d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    per_token = _attn_params(cfg) + d * cfg.num_experts + cfg.top_k * 3 * d * cfg.moe_intermediate_size
-    scores = 2 * 2 * h * hd * t * (t + 1) / 2
-    return cfg.num_hidden_layers * (2 * per_token * t + scores) + 2 * d * cfg.vocab_size
+def step_bytes(cfg, batch: int, ctx: int, elem: int = 2) -> float:
+    """Bytes one decode step of `batch` sequences at position ctx - 1 must read once: the non-routed weights and
+    the LM head, per MoE layer the experts the batch touches in expectation under uniform routing
+    (E * (1 - (1 - k/E)^batch) of E), and the KV cache up to ctx positions."""
+    c = param_counts(cfg, elem)
+    experts = sum(e * (1 - (1 - k / e) ** batch) / e * b for e, k, b, _ in c["routed"].values())
+    return c["fixed_bytes"] + c["head_bytes"] + experts + batch * ctx * c["cache_bytes_per_token"]
+
+
+def attention_flops(cfg, t: int) -> float:
+    """Score and value FLOPs of a t-token prompt (batch 1) over all layers, as mixjax computes them. Qwen3: causal
+    (the GPU's whole-prompt path is cuDNN's causal attention), 2 x 2 x heads x head_dim x t(t+1)/2 per layer.
+    DeepSeek (MLA, `mixjax.models.deepseek_v3.MLA`): the latent is expanded to per-head keys of qk_nope + qk_rope
+    dims and values of v_head_dim, and `attend` computes the whole masked t x t score matrix (no causal skipping),
+    2 x heads x (qk_nope + qk_rope + v_head_dim) x t^2 per layer."""
+    h = cfg.num_attention_heads
+    if isinstance(cfg, DeepseekV3Config):
+        per_layer = 2 * h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * t * t
+    else:
+        per_layer = 2 * 2 * h * cfg.head_dim * t * (t + 1) / 2
+    return cfg.num_hidden_layers * per_layer
+
+
+def prefill_flops(cfg, t: int) -> float:
+    """FLOPs of a t-token prefill (batch 1, LM head on the last position only): 2 x the per-token active parameters
+    (all non-routed ones and k/E of each MoE layer's routed experts; the embedding is a lookup) per token, the
+    attention scores and values (`attention_flops`), and the LM head for one row."""
+    c = param_counts(cfg)
+    active = c["fixed_params"] + sum(k / e * p for e, k, _, p in c["routed"].values())
+    return 2 * active * t + attention_flops(cfg, t) + 2 * c["head_params"]
 
 
 def time_prefill(model: ShardedModel, t: int, iters: int) -> float:
@@ -136,6 +221,10 @@ def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, p
 
 
 def run_peer(args) -> dict | None:
+    if args.preset in DEEPSEEK_PRESETS:
+        print(f"--peer: the transformers peer (mixjax.bench.peer) covers the Qwen3 presets only; no peer run for "
+              f"{args.preset}", flush=True)
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peer.json")
         cmd = [sys.executable, "-m", "mixjax.bench.peer", "--preset", args.preset, "--layers", str(args.layers),
@@ -201,14 +290,18 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of step time against batch, roofline drawn in")
     args = ap.parse_args(argv)
+    args.vocab = decode_vocab(args.preset, args.vocab)
+    if args.dense_layers and args.preset not in DEEPSEEK_PRESETS:
+        ap.error("--dense-layers applies to the DeepSeek presets only")
     peer = run_peer(args) if args.peer else None
-    cfg = bench_config(args.preset, args.layers, args.vocab)
+    cfg = bench_config(args.preset, args.layers, args.vocab, args.dense_layers)
     bw, rate = measure_hbm_bandwidth(), measure_matmul_rate()
     device = jax.devices()[0].device_kind
     dtype = jnp.dtype(args.dtype)
-    weights = nnx.state(Qwen3MoeForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    weights = nnx.state(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     print(f"{device}; measured HBM {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; preset "
-          f"{args.preset}, {args.layers} layers, ctx {args.ctx}, {args.dtype}")
+          f"{args.preset}, {args.layers} layers" + (f" ({args.dense_layers} dense)" if args.dense_layers else "")
+          + f", vocab {args.vocab}, ctx {args.ctx}, {args.dtype}")
     peer_t = {r["batch"]: r["step_s"] for r in peer["rows"]} if peer else {}
     decode, prefill = [], []
     for impl in args.impl.split(","):

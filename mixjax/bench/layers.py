@@ -38,14 +38,47 @@ PRESETS = {
                  num_attention_heads=8, num_key_value_heads=8, head_dim=16, num_experts=16, num_experts_per_tok=2),
 }
 
+# DeepSeek-V3 shapes for bench.decode only (DeepseekV3Config fields; the layer count, first_k_dense_replace and the
+# vocabulary come from the command line). YaRN as in DeepSeek-V3's config.json.
+DEEPSEEK_YARN = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                     mscale=1.0, mscale_all_dim=1.0)
+DEEPSEEK_PRESETS = {
+    "deepseek-v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                        num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                        qk_rope_head_dim=64, v_head_dim=128, num_experts=256, num_experts_per_tok=8,
+                        num_shared_experts=1, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, rope_theta=10000.0, rope_scaling=DEEPSEEK_YARN, rope_interleave=True,
+                        max_position_embeddings=163840),
+    # small enough for CPU (same structure: q LoRA, YaRN, grouped routing, one shared expert)
+    "deepseek-tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                          num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+                          qk_rope_head_dim=8, v_head_dim=16, num_experts=16, num_experts_per_tok=4,
+                          num_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                          norm_topk_prob=True, rope_theta=10000.0, rope_scaling=DEEPSEEK_YARN, rope_interleave=True,
+                          max_position_embeddings=163840),
+}
+QWEN_DECODE_VOCAB = 151936  # bench.decode's default vocabulary for the Qwen3 presets (Qwen3's real one)
+
 
 def add_decode_shape_args(ap, batch: str = "1,8,32,128,256"):
     """The model-shape and decode-shape options that bench.decode and its peer (bench.peer) share."""
-    ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS) + sorted(DEEPSEEK_PRESETS))
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--dense-layers", type=int, default=0, metavar="N",
+                    help="DeepSeek presets: the first N layers have a dense MLP (first_k_dense_replace; default 0, "
+                         "every layer MoE)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help=f"vocabulary (default: {QWEN_DECODE_VOCAB} for the Qwen3 presets, the preset's own for "
+                         "the DeepSeek ones)")
     ap.add_argument("--batch", default=batch)
     ap.add_argument("--ctx", type=int, default=1024)
+
+
+def decode_vocab(preset: str, vocab: int | None) -> int:
+    """--vocab, or the preset family's default when it was not given."""
+    if vocab is not None:
+        return vocab
+    return DEEPSEEK_PRESETS[preset]["vocab_size"] if preset in DEEPSEEK_PRESETS else QWEN_DECODE_VOCAB
 
 
 def layer_config(preset: str, moe: bool) -> Qwen3MoeConfig:

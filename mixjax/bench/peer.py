@@ -6,6 +6,8 @@ Random weights of the preset's shapes (the layer count given), a KV cache of ctx
 decode step (one token per sequence) timed with CUDA synchronisation, median of --iters; the cache is cropped back
 after each step so every step sees the same context. Run it in its own process (bench.decode does), so that JAX and
 torch do not share the GPU's memory. Needs torch and transformers, which the GPU image has; mixjax does not.
+Qwen3 presets only (no DeepSeek-V3 peer: no torch environment was at hand to check transformers' DeepseekV3
+against mixjax's shapes); bench.decode skips the peer for the DeepSeek presets.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import json
 import statistics
 import time
 
-from mixjax.bench.layers import PRESETS, add_decode_shape_args
+from mixjax.bench.layers import DEEPSEEK_PRESETS, PRESETS, add_decode_shape_args, decode_vocab
 
 
 def main(argv=None):
-    import torch
-    import transformers
-    from transformers import DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_decode_shape_args(ap, "1,8,32,128")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.preset in DEEPSEEK_PRESETS:
+        raise SystemExit(f"mixjax.bench.peer covers the Qwen3 presets only, not {args.preset}")
+    args.vocab = decode_vocab(args.preset, args.vocab)
+
+    import torch
+    import transformers
+    from transformers import DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
     p = dict(PRESETS[args.preset], vocab_size=args.vocab)
     cfg = Qwen3MoeConfig(num_hidden_layers=args.layers, norm_topk_prob=True, tie_word_embeddings=False,
                          max_position_embeddings=32768, **p)

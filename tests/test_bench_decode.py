@@ -1,0 +1,111 @@
+"""mixjax.bench.decode: the roofline and FLOP counts for both families, and a tiny DeepSeek run end to end (CPU)."""
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from mixjax.bench import decode
+from mixjax.bench.decode import bench_config, param_counts, prefill_flops, step_bytes
+from mixjax.sharding.mesh import make_mesh
+from mixjax.sharding.runner import ShardedModel
+from mixjax.sharding.strategies import STRATEGIES
+
+
+# The Qwen3-only formulas bench.decode used before the counts were read off the model (copied by hand).
+def old_attn_params(cfg):
+    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return d * hd * (2 * h + 2 * kv)
+
+
+def old_step_bytes(cfg, batch, ctx, elem=2):
+    d, kv, hd = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
+    e, k, f = cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size
+    touched = e * (1 - (1 - k / e) ** batch)
+    experts = touched * 3 * d * f * elem
+    router = d * e * elem
+    kv_cache = batch * ctx * 2 * kv * hd * elem
+    head = cfg.vocab_size * d * elem
+    return cfg.num_hidden_layers * (old_attn_params(cfg) * elem + experts + router + kv_cache) + head
+
+
+def old_prefill_flops(cfg, t):
+    d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    per_token = old_attn_params(cfg) + d * cfg.num_experts + cfg.top_k * 3 * d * cfg.moe_intermediate_size
+    scores = 2 * 2 * h * hd * t * (t + 1) / 2
+    return cfg.num_hidden_layers * (2 * per_token * t + scores) + 2 * d * cfg.vocab_size
+
+
+@pytest.mark.parametrize("layers", [1, 4])
+def test_qwen_counts_equal_the_old_formulas(layers):
+    cfg = bench_config("qwen3-30b-a3b", layers, 151936)
+    for batch in (1, 8, 32, 128, 256):
+        for ctx in (64, 1024, 8192):
+            assert step_bytes(cfg, batch, ctx) == pytest.approx(old_step_bytes(cfg, batch, ctx), rel=1e-9)
+    for t in (1, 512, 2048, 8192):
+        assert prefill_flops(cfg, t) == pytest.approx(old_prefill_flops(cfg, t), rel=1e-9)
+
+
+def test_deepseek_counts():
+    cfg = bench_config("deepseek-tiny", 2, 512)
+    d, h, e, k, f = cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size
+    nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    c = param_counts(cfg)
+    # MLA + shared expert + router per layer, by hand
+    mla = (d * cfg.q_lora_rank + cfg.q_lora_rank * h * (nope + rope) + d * (cfg.kv_lora_rank + rope)
+           + cfg.kv_lora_rank * h * (nope + v) + h * v * d)
+    assert c["fixed_params"] == 2 * (mla + 3 * d * f * cfg.num_shared_experts + d * e)
+    assert c["fixed_bytes"] == 2 * (2 * (mla + 3 * d * f) + 4 * d * e)  # the router is float32
+    assert c["head_params"] == d * cfg.vocab_size
+    assert {layer: r[2] for layer, r in c["routed"].items()} == {0: e * 3 * d * f * 2, 1: e * 3 * d * f * 2}
+    # the latent cache (c_kv + k_pe), as the model lays it out
+    assert c["cache_bytes_per_token"] == cfg.kv_cache_bytes_per_token(2) == 2 * (cfg.kv_lora_rank + rope) * 2
+    model = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16)
+    assert step_bytes(cfg, 1, 1000) - step_bytes(cfg, 1, 0) == pytest.approx(model.cache_bytes(1, 1000), rel=1e-9)
+    # the experts the batch touches in expectation: 1 - (1 - k/E)^B of them, all E in the limit
+    ctx, per_expert = 16, 3 * d * f * 2 * 2  # two MoE layers
+    base = c["fixed_bytes"] + c["head_bytes"]
+    prev = 0
+    for b in (1, 2, 4, 16, 64, 1024):
+        got = step_bytes(cfg, b, ctx)
+        touched = e * (1 - (1 - k / e) ** b)
+        assert got == pytest.approx(base + touched * per_expert + b * ctx * c["cache_bytes_per_token"], rel=1e-12)
+        assert got > prev
+        prev = got
+    assert step_bytes(cfg, 1, ctx) - base - ctx * c["cache_bytes_per_token"] == pytest.approx(k * per_expert)
+    # dense first layers hold no routed experts
+    assert list(param_counts(bench_config("deepseek-tiny", 2, 512, dense_layers=1))["routed"]) == [1]
+    # prefill: active parameters per token, MLA over the whole t x t score matrix, one LM-head row
+    t = 32
+    want = (2 * t * (c["fixed_params"] + 2 * k * 3 * d * f) + 2 * 2 * h * (nope + rope + v) * t * t
+            + 2 * d * cfg.vocab_size)
+    assert prefill_flops(cfg, t) == pytest.approx(want, rel=1e-12)
+
+
+def test_deepseek_v3_preset_shapes():
+    cfg = bench_config("deepseek-v3", 2, 129280)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts, cfg.top_k, cfg.first_k_dense_replace) == (
+        7168, 128, 256, 8, 0)
+    assert cfg.rope_scaling["factor"] == 40 and cfg.rope_interleave
+    c = param_counts(cfg)
+    total = sum(r[2] for r in c["routed"].values()) + c["fixed_bytes"] + 2 * c["head_bytes"]  # + embedding
+    assert 45e9 < total < 60e9  # what docs/BENCHMARKS.md quotes for the GPU command (fits one H200)
+
+
+def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "measure_hbm_bandwidth", lambda: 1e11)
+    monkeypatch.setattr(decode, "measure_matmul_rate", lambda: 1e12)
+    out = tmp_path / "ds.json"
+    assert decode.main(["--preset", "deepseek-tiny", "--layers", "2", "--dense-layers", "1", "--batch", "1,2",
+                        "--ctx", "16", "--impl", "dense", "--prefill", "8", "--iters", "1", "--dtype", "float32",
+                        "--peer", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["peer"] is None and res["args"]["vocab"] == 512
+    assert [r["batch"] for r in res["decode"]] == [1, 2]
+    for r in res["decode"]:
+        assert {"impl", "batch", "step_s", "roofline_s", "ratio", "tokens_per_s", "speedup_vs_peer",
+                "back_to_back_step_s", "back_to_back_ratio"} <= set(r)
+        assert r["step_s"] > 0 and r["roofline_s"] > 0
+    (p,) = res["prefill"]
+    assert {"impl", "tokens", "time_s", "tokens_per_s", "flops", "flop_rate", "matmul_fraction"} <= set(p)
+    assert p["flops"] == prefill_flops(bench_config("deepseek-tiny", 2, 512, dense_layers=1), 8)
