@@ -35,3 +35,29 @@ def test_greedy_matches_reference(loaded):
     want = ref["greedy"].reshape(-1).tolist()
     got = llm.generate(ref["prompt"].tolist(), max_new_tokens=len(want), temperature=0.0, stop_token_ids=set())[0]
     assert got == want
+
+
+DEEPSEEK = [n for n in NAMES if "deepseek" in n]
+
+
+@pytest.mark.parametrize("name", DEEPSEEK)
+def test_mla_latent_and_expanded_attention_match_reference(name, monkeypatch):
+    """MLA attends in the latent space for few new tokens (decode) and expands the latent into per-head keys and
+    values for long prompts: both forms give the reference's logits, for the whole prompt at once and one token at a
+    time (every position's logits from decode steps over the cache)."""
+    import jax.numpy as jnp
+
+    from mixjax.models import deepseek_v3
+
+    ref = reference(name)
+    ids = ref["input_ids"]
+    b, t = ids.shape
+    for limit in (0, 10 ** 6):  # expanded everywhere / latent everywhere
+        monkeypatch.setattr(deepseek_v3, "ABSORB_MAX_TOKENS", limit)
+        llm = mixjax.LLM(FIXTURES / name, mesh="1x1", strategy="tp", progress=False)
+        assert rel_err(llm.logits(ids.tolist()), ref["logits"]) < 1e-4
+        m, cache, steps = llm.model, llm.model.init_cache(b, t), []
+        for i in range(t):
+            lg, cache = m.forward(jnp.asarray(ids[:, i: i + 1], jnp.int32), jnp.full((b, 1), i, jnp.int32), cache)
+            steps.append(np.asarray(lg)[:, 0, : m.vocab_size])
+        assert rel_err(np.stack(steps, axis=1), ref["logits"]) < 1e-4

@@ -21,8 +21,8 @@ classified by path): every non-routed matrix (attention, MLA included, shared ex
 their stored dtype), the LM head, per MoE layer the routed experts the batch touches in expectation under uniform
 routing (E * (1 - (1 - k/E)^batch) of E), and the cache up to the current position as the model lays it out (Qwen3:
 K and V; DeepSeek: the latent c_kv and k_pe). The embedding (B rows read) and norm vectors are left out. Bytes
-only: mixjax's MLA expands the whole latent cache through kv_b_proj every decode step (2 x ctx x kv_lora_rank x
-heads x (qk_nope + v_head_dim) FLOPs per sequence and layer), so large DeepSeek batches can be compute-bound.
+only: mixjax's MLA decodes in the latent space (2 x ctx x heads x (2 kv_lora_rank + qk_rope) FLOPs per new token and
+layer), so large DeepSeek batches at long contexts can be compute-bound.
 
 Prefill (batch 1, prompts of --prefill tokens, logits of the last position only, as the server does): tokens/s and
 the achieved FLOP rate as a fraction of the bf16 matmul rate measured in the same run (one 8192^3 matmul). FLOPs
@@ -145,7 +145,8 @@ def step_bytes(cfg, batch: int, ctx: int, elem: int = 2) -> float:
 def attention_flops(cfg, t: int) -> float:
     """Score and value FLOPs of a t-token prompt (batch 1) over all layers, as mixjax computes them. Qwen3: causal
     (the GPU's whole-prompt path is cuDNN's causal attention), 2 x 2 x heads x head_dim x t(t+1)/2 per layer.
-    DeepSeek (MLA, `mixjax.models.deepseek_v3.MLA`): the latent is expanded to per-head keys of qk_nope + qk_rope
+    DeepSeek (MLA, `mixjax.models.deepseek_v3.MLA`; prompts of more than ABSORB_MAX_TOKENS tokens, which are the
+    ones benchmarked): the latent is expanded to per-head keys of qk_nope + qk_rope
     dims and values of v_head_dim, and `attend` computes the whole masked t x t score matrix (no causal skipping),
     2 x heads x (qk_nope + qk_rope + v_head_dim) x t^2 per layer."""
     h = cfg.num_attention_heads

@@ -569,10 +569,24 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
         parts["grouped"] = {k: g[k] for k in ("bm", "blocks", "padded_rows", "touched", "pairs")}
 
     def attention(parts):
-        if hasattr(cfg, "kv_lora_rank"):  # MLA: the cached latent is expanded to every head's K and V each step
+        if hasattr(cfg, "kv_lora_rank"):
+            from mixjax.models.deepseek_v3 import ABSORB_MAX_TOKENS  # noqa: PLC0415
+
             sz_ = _sizes(cfg)
             h_l = cfg.num_attention_heads / a
             qk, vd, lora = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+            rope = cfg.qk_rope_head_dim
+            if seq <= ABSORB_MAX_TOKENS:  # few new tokens: attention in the latent space (MLA._attend_latent)
+                # the projections' FLOPs include kv_b_proj once per new token, which is what folding its key half
+                # into the queries and applying its value half to the weighted latent cost; the cache is read as
+                # [S, kv_lora + rope] by the score and the value products, never expanded
+                mm = [(2 * n * sz_["attn"] / a, min(n, lora, h_l * qk))]
+                fl = 2 * n * h_l * cache_len * (2 * lora + rope)
+                by = (sz_["attn"] / a * wb + 2 * B * cache_len * (lora + rope) * ab
+                      + 4 * B * h_l * seq * cache_len * f32)
+                comp(parts, "attention", mm, fl=fl, by=by)
+                return
+            # long prompts: the cached latent is expanded to every head's K and V
             mm = [(2 * n * sz_["attn"] / a, min(n, lora, h_l * qk)),
                   (2 * B * cache_len * lora * h_l * (cfg.qk_nope_head_dim + vd), min(lora, h_l * vd))]
             fl = 2 * n * h_l * cache_len * (qk + vd)
