@@ -147,17 +147,21 @@ def test_completion_greedy_matches_offline(server, client, offline):
     assert r.choices[0].finish_reason == ("length" if len(ref) == n else "stop")
 
 
+def concurrent_greedy(url: str, prompts, n: int) -> list[list[int]]:
+    """Token ids of greedy completions of all prompts, requested at once (batched together by the engine)."""
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            rs = await asyncio.gather(*[c.post(url + "/v1/completions", json={
+                "prompt": p, "max_tokens": n, "temperature": 0}) for p in prompts])
+            return [r.json()["choices"][0]["token_ids"] for r in rs]
+
+    return asyncio.run(go())
+
+
 def test_concurrent_greedy_matches_offline(server, offline):
     n = 20
     ref = offline.generate([offline.tokenizer.encode(p) for p in PROMPTS], max_new_tokens=n)
-
-    async def go():
-        async with httpx.AsyncClient(timeout=60) as c:
-            rs = await asyncio.gather(*[c.post(server.url + "/v1/completions", json={
-                "prompt": p, "max_tokens": n, "temperature": 0}) for p in PROMPTS])
-            return [r.json()["choices"][0]["token_ids"] for r in rs]
-
-    assert asyncio.run(go()) == ref
+    assert concurrent_greedy(server.url, PROMPTS, n) == ref
 
 
 def test_long_prompt_chunked_prefill(server, offline):
@@ -308,14 +312,7 @@ def test_multi_step_server_matches_offline(model_dir, offline):
     try:
         n = 19  # not a multiple of 4: the last burst overshoots max_tokens and its extra tokens are dropped
         ref = offline.generate([offline.tokenizer.encode(p) for p in PROMPTS], max_new_tokens=n)
-
-        async def go():
-            async with httpx.AsyncClient(timeout=60) as c:
-                rs = await asyncio.gather(*[c.post(s.url + "/v1/completions", json={
-                    "prompt": p, "max_tokens": n, "temperature": 0}) for p in PROMPTS])
-                return [r.json()["choices"][0]["token_ids"] for r in rs]
-
-        assert asyncio.run(go()) == ref
+        assert concurrent_greedy(s.url, PROMPTS, n) == ref
         text = offline.tokenizer.decode(ref[1])
         stop = text[5:7]  # a string the greedy text reaches mid-way
         body = {"prompt": PROMPTS[1], "max_tokens": n, "temperature": 0, "stop": [stop]}
