@@ -22,7 +22,7 @@ from mixjax import distributed
 from mixjax.models import load_config
 from mixjax.sampling import sample
 from mixjax.sharding.mesh import LayoutError, check_layout, make_mesh
-from mixjax.sharding.runner import ShardedModel
+from mixjax.sharding.runner import ShardedModel, decode_loop
 from mixjax.sharding.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 from mixjax.tokenizer import Tokenizer
 
@@ -129,18 +129,15 @@ class LLM:
     def _decode_steps_fn(self, k: int):
         """The jitted loop of k decode steps, each sampling the next token on device (keys fold_in(key, step))."""
         if k not in self._step_fns:
-            fwd, V = self.model._forward, self.config.vocab_size
+            V = self.config.vocab_size
 
             def steps(leaves, tok, pos, cache, keys, step0, temp, tk, tp):
-                def body(i, carry):
-                    tok, cache, out = carry
-                    logits, cache = fwd(leaves, tok[:, None], (pos + i)[:, None], cache)
+                def pick(i, logits):
                     step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step0 + i)
-                    nxt, _ = sample(logits[:, 0, :V], step_keys, temp, tk, tp)
-                    return nxt, cache, out.at[:, i].set(nxt)
+                    return sample(logits[:, :V], step_keys, temp, tk, tp)[:1]
 
-                out = jnp.zeros((tok.shape[0], k), jnp.int32)
-                return jax.lax.fori_loop(0, k, body, (tok, cache, out))
+                (toks,), last, cache = decode_loop(self.model._forward, leaves, tok, pos, cache, k, pick)
+                return last, cache, toks
 
             self._step_fns[k] = jax.jit(steps, donate_argnums=(3,))
         return self._step_fns[k]
@@ -199,7 +196,7 @@ class LLM:
             # end writes into its own last slot and its tokens are discarded
             nxt, cache, toks = run(self.model.leaves, nxt, lengths + (step - 1), cache, keys, jnp.int32(step),
                                    temp, tk, tp)
-            for t in distributed.to_host(toks).T:
+            for t in distributed.to_host(toks):  # [steps, rows]
                 take(t)
             step += steps_per_call
         out = out[: len(ids)]

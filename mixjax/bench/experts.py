@@ -6,7 +6,8 @@ Random bf16 weights [E, D, F], random top-k routing (uniform over experts, disti
 count: the exact number of experts the routing touches, the bytes that must be read (touched experts' weights +
 activations), the time of the dense einsum over all experts and of the grouped Pallas kernels, the grouped
 output's error against the dense one, and each time's ratio to max(bytes / HBM bandwidth, FLOPs / matmul rate),
-both measured in the same run. `--tile bm,bk,bf,bd,warps,stages[,b_bk,b_warps,b_stages]` overrides the tile choice (for tuning).
+both measured in the same run. `--tile bm,bk,bf,bd,warps,stages[,b_bk,b_warps,b_stages]` overrides the tile choice
+(for tuning).
 """
 
 from __future__ import annotations

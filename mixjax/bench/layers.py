@@ -42,20 +42,18 @@ PRESETS = {
 # vocabulary come from the command line). YaRN as in DeepSeek-V3's config.json.
 DEEPSEEK_YARN = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
                      mscale=1.0, mscale_all_dim=1.0)
+_DEEPSEEK_COMMON = dict(num_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
+                        rope_scaling=DEEPSEEK_YARN, rope_interleave=True, max_position_embeddings=163840)
 DEEPSEEK_PRESETS = {
-    "deepseek-v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                        num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                        qk_rope_head_dim=64, v_head_dim=128, num_experts=256, num_experts_per_tok=8,
-                        num_shared_experts=1, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-                        norm_topk_prob=True, rope_theta=10000.0, rope_scaling=DEEPSEEK_YARN, rope_interleave=True,
-                        max_position_embeddings=163840),
+    "deepseek-v3": dict(_DEEPSEEK_COMMON, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_experts=256,
+                        num_experts_per_tok=8, n_group=8, topk_group=4),
     # small enough for CPU (same structure: q LoRA, YaRN, grouped routing, one shared expert)
-    "deepseek-tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-                          num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
-                          qk_rope_head_dim=8, v_head_dim=16, num_experts=16, num_experts_per_tok=4,
-                          num_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                          norm_topk_prob=True, rope_theta=10000.0, rope_scaling=DEEPSEEK_YARN, rope_interleave=True,
-                          max_position_embeddings=163840),
+    "deepseek-tiny": dict(_DEEPSEEK_COMMON, vocab_size=512, hidden_size=128, intermediate_size=256,
+                          moe_intermediate_size=64, num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32,
+                          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_experts=16,
+                          num_experts_per_tok=4, n_group=4, topk_group=2),
 }
 QWEN_DECODE_VOCAB = 151936  # bench.decode's default vocabulary for the Qwen3 presets (Qwen3's real one)
 

@@ -56,9 +56,9 @@ def zeros_param(shape, axes, source: Source, dtype) -> nnx.Param:
 def matmul(x, w):
     """x @ w with float32 accumulation, result in x's dtype."""
     if math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "gpu":
-        # One row (batch-1 decode) on a GPU: XLA rewrites a vector-matrix dot as multiply + reduce, which on a GPU writes the
+        # One row (batch-1 decode) on a GPU: XLA rewrites a vector-matrix dot as multiply + reduce, which writes the
         # whole product and reduces it over the weight's leading axis: 5x slower than reading the weight once
-        # (H200, 2026-11-29: ~190 of a 0.73 ms 4-layer step). Two rows (the barrier keeps XLA from folding the copy
+        # (H200, 2026-11-29: ~190 of a 0.73 ms 4-layer step). Two rows (the barriers keep XLA from folding the copy
         # back, or the slice into the product) stay a matrix product; the second row is discarded.
         x2 = lax.optimization_barrier(jnp.broadcast_to(x.reshape(1, x.shape[-1]), (2, x.shape[-1])))
         y = lax.optimization_barrier(jnp.einsum("ri,io->ro", x2, w, preferred_element_type=jnp.float32))[:1]

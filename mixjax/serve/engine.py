@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax.sampling import sample, sampling_flags
+from mixjax.sharding.runner import decode_loop
 from mixjax.serve.metrics import Metrics
 
 log = logging.getLogger("mixjax.serve")
@@ -192,22 +193,11 @@ class Engine:
             the same keys as k single steps would (seed, step + i). Returns ([k, n] ids, logprobs, [k, n, 5] top
             ids and logprobs), the last step's ids, and the cache."""
             tokens = jnp.where(use_prev != 0, prev_ids, tokens)
-            n, kk = tokens.shape[0], min(TOP_LOGPROBS, V)
-            bufs = (jnp.zeros((k, n), jnp.int32), jnp.zeros((k, n), jnp.float32), jnp.zeros((k, n, kk), jnp.int32),
-                    jnp.zeros((k, n, kk), jnp.float32))
-
-            def body(i, carry):
-                tok, cache, bufs = carry
-                logits, cache = fwd(state, tok[:, None], (positions + i)[:, None], cache)
-                out = pick(logits[:, 0, :V], seeds, steps + i, temp, topk, topp, draw=flags[0], filter=flags[1],
-                           want_top=flags[2])
-                bufs = tuple(b.at[i].set(o.astype(b.dtype)) for b, o in zip(bufs, out))
-                return out[0], cache, bufs
-
-            last, cache, bufs = jax.lax.fori_loop(0, k, body, (tokens, cache, bufs))
-            if rep is not None:
-                bufs = tuple(jax.lax.with_sharding_constraint(x, rep) for x in bufs)
-            return bufs, last, cache
+            outs, last, cache = decode_loop(fwd, state, tokens, positions, cache, k, lambda i, logits: pick(
+                logits[:, :V], seeds, steps + i, temp, topk, topp, draw=flags[0], filter=flags[1], want_top=flags[2]))
+            if rep is not None:  # as pick's own outputs: readable on process 0
+                outs = tuple(jax.lax.with_sharding_constraint(x, rep) for x in outs)
+            return outs, last, cache
 
         # a prompt's first chunk (every row from position 0) and later chunks: two programs where they differ
         self._prefill = jax.jit(functools.partial(prefill, fwd_last=self.sm._forward_last), donate_argnums=(3,))
@@ -488,8 +478,8 @@ class Engine:
         its last token on the device, prev.k positions further; one that `prev` is sure to finish (length limits)
         is left out. If `prev` ends a request another way (a stop token or string, a cancel), the call's row for it
         is wasted work and its output is dropped. The call runs decode_steps steps when some member can use at
-        least half of them, else one; a row's steps past its own limits are discarded on collection (positions past the cache's
-        end write into that row's last slot, which no live request reads)."""
+        least half of them, else one; a row's steps past its own limits are discarded on collection (positions past
+        the cache's end write into that row's last slot, which no live request reads)."""
         n = self.slots
         tokens, positions, steps = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
         use_prev = np.zeros(n, np.int32)  # int32: step plans carry int32/uint32/float32 arrays only
