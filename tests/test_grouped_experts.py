@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import fixture_dirs, reference, rel_err
-from mixjax.kernels.grouped_experts import Blocks, choose_blocks, group_layout, grouped_swiglu
+from mixjax.kernels.grouped_experts import (PAIR_BLOCKS_MAX, Blocks, choose_blocks, group_layout, grouped_swiglu,
+                                            pair_layout)
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import load_sharded, resolve_expert_impl
 from mixjax.sharding.strategies import STRATEGIES
@@ -63,6 +64,49 @@ def test_layout_reads_only_touched_experts():
             expert = block_expert[dest[row, j] // bm]
             assert gates[row, expert] == weight[row, j]
             assert src_row[dest[row, j]] == row
+
+
+def test_pair_layout_gives_each_pair_its_block():
+    """Few pairs (decode of one or two tokens): block p holds pair p's row first, then zero rows, and is tagged
+    with that pair's expert; pairs with weight 0 get no expert (-1) and no destination."""
+    rng = np.random.RandomState(5)
+    n, e, k, bm = 2, 16, 3, 16
+    gates = routed_gates(rng, n, e, k)
+    gates[1, np.nonzero(gates[1])[0][0]] = 0  # row 1 has only two pairs
+    lay = pair_layout(jnp.asarray(gates), k, bm)
+    block_expert, dest, weight, src_row = (np.asarray(a) for a in (lay.block_expert, lay.dest, lay.weight,
+                                                                   lay.src_row))
+    assert block_expert.shape == (n * k,) and src_row.shape == (n * k * bm,)
+    assert (block_expert == -1).sum() == 1
+    for row in range(n):
+        for j in range(k):
+            p = row * k + j
+            assert src_row[p * bm] == row and np.all(src_row[p * bm + 1:(p + 1) * bm] == n)
+            if weight[row, j] == 0:
+                assert block_expert[p] == -1 and dest[row, j] == n * k * bm
+            else:
+                assert dest[row, j] == p * bm and gates[row, block_expert[p]] == weight[row, j]
+
+
+@pytest.mark.parametrize("n,k", [(1, 8), (2, 8), (3, 8)])  # 8, 16 pairs: one block per pair; 24: sorted
+def test_router_pairs_equal_gate_matrix(n, k):
+    """Passing the router's (ids, weights) (which skips a top-k) gives the gate matrix's result, with the pair
+    layout and with the sorted one; both equal the dense reference."""
+    rng = np.random.RandomState(n)
+    e, d, f = 32, 32, 32
+    x = rng.randn(n, d).astype(np.float32)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    w = (rng.rand(n, k) + 0.1).astype(np.float32)
+    gates = np.zeros((n, e), np.float32)
+    np.put_along_axis(gates, ids, w, axis=1)
+    wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
+    wd = rng.randn(e, f, d).astype(np.float32) * 0.2
+    run = lambda routed: np.asarray(grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=k,
+                                                   blk=Blocks(16, 16, 16, 16), interpret=True, routed=routed))
+    via_router, via_gates = run((jnp.asarray(ids), jnp.asarray(w))), run(None)
+    want = dense_reference(x, gates, wg, wu, wd)
+    assert (n * k <= PAIR_BLOCKS_MAX) == (n < 3)
+    assert rel_err(via_router, want) < 1e-5 and rel_err(via_gates, want) < 1e-5
 
 
 def test_tile_choice_follows_rows_per_expert():

@@ -1,5 +1,5 @@
 """Where a small-batch decode step's time goes on a GPU: host enqueue vs device, one step per call vs several
-steps in one call (lax.fori_loop, greedy), under the XLA_FLAGS of the environment. A development tool:
+steps in one call (runner.decode_loop, greedy; --unroll U unrolls its scan), under the XLA_FLAGS of the environment. A development tool:
     python tools/probe_launch.py 1,8 [--steps 8] [--profile]"""
 import argparse, collections, glob, gzip, json, os, statistics, tempfile, time
 import jax, jax.numpy as jnp, numpy as np
@@ -7,11 +7,11 @@ from flax import nnx
 from mixjax.bench.decode import bench_config
 from mixjax.models.qwen3_moe import Qwen3MoeForCausalLM
 from mixjax.sharding.mesh import make_mesh
-from mixjax.sharding.runner import ShardedModel
+from mixjax.sharding.runner import ShardedModel, decode_loop
 from mixjax.sharding.strategies import STRATEGIES
 
 ap = argparse.ArgumentParser(); ap.add_argument("batch"); ap.add_argument("--steps", type=int, default=8)
-ap.add_argument("--profile", action="store_true"); ap.add_argument("--layers", type=int, default=4); ap.add_argument("--top", type=int, default=12)
+ap.add_argument("--profile", action="store_true"); ap.add_argument("--unroll", type=int, default=1); ap.add_argument("--layers", type=int, default=4); ap.add_argument("--top", type=int, default=12)
 a = ap.parse_args()
 print("XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""), flush=True)
 cfg = bench_config("qwen3-30b-a3b", a.layers, 151936)
@@ -21,14 +21,10 @@ fwd = m._forward
 V = cfg.vocab_size
 
 
-def multi(leaves, tok, pos, cache):
-    def body(i, c):
-        tok, pos, cache, out = c
-        logits, cache = fwd(leaves, tok[:, None], pos[:, None], cache)
-        nxt = jnp.argmax(logits[:, 0, :V], axis=-1).astype(jnp.int32)
-        return nxt, pos + 1, cache, out.at[:, i].set(nxt)
-    out = jnp.zeros((tok.shape[0], a.steps), jnp.int32)
-    return jax.lax.fori_loop(0, a.steps, body, (tok, pos, cache, out))
+def multi(leaves, tok, pos, cache):  # the engine's loop (runner.decode_loop), greedy
+    outs, last, cache = decode_loop(fwd, leaves, tok, pos, cache, a.steps,
+                                    lambda i, lg: (jnp.argmax(lg[:, :V], axis=-1).astype(jnp.int32),), unroll=a.unroll)
+    return last, pos + a.steps, cache, outs[0]
 
 
 def single(leaves, tok, pos, cache):

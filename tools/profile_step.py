@@ -45,7 +45,11 @@ for b in map(int, a.batch.split(",")):
         pname = names.get((e["pid"], None), "") + "/" + names.get((e["pid"], e.get("tid")), "")
         if "/device:GPU" not in pname or "Stream" not in pname: continue
         t_lo = min(t_lo, e["ts"]); t_hi = max(t_hi, e["ts"] + e["dur"])
-        tot[e["name"]] += e["dur"] / 5; cnt[e["name"]] += 1; gpu_total += e["dur"] / 5
+        key = e["name"]
+        hlo = (e.get("args") or {}).get("hlo_op") or (e.get("args") or {}).get("long_name")
+        if hlo and hlo not in key:
+            key = f"{key} [{str(hlo)[:60]}]"
+        tot[key] += e["dur"] / 5; cnt[key] += 1; gpu_total += e["dur"] / 5
     if not gpu_total:
         print(sorted(set(names.values()))[:40])
     print(f"== batch {b} {'prefill ' + str(t) if a.prefill else 'decode'}: GPU kernel time per step {gpu_total:.0f} us, span {(t_hi - t_lo) / 5:.0f} us, {sum(cnt.values())//5} kernels")

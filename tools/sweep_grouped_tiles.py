@@ -31,7 +31,8 @@ for n in map(int, a.tokens.split(",")):
     cur = ge.choose_blocks(n * K, E, D, F)
     bms = sorted({cur.bm, 64, 128} if n >= 1024 else {cur.bm})
     for bm in bms:
-        lay = ge.group_layout(g, K, bm); nb = lay.block_expert.shape[0]; m = nb * bm
+        layout = ge.pair_layout if n * K <= ge.PAIR_BLOCKS_MAX else ge.group_layout  # as grouped_swiglu chooses
+        lay = layout(g, K, bm); nb = lay.block_expert.shape[0]; m = nb * bm
         used = int((np.asarray(lay.block_expert) >= 0).sum())
         xp = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[lay.src_row]
         fl_a, fl_b = 2 * 2 * used * bm * D * F, 2 * used * bm * F * D

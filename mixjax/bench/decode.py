@@ -33,7 +33,8 @@ head for one position.
 
 "step ms" is the median of forward steps each waited for on the host; "b2b" is the mean of steps dispatched back to
 back without waiting (host dispatch hidden under the device). --engine N also runs the serving engine's decode loop
-(sampling and host bookkeeping included) with `batch` greedy requests of N tokens, pipelined (step n+1 starts from
+(sampling and host bookkeeping included) with `batch` requests of N tokens sampled at --engine-temperature
+(default 1; "distinct" is the mean fraction of distinct tokens among the rows of a step), pipelined (step n+1 starts from
 step n's tokens on the device), with one decode step per dispatch and with --engine-steps K per dispatch (K steps in
 one device-side loop), and reports the interval between a request's tokens (its mean; median over requests).
 
@@ -180,26 +181,32 @@ def time_prefill(model: ShardedModel, t: int, iters: int) -> float:
 
 
 def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, pipeline: bool,
-                     decode_steps: int = 1) -> float:
-    """Mean interval between consecutive tokens of a request, the median over `batch` greedy requests decoding
-    together in the serving engine (mixjax.serve.engine) with a KV cache of ctx slots: the engine's decode step as
-    a server runs it, sampling and host bookkeeping included. Only tokens after the last request joined count. A
-    mean, not a median of gaps: with decode_steps K > 1 tokens arrive in bursts of K."""
+                     decode_steps: int = 1, temperature: float = 1.0) -> tuple[float, float]:
+    """Mean interval between consecutive tokens of a request, the median over `batch` requests decoding together in
+    the serving engine (mixjax.serve.engine) with a KV cache of ctx slots: the engine's decode step as a server runs
+    it, sampling and host bookkeeping included. Only tokens after the last request joined count. A mean, not a
+    median of gaps: with decode_steps K > 1 tokens arrive in bursts of K.
+
+    Requests sample at `temperature` (seeded, one seed per request). Greedy requests on random weights fall into
+    the same few tokens: at DeepSeek-V3 shapes (2026-11-29) the rows of a greedy batch then touched so few experts
+    that the engine ran faster than the forward with distinct tokens, and faster than the roofline that assumes
+    them. Also returns how distinct the rows stay: the mean over steps of (distinct tokens in the batch) / batch."""
     import threading
 
     from mixjax.serve.engine import Engine, Request, SamplingParams
 
     eng = Engine(model, None, max_batch=batch, max_seq_len=ctx, prefill_buckets=[16], max_queue=batch,
                  pipeline=pipeline, decode_steps=decode_steps)
-    eng.warmup(variants=[(False, False, False)])  # greedy, no logprobs: the only sampling program used here
+    eng.warmup(variants=[(temperature > 0, False, False)])  # the only sampling program used here
     eng.start()
-    stamps, done = [[] for _ in range(batch)], threading.Event()
+    stamps, ids, done = [[] for _ in range(batch)], [[] for _ in range(batch)], threading.Event()
     left = [batch]
 
     def sink_for(i):
         def sink(ev):
             if ev["type"] == "token":
                 stamps[i].extend([time.monotonic()] * len(ev["ids"]))
+                ids[i].extend(ev["ids"])
             elif ev["type"] in ("done", "error"):
                 left[0] -= 1
                 if not left[0]:
@@ -209,7 +216,8 @@ def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, p
     rng = np.random.RandomState(0)
     for i in range(batch):
         eng.submit(Request(rng.randint(0, model.vocab_size, 8).tolist(),
-                           SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True), sink_for(i)))
+                           SamplingParams(max_tokens=n_tokens, temperature=temperature, seed=i, ignore_eos=True),
+                           sink_for(i)))
     done.wait(600)
     eng.stop()
     joined = max(s[0] for s in stamps)
@@ -218,7 +226,9 @@ def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, p
         after = [t for t in s if t >= joined]
         if len(after) > 1:
             means.append((after[-1] - after[0]) / (len(after) - 1))
-    return statistics.median(means)
+    steps = min(len(r) for r in ids)
+    distinct = statistics.mean(len({r[j] for r in ids}) / batch for j in range(steps)) if steps else float("nan")
+    return statistics.median(means), distinct
 
 
 def run_peer(args) -> dict | None:
@@ -285,6 +295,9 @@ def main(argv=None):
                          "--engine-steps per dispatch), TOKENS per request")
     ap.add_argument("--engine-steps", type=int, default=8, metavar="K",
                     help="decode steps per dispatch for the engine's multi-step measurement (default 8)")
+    ap.add_argument("--engine-temperature", type=float, default=1.0,
+                    help="the engine requests' sampling temperature (default 1.0; 0 is greedy, whose rows on random "
+                         "weights collapse onto a few tokens and touch fewer experts than the roofline counts)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="weights and activations (the rooflines count 2 bytes per element either way)")
@@ -311,7 +324,7 @@ def main(argv=None):
         print(f"[{impl} experts]\n{'batch':>6s} {'step ms':>9s} {'roofline ms':>12s} {'ratio':>7s} {'tok/s':>9s} "
               f"{'vs peer':>8s} {'b2b ms':>8s} {'b2b ratio':>9s}"
               + (f" {'eng 1/call':>10s} {'ratio':>6s} {'eng ' + str(args.engine_steps) + '/call':>10s} {'ratio':>6s}"
-                 if args.engine else ""))
+                    f" {'distinct':>8s}" if args.engine else ""))
         for b in (int(x) for x in args.batch.split(",")):
             # one new token per sequence at position ctx-1
             t, t_b2b = time_step(model, b, 1, args.ctx, args.iters, back_to_back=True)
@@ -323,10 +336,13 @@ def main(argv=None):
             extra = ""
             if args.engine:
                 for k in (1, args.engine_steps):
-                    te = engine_step_time(model, b, args.ctx, args.engine, True, k)
+                    te, distinct = engine_step_time(model, b, args.ctx, args.engine, True, k,
+                                                    args.engine_temperature)
                     key = "engine_pipelined" if k == 1 else f"engine_multistep{k}"
                     row[key + "_step_s"], row[key + "_ratio"] = te, roof / te
+                    row[key + "_distinct_tokens"] = distinct
                     extra += f" {te * 1e3:10.3f} {roof / te:6.1%}"
+                extra += f" {distinct:8.0%}"
             print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f} {vs:7.1f}x "
                   f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}{extra}", flush=True)
         if args.prefill:

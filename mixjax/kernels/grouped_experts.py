@@ -6,7 +6,11 @@ every step, which is what a decode step of a 128-expert model cannot afford (bat
 1. Pairs. Each row's non-zero gates give (row, expert, weight) pairs: at most k per row.
 2. Layout. Pairs are sorted by expert into a padded buffer in which expert e owns ceil(count_e / BM) whole
    blocks of BM rows. `block_expert[b]` names the expert of block b; blocks past the last used one are -1.
-   Untouched experts own no block, so their weights are never read.
+   Untouched experts own no block, so their weights are never read. With at most PAIR_BLOCKS_MAX pairs (decode
+   of one or two tokens) each pair gets a block of its own instead (`pair_layout`): no sort, no scatter. The
+   sorted layout's dozen small kernels (top-k, argsort, three scatters, cumulative sums) took ~15 us of a ~140 us
+   batch-1 decode layer on an H200, more than the expert weights they save from a second read: two rows of
+   two tokens rarely share an expert (8 of 128 each, for Qwen3-30B-A3B).
 3. Kernel A, grid (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation.
 4. Kernel B, grid (block, D tile):  y = h W_down[e], float32 accumulation, stored in x's dtype.
 5. Combine: out[row] = sum over the row's pairs of weight * y[pair's padded row] (a gather, no scatter-add).
@@ -67,8 +71,10 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
     where the shape divides them, else the largest power of two that does."""
     per_expert = pairs / max(1, min(num_experts, pairs))
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64 if per_expert <= 256 else 128
-    if bm == 16 and pairs <= 16:  # one or two tokens: latency of few programs, deeper pipelines
-        a, b = (128, 64, 4, 4), (128, 64, 4, 2)
+    if bm == 16 and pairs <= 8:  # one token (pair layout): latency of few programs, deeper pipelines
+        a, b = (128, 64, 4, 4), (64, 64, 4, 4)
+    elif bm == 16 and pairs <= 16:  # two tokens (pair layout); swept on it, 2026-11-29 (second session)
+        a, b = (64, 128, 4, 4), (64, 64, 4, 3)
     elif bm == 16:
         a, b = (64, 128, 4, 3), (64, 128, 4, 2)
     elif bm == 32:
@@ -92,11 +98,40 @@ class Layout:
     weight: jax.Array  # [n, k] float32 gate weight of each pair (0: no pair)
 
 
-def group_layout(gates, k: int, bm: int) -> Layout:
+PAIR_BLOCKS_MAX = 16  # pairs up to which each (row, expert) pair gets its own block (`pair_layout`)
+
+
+def _pairs(gates, k: int, routed):
+    """Each row's k (weight float32, expert id) pairs: from the router when given (routed = (ids, weights) [n, k],
+    experts numbered as the gate matrix's columns), else the gate matrix's top k (weight 0: no pair)."""
+    if routed is not None:
+        ids, w = routed
+        return w.astype(jnp.float32), ids.astype(jnp.int32)
+    return lax.top_k(gates.astype(jnp.float32), k)  # the row's chosen local experts first
+
+
+def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
+    """One block of bm rows per (row, expert) pair, pair p = row * k + j in block p, its row first and zero rows
+    after (tensor-core tiles need bm >= 16 rows). No sort: for a few pairs (decode of one or two tokens) the
+    sorted layout's small kernels cost more than the weights it would save from a second read."""
+    n, e = gates.shape
+    k = min(k, e)
+    w, ids = _pairs(gates, k, routed)
+    valid = w != 0
+    p = n * k
+    m = p * bm
+    slot = jnp.arange(m, dtype=jnp.int32)
+    src_row = jnp.where(slot % bm == 0, slot // bm // k, n)
+    block_expert = jnp.where(valid, ids, -1).reshape(p).astype(jnp.int32)
+    dest = jnp.where(valid, (jnp.arange(p, dtype=jnp.int32) * bm).reshape(n, k), m)
+    return Layout(src_row, block_expert, dest, jnp.where(valid, w, 0.0))
+
+
+def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     """Sort the (row, expert) pairs of a dense gate matrix [n, E] (at most k non-zeros per row) by expert."""
     n, e = gates.shape
     k = min(k, e)
-    w, ids = lax.top_k(gates.astype(jnp.float32), k)  # the row's chosen local experts first
+    w, ids = _pairs(gates, k, routed)
     valid = w != 0
     p = n * k
     nb = -(-p // bm) + min(e, p)
@@ -165,14 +200,16 @@ def _compiler_params(blk: Blocks, interpret: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
-def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False):
+def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
     row), weights [E, D, F], [E, D, F], [E, F, D]. Returns [n, D] in x's dtype. Matmuls accumulate in float32;
     each expert output is stored in x's dtype (halving the combine's traffic in bf16: the gather of [n, k, D]
-    rows took 5% of a long prefill) and the weighted sum over a row's experts is float32."""
+    rows took 5% of a long prefill) and the weighted sum over a row's experts is float32.
+    routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
     f = w_gate.shape[2]
-    lay = group_layout(gates, k, blk.bm)
+    layout = pair_layout if n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX else group_layout
+    lay = layout(gates, k, blk.bm, routed)
     nb = lay.block_expert.shape[0]
     m = nb * blk.bm
     xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]  # [M, D], padding rows are zero

@@ -66,7 +66,7 @@ class MoE(nnx.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, w = self.route(flat)
-        y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k)
+        y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k, routed=(ids, w))
         if self.shared is not None:
             y = y + self.shared(flat, par)
         return y.reshape(shape)

@@ -217,21 +217,23 @@ class Experts(nnx.Module):
         self.up = stacked("up_proj", (num_experts, d_model, d_ff), ("experts", None, "expert_mlp"))
         self.down = stacked("down_proj", (num_experts, d_ff, d_model), ("experts", "expert_mlp", None))
 
-    def __call__(self, x, gates, *, impl: str = "dense", top_k: int | None = None):
+    def __call__(self, x, gates, *, impl: str = "dense", top_k: int | None = None, routed=None):
         """sum_e gates[:, e] * FFN_e(x) over this device's experts: x [n, D], gates [n, E_local] -> [n, D].
 
         impl "dense": every local expert runs on every row (rows whose gate is zero contribute exactly zero).
         Exact and static-shaped; the cost is n * E_local expert evaluations and all expert weights are read.
         impl "grouped" / "grouped-interpret": only the (row, expert) pairs with a non-zero gate are computed,
         by the Pallas kernels of mixjax.kernels.grouped_experts (on GPU / interpreted anywhere); untouched
-        experts' weights are not read. `top_k` bounds the non-zeros per row."""
+        experts' weights are not read. `top_k` bounds the non-zeros per row. `routed`: the router's (ids, weights)
+        [n, top_k] behind the gates, numbered as the gates' columns, when at hand (the grouped path then skips a top-k)."""
         if impl != "dense":
             e, d, f = self.gate.shape
             k = min(top_k or e, e)
             blk = choose_blocks(x.shape[0] * k, e, d, f)
             if blk is not None:
                 return grouped_swiglu(x, gates, self.gate[...], self.up[...], self.down[...], k=k, blk=blk,
-                                      interpret=impl == "grouped-interpret")
+                                      interpret=impl == "grouped-interpret",
+                                      routed=routed if routed is not None and routed[0].shape[-1] == k else None)
         dt = x.dtype
         g = jnp.einsum("nd,edf->enf", x, self.gate[...], preferred_element_type=jnp.float32)
         u = jnp.einsum("nd,edf->enf", x, self.up[...], preferred_element_type=jnp.float32)

@@ -156,7 +156,7 @@ class ShardedModel:
         return (self._forward_fresh if fresh else self._forward).lower(jax.tree.leaves(state), tok, tok, cache)
 
 
-def decode_loop(forward, leaves, tokens, positions, cache, k: int, pick):
+def decode_loop(forward, leaves, tokens, positions, cache, k: int, pick, unroll: int = 1):
     """k decode steps in one device-side loop, to be traced inside a jit (the engine's and LLM.generate's multi-step
     decode). Step i feeds `tokens` [B] at positions + i through `forward` (a ShardedModel's jitted step) and
     `pick(i, logits [B, vocab_padded])` returns a tuple of per-row arrays whose first is the next tokens. Returns
@@ -168,7 +168,7 @@ def decode_loop(forward, leaves, tokens, positions, cache, k: int, pick):
         out = pick(i, logits[:, 0])
         return (out[0], cache), out
 
-    (last, cache), outs = jax.lax.scan(body, (tokens, cache), jnp.arange(k, dtype=jnp.int32))
+    (last, cache), outs = jax.lax.scan(body, (tokens, cache), jnp.arange(k, dtype=jnp.int32), unroll=unroll)
     return outs, last, cache
 
 
