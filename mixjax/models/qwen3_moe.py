@@ -16,6 +16,7 @@ from flax import nnx
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
+from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
 from mixjax.sharding.strategies import ParallelContext
 
@@ -106,6 +107,12 @@ class Qwen3Attention(nnx.Module):
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         starts = positions[:, 0]
+        if par.pallas and t == 1 and decode_attention_supported(hd, cache["k"].shape[2]):
+            # one token per row: cache write and attention in one kernel (XLA makes about eight of them)
+            out, kc, vc = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], starts,
+                                           scale=hd ** -0.5, interpret=par.pallas == "interpret")
+            out = self.o_proj(out.reshape(b, 1, -1))
+            return (par.psum_attn_tp(out) if reduce else out), {"k": kc, "v": vc}
         heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, K, D] -> the cache's [B, K, T, D]
         cache = {"k": write_cache(cache["k"], heads_major(k), starts, seq_axis=2),
                  "v": write_cache(cache["v"], heads_major(v), starts, seq_axis=2)}
