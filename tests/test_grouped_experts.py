@@ -197,9 +197,8 @@ def test_prefill_with_flash_attention_matches_reference():
 
 @pytest.mark.parametrize("fixture,mesh,strategy", [("qwen3_moe_a", "1x1", "tp"), ("qwen3_moe_a", "2x4", "hybrid")])
 def test_decode_with_pallas_attention_matches_reference(fixture, mesh, strategy):
-    """One token at a time through the Pallas path (decode attention kernel writing the cache, router kernel,
-    pair-layout experts where the FFN width tiles), after a prefill of the first half: every step's logits equal
-    the reference's at that position."""
+    """One token at a time through the Pallas path (decode attention kernel writing the cache, pair-layout
+    experts), after a prefill of the first half: every step's logits equal the reference's at that position."""
     path = next(p for p in fixture_dirs() if p.name == fixture)
     ref = reference(fixture)
     model = load_sharded(path, make_mesh(mesh), STRATEGIES[strategy], progress=False,

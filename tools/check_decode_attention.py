@@ -1,6 +1,5 @@
-"""The decode kernels on a GPU: the router kernel's choices against Qwen3MoE.route's, then the decode attention
-kernel against write_cache + attend (float32 reference), bf16 and float32 inputs, and its time against XLA's form at
-Qwen3-30B-A3B shapes. A development tool: python tools/check_decode_attention.py"""
+"""The decode attention kernel on a GPU against write_cache + attend (float32 reference), bf16 and float32 inputs,
+then its time against XLA's form at Qwen3-30B-A3B shapes. A development tool: python tools/check_decode_attention.py"""
 import statistics, time
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels.decode_attention import decode_attention
@@ -14,27 +13,6 @@ def reference(q, kn, vn, kc, vc, pos, scale):
 
 
 rng = np.random.RandomState(0)
-from mixjax.kernels.router import softmax_top_k
-from mixjax.models.layers import matmul
-
-
-def route(x, w, k):
-    probs = jax.nn.softmax(matmul(x, w).astype(jnp.float32), axis=-1)
-    wk, ids = jax.lax.top_k(probs, k)
-    return ids, (wk / wk.sum(-1, keepdims=True)).astype(x.dtype)
-
-
-for n in (1, 2, 16):
-    same, werr = 0, 0.0
-    for trial in range(20):
-        x = jnp.asarray(rng.randn(n, 2048), jnp.bfloat16)
-        w = jnp.asarray(rng.randn(2048, 128) * 0.02, jnp.bfloat16)
-        ids, wk = softmax_top_k(x, w, k=8, norm=True)
-        rid, rw = jax.jit(route, static_argnums=2)(x, w, 8)
-        same += int(jnp.all(ids == rid))
-        werr = max(werr, float(jnp.max(jnp.abs(wk.astype(jnp.float32) - rw.astype(jnp.float32)))))
-    print(f"router n={n}: same experts in {same}/20 trials, max weight difference {werr:.2e}", flush=True)
-
 for (b, h, kv, d, s), dt in [((1, 32, 4, 128, 1024), jnp.bfloat16), ((8, 32, 4, 128, 1024), jnp.bfloat16),
                              ((3, 16, 1, 64, 256), jnp.float32), ((128, 32, 4, 128, 1024), jnp.bfloat16)]:
     f = lambda *sh: jnp.asarray(rng.randn(*sh).astype(np.float32))

@@ -62,14 +62,10 @@ class MoE(nnx.Module):
     experts: Experts
     shared: MLP | None
 
-    def route_for(self, x, par: ParallelContext):
-        """`route`, or a kernel of the same function where the family has one for this shape and backend."""
-        return self.route(x)
-
     def __call__(self, x, par: ParallelContext):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, w = self.route_for(flat, par)
+        ids, w = self.route(flat)
         y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k, routed=(ids, w))
         if self.shared is not None:
             y = y + self.shared(flat, par)

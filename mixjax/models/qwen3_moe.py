@@ -18,7 +18,6 @@ from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, att
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
-from mixjax.kernels.router import softmax_top_k, supported as router_kernel_supported
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -136,13 +135,6 @@ class Qwen3MoE(MoE):
                                dtype=dtype, rngs=rngs)
         self.shared = None
         self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
-
-    def route_for(self, x, par: ParallelContext):
-        if par.pallas and router_kernel_supported(x.shape[0], x.shape[1], self.num_experts):
-            # a few tokens (decode): two kernels instead of XLA's split-K product, reduction, softmax, sort, division
-            return softmax_top_k(x, self.router.w[...], k=self.top_k, norm=self.norm_topk,
-                                 interpret=par.pallas == "interpret")
-        return self.route(x)
 
     def route(self, x):
         """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen."""
