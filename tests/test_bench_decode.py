@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from mixjax.bench import decode
-from mixjax.bench.decode import bench_config, param_counts, prefill_flops, step_bytes
+from mixjax.bench.decode import (bench_config, param_counts, prefill_bytes, prefill_flops, prefill_roofline,
+                                 step_bytes)
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
@@ -107,5 +108,22 @@ def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
                 "back_to_back_step_s", "back_to_back_ratio"} <= set(r)
         assert r["step_s"] > 0 and r["roofline_s"] > 0
     (p,) = res["prefill"]
-    assert {"impl", "tokens", "time_s", "tokens_per_s", "flops", "flop_rate", "matmul_fraction"} <= set(p)
+    assert {"impl", "tokens", "time_s", "tokens_per_s", "flops", "flop_rate", "matmul_fraction", "roofline_s",
+            "bound", "ratio"} <= set(p)
     assert p["flops"] == prefill_flops(bench_config("deepseek-tiny", 2, 512, dense_layers=1), 8)
+
+
+def test_prefill_roofline_is_the_larger_bound():
+    """DeepSeek-V3 at 2048 tokens touches every expert with ~64 rows each: its weights take longer to read than its
+    FLOPs take to compute on an H200 (memory-bound); Qwen3-30B-A3B at 8192 tokens is compute-bound."""
+    bw, rate = 4.3e12, 900e12
+    ds = bench_config("deepseek-v3", 2, 129280)
+    c = param_counts(ds)
+    experts = sum(r[2] for r in c["routed"].values())
+    assert prefill_bytes(ds, 2048) == pytest.approx(c["fixed_bytes"] + c["head_bytes"] + experts
+                                                    + 2048 * c["cache_bytes_per_token"], rel=1e-6)
+    t, bound = prefill_roofline(ds, 2048, bw, rate)
+    assert bound == "memory" and t == pytest.approx(prefill_bytes(ds, 2048) / bw)
+    t, bound = prefill_roofline(bench_config("qwen3-30b-a3b", 4, 151936), 8192, bw, rate)
+    assert bound == "compute" and t == pytest.approx(prefill_flops(bench_config("qwen3-30b-a3b", 4, 151936), 8192)
+                                                     / rate)

@@ -167,6 +167,22 @@ def prefill_flops(cfg, t: int) -> float:
     return 2 * active * t + attention_flops(cfg, t) + 2 * c["head_params"]
 
 
+def prefill_bytes(cfg, t: int, elem: int = 2) -> float:
+    """Bytes a t-token prefill (batch 1) must move at least once: the non-routed weights, the LM head, the experts
+    the prompt touches in expectation under uniform routing (at 2048 tokens every DeepSeek-V3 expert: 22.5 GB per
+    layer) and the t cache entries it writes: `step_bytes` of t rows with one cache entry each."""
+    return step_bytes(cfg, t, 1, elem)
+
+
+def prefill_roofline(cfg, t: int, bw: float, rate: float) -> tuple[float, str]:
+    """(seconds, bound): the larger of the prefill's FLOPs at the matmul rate and its bytes at the HBM bandwidth.
+    A prompt whose tokens spread over many experts reads more weights than it has FLOPs to hide them under (DeepSeek-
+    V3 at 2048 tokens: ~64 rows per expert, a third of the H200's ~210 FLOP/byte ridge), so its matmul-rate fraction
+    is bounded well below 100% by the bytes, not by the kernels."""
+    flops, byts = prefill_flops(cfg, t) / rate, prefill_bytes(cfg, t) / bw
+    return (flops, "compute") if flops >= byts else (byts, "memory")
+
+
 def time_prefill(model: ShardedModel, t: int, iters: int) -> float:
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (1, t)), jnp.int32)
     pos = jnp.arange(t, dtype=jnp.int32)[None]
@@ -346,13 +362,17 @@ def main(argv=None):
             print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f} {vs:7.1f}x "
                   f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}{extra}", flush=True)
         if args.prefill:
-            print(f"{'prompt':>6s} {'ms':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'of matmul':>9s}")
+            print(f"{'prompt':>6s} {'ms':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'of matmul':>9s} {'roofline ms':>11s} "
+                  f"{'bound':>7s} {'ratio':>6s}")
         for t_len in (int(x) for x in args.prefill.split(",") if x):
             t = time_prefill(model, t_len, max(3, args.iters // 4))
             fl = prefill_flops(cfg, t_len)
+            roof, bound = prefill_roofline(cfg, t_len, bw, rate)
             prefill.append(dict(impl=impl, tokens=t_len, time_s=t, tokens_per_s=t_len / t, flops=fl,
-                                flop_rate=fl / t, matmul_fraction=fl / t / rate))
-            print(f"{t_len:6d} {t * 1e3:9.2f} {t_len / t:9.0f} {fl / t / 1e12:8.1f} {fl / t / rate:9.1%}", flush=True)
+                                flop_rate=fl / t, matmul_fraction=fl / t / rate, bytes=prefill_bytes(cfg, t_len),
+                                roofline_s=roof, bound=bound, ratio=roof / t))
+            print(f"{t_len:6d} {t * 1e3:9.2f} {t_len / t:9.0f} {fl / t / 1e12:8.1f} {fl / t / rate:9.1%} "
+                  f"{roof * 1e3:11.2f} {bound:>7s} {roof / t:6.1%}", flush=True)
         del model
     result = {"device": device, "hbm_bw": bw, "matmul_rate": rate, "args": vars(args), "decode": decode,
               "prefill": prefill, "peer": peer}

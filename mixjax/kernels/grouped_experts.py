@@ -71,6 +71,12 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
     where the shape divides them, else the largest power of two that does."""
     per_expert = pairs / max(1, min(num_experts, pairs))
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64 if per_expert <= 256 else 128
+    if bm in (32, 64) and d_model * d_ff * 2 * 2 > BIG_EXPERT_BYTES:
+        # Each block reads its expert's weights once. Small experts (Qwen3-30B-A3B: 6 MB of gate/up) stay in the
+        # 50 MB L2 between an expert's blocks, so short blocks cost little; big ones (DeepSeek-V3: 59 MB) are read
+        # from HBM again per block, and a memory-bound prompt (~64 rows per expert at 2048 tokens) ran at a third
+        # of its bytes roofline with 32-row blocks. One block per expert where a 128-row block holds its rows.
+        bm = 128 if per_expert > 32 else 64
     if bm == 16 and pairs <= 8:  # one token (pair layout): latency of few programs, deeper pipelines
         a, b = (128, 64, 4, 4), (64, 64, 4, 4)
     elif bm == 16 and pairs <= 16:  # two tokens (pair layout); swept on it, 2026-11-29 (second session)
@@ -98,6 +104,7 @@ class Layout:
     weight: jax.Array  # [n, k] float32 gate weight of each pair (0: no pair)
 
 
+BIG_EXPERT_BYTES = 24 << 20  # gate + up weights (bf16) above which an expert's weights do not stay in L2
 PAIR_BLOCKS_MAX = 16  # pairs up to which each (row, expert) pair gets its own block (`pair_layout`)
 
 
