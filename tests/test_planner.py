@@ -360,9 +360,14 @@ def test_grouped_expert_cost_by_hand():
     assert (g["bm"], g["blocks"], g["padded_rows"], g["touched"]) == (32, 8, 256, 4)
     assert g["flops"] == 2 * 3 * 64 * 32 * 256  # gate, up, down on every padded row
     assert g["weight_bytes"] == 8 * 3 * 64 * 32 * 2  # each expert's weights once per row block
-    # 2 tokens, top-1 of 2 experts: c ~ Binomial(2, 1/2) per expert, BM 16; E[ceil(c / 16)] = P(c > 0) = 3/4
+    # 20 tokens, top-1 of 2 experts: c ~ Binomial(20, 1/2) per expert, BM 16; E[ceil(c / 16)] = P(c > 0) + P(c > 16)
+    g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=20, tokens=20, wbytes=2, abytes=2)
+    per_expert = 1 - 0.5 ** 20 + sum(math.comb(20, c) for c in range(17, 21)) / 2 ** 20
+    assert g["bm"] == 16 and g["blocks"] == pytest.approx(2 * per_expert) and g["padded_rows"] == pytest.approx(
+        32 * per_expert)
+    # 2 tokens, top-1 of 2 experts: 2 pairs, a block each (pair layout, no sort), whether or not they share an expert
     g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=2, tokens=2, wbytes=2, abytes=2)
-    assert g["bm"] == 16 and g["blocks"] == pytest.approx(1.5) and g["padded_rows"] == pytest.approx(24)
+    assert g["bm"] == 16 and g["blocks"] == pytest.approx(2) and g["padded_rows"] == pytest.approx(32)
     assert g["touched"] == pytest.approx(1.5)  # 2 (1 - (1/2)^2)
     # E[ceil(c / 2)], c ~ Binomial(3, 1/2): P(1) 3/8 * 1 + P(2) 3/8 * 1 + P(3) 1/8 * 2
     assert expected_blocks(3, 0.5, 2) == pytest.approx(3 / 8 + 3 / 8 + 2 / 8)

@@ -415,11 +415,12 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
     Block size BM from choose_blocks(rows * k, ...) as the kernel picks it; expected row blocks per expert
     E[ceil(c / BM)], c ~ Binomial(tokens, k / E); padded rows = BM * blocks. Kernel A (gate/up) and kernel B
     (down) read each touched expert's weight tiles once per row block of that expert (L2 reuse between blocks
-    not counted) and do 2 * 3 d F_l FLOPs per padded row, matmuls BM rows wide. Around them: the layout step
+    not counted) and do 2 * 3 d F_l FLOPs per padded row, matmuls BM rows wide. With at most PAIR_BLOCKS_MAX
+    pairs each pair is its own block (`pair_layout`, no sort or scatters). Around them: the layout step
     (top-k of the float32 gates, counts, a sort of the pairs, scatters; the gather of x into the padded buffer
     of the static size M) and the combine (a gather of [rows, k, d] expert outputs, float32, and a weighted
     sum)."""
-    from mixjax.kernels.grouped_experts import choose_blocks  # noqa: PLC0415
+    from mixjax.kernels.grouped_experts import PAIR_BLOCKS_MAX, choose_blocks  # noqa: PLC0415
 
     if f_l != int(f_l) or e_l != int(e_l):
         return None
@@ -431,14 +432,19 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
         return None
     bm = blk.bm
     p = top_k / num_experts  # probability that a token picks a given expert
-    blocks = e_l * expected_blocks(tokens, p, bm)
-    padded = bm * blocks
     touched = e_l * (1 - (1 - p) ** tokens) if tokens > 0 else 0.0
-    m_static = (-(-pairs_static // bm) + min(e_l, pairs_static)) * bm  # rows of the padded buffer (static)
     ab, wb, f32, i32 = abytes, wbytes, 4, 4
-    layout = (rows * e_l * f32 + rows * k * (f32 + i32)  # top-k over the gate matrix
-              + 10 * pairs_static * i32 + m_static * i32  # counts, sort, ranks, destination / source scatters
-              + rows * d * ab + m_static * d * ab)  # x gathered into the padded [M, d] buffer
+    if pairs_static <= PAIR_BLOCKS_MAX:  # pair_layout: a block per pair, no sort (two tokens' shared expert: twice)
+        blocks = tokens * top_k * e_l / num_experts
+        m_static = pairs_static * bm
+        layout = rows * d * ab + m_static * d * ab  # x gathered into the padded buffer
+    else:
+        blocks = e_l * expected_blocks(tokens, p, bm)
+        m_static = (-(-pairs_static // bm) + min(e_l, pairs_static)) * bm  # rows of the padded buffer (static)
+        layout = (rows * e_l * f32 + rows * k * (f32 + i32)  # top-k over the gate matrix
+                  + 10 * pairs_static * i32 + m_static * i32  # counts, sort, ranks, destination / source scatters
+                  + rows * d * ab + m_static * d * ab)  # x gathered into the padded [M, d] buffer
+    padded = bm * blocks
     kernels = (blocks * 3 * d * f_l * wb  # weight tiles, once per row block
                + padded * d * ab  # x rows (kernel A)
                + 2 * padded * f_l * ab  # h written by A, read by B
