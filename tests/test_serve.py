@@ -324,3 +324,15 @@ def test_multi_step_server_matches_offline(model_dir, offline):
         assert "".join(p["choices"][0]["text"] for p in parts if p.get("choices")) == r["text"]
     finally:
         assert s.stop() == 0
+
+
+def test_decode_steps_option():
+    """--decode-steps auto: 8 steps per dispatch on GPU (one step per dispatch is host-bound there), 1 elsewhere;
+    anything but a positive integer or auto is an error."""
+    from mixjax.serve.__main__ import decode_steps_for
+
+    assert decode_steps_for("auto", "gpu") == 8 and decode_steps_for("auto", "cpu") == 1
+    assert decode_steps_for("3", "gpu") == 3
+    for bad in ("0", "-2", "eight"):
+        with pytest.raises(ValueError, match="--decode-steps must be a positive integer or 'auto'"):
+            decode_steps_for(bad, "cpu")
