@@ -52,7 +52,7 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, o_ref, m_ref, l_ref,
     q = q_ref[b, h, :, :]  # [gp, D]
     kn, vn = kn_ref[b, h, :], vn_ref[b, h, :]  # [D]
     first = c * chunk_blocks
-    last = jnp.minimum(first + chunk_blocks, jnp.minimum(pos, s_len - 1) // bk + 1)  # blocks past pos: unread
+    last = jnp.minimum(first + chunk_blocks, slot // bk + 1)  # blocks past the position: unread
 
     def block(j):
         """Block j of the cache with the new entry in place."""

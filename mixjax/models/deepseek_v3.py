@@ -140,20 +140,18 @@ class MLA(nnx.Module):
         cache = {"c_kv": write_cache(cache["c_kv"], c_kv, starts), "k_pe": write_cache(cache["k_pe"], k_pe, starts)}
         if t <= ABSORB_MAX_TOKENS:
             out = self._attend_latent(q_nope, q_pe, cache, positions)
-            out = self.o_proj(out.reshape(b, t, -1))
-            return (par.psum_attn_tp(out) if reduce else out), cache
-        # Expand the cached latent into this device's heads' keys and values.
-        kv = self.kv_b_proj(cache["c_kv"].astype(x.dtype))
-        kv = kv.reshape(b, kv.shape[1], -1, nope + v_d)
-        k_nope, v = kv[..., :nope], kv[..., nope:]
-        heads = k_nope.shape[2]
-        k_pe_all = jnp.broadcast_to(cache["k_pe"].astype(x.dtype)[:, :, None], (b, k_nope.shape[1], heads, rope_d))
-        k = jnp.concatenate([k_nope, k_pe_all], axis=-1)
-        mask = causal_mask(positions, k.shape[1])
-        out = attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask, self.scale)
+        else:  # expand the cached latent into this device's heads' keys and values
+            kv = self.kv_b_proj(cache["c_kv"].astype(x.dtype))
+            kv = kv.reshape(b, kv.shape[1], -1, nope + v_d)
+            k_nope, v = kv[..., :nope], kv[..., nope:]
+            heads = k_nope.shape[2]
+            k_pe_all = jnp.broadcast_to(cache["k_pe"].astype(x.dtype)[:, :, None],
+                                        (b, k_nope.shape[1], heads, rope_d))
+            k = jnp.concatenate([k_nope, k_pe_all], axis=-1)
+            mask = causal_mask(positions, k.shape[1])
+            out = attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask, self.scale)
         out = self.o_proj(out.reshape(b, t, -1))
         return (par.psum_attn_tp(out) if reduce else out), cache
-
 
     def _attend_latent(self, q_nope, q_pe, cache, positions):
         """Attention in the latent space, for few new tokens over a long cache (decode): kv_b_proj's key half is

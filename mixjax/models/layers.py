@@ -232,8 +232,7 @@ class Experts(nnx.Module):
             blk = choose_blocks(x.shape[0] * k, e, d, f)
             if blk is not None:
                 return grouped_swiglu(x, gates, self.gate[...], self.up[...], self.down[...], k=k, blk=blk,
-                                      interpret=impl == "grouped-interpret",
-                                      routed=routed if routed is not None and routed[0].shape[-1] == k else None)
+                                      interpret=impl == "grouped-interpret", routed=routed)
         dt = x.dtype
         g = jnp.einsum("nd,edf->enf", x, self.gate[...], preferred_element_type=jnp.float32)
         u = jnp.einsum("nd,edf->enf", x, self.up[...], preferred_element_type=jnp.float32)

@@ -111,18 +111,18 @@ class Qwen3Attention(nnx.Module):
             # one token per row: cache write and attention in one kernel (XLA makes about eight of them)
             out, kc, vc = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], starts,
                                            scale=hd ** -0.5, interpret=par.pallas == "interpret")
-            out = self.o_proj(out.reshape(b, 1, -1))
-            return (par.psum_attn_tp(out) if reduce else out), {"k": kc, "v": vc}
-        heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, K, D] -> the cache's [B, K, T, D]
-        cache = {"k": write_cache(cache["k"], heads_major(k), starts, seq_axis=2),
-                 "v": write_cache(cache["v"], heads_major(v), starts, seq_axis=2)}
-        kc, vc = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-        tiles = tiles_for(t, kc.shape[2], hd) if par.pallas and t > 1 else None
-        if tiles:  # prefill: flash attention, no [T, S] score matrix in memory
-            out = prefill_attention(q, k, v, kc, vc, positions, scale=hd ** -0.5, tiles=tiles, pallas=par.pallas,
-                                    fresh=par.fresh_prompt)
+            cache = {"k": kc, "v": vc}
         else:
-            out = attend(q, kc, vc, causal_mask(positions, kc.shape[2]), hd ** -0.5, heads_major=True)
+            heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, K, D] -> the cache's [B, K, T, D]
+            cache = {"k": write_cache(cache["k"], heads_major(k), starts, seq_axis=2),
+                     "v": write_cache(cache["v"], heads_major(v), starts, seq_axis=2)}
+            kc, vc = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+            tiles = tiles_for(t, kc.shape[2], hd) if par.pallas and t > 1 else None
+            if tiles:  # prefill: flash attention, no [T, S] score matrix in memory
+                out = prefill_attention(q, k, v, kc, vc, positions, scale=hd ** -0.5, tiles=tiles,
+                                        pallas=par.pallas, fresh=par.fresh_prompt)
+            else:
+                out = attend(q, kc, vc, causal_mask(positions, kc.shape[2]), hd ** -0.5, heads_major=True)
         out = self.o_proj(out.reshape(b, t, -1))
         return (par.psum_attn_tp(out) if reduce else out), cache
 

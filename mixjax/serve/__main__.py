@@ -16,7 +16,6 @@ import mixjax
 DTYPES = ("float32", "bfloat16")
 
 
-
 def decode_steps_for(value: str, platform: str) -> int:
     """--decode-steps: a positive integer, or "auto" (8 on GPU, 1 elsewhere)."""
     if value == "auto":
@@ -28,6 +27,7 @@ def decode_steps_for(value: str, platform: str) -> int:
     if k < 1:
         raise ValueError(f"--decode-steps must be a positive integer or 'auto', not {value!r}")
     return k
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mixjax.serve", description=__doc__)
