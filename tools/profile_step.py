@@ -1,10 +1,13 @@
 """Per-kernel GPU time of one bench decode step (or prefill), from a JAX profiler trace (perfetto JSON).
-A development tool: python tools/profile_step.py BATCH[,BATCH..] [--prefill T] [--impl grouped]."""
-import argparse, collections, glob, gzip, json, os, tempfile
+A development tool: python tools/profile_step.py BATCH[,BATCH..] [--prefill T] [--impl grouped] [--explain].
+--explain dumps the optimized HLO and names, under each kernel, the JAX operations (source lines) it was fused from."""
+import argparse, collections, glob, gzip, json, os, re, sys, tempfile
+DUMP = tempfile.mkdtemp() if "--explain" in sys.argv else None
+if DUMP:  # before jax is imported
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config
-from mixjax.models.qwen3_moe import Qwen3MoeForCausalLM
+from mixjax.bench.decode import bench_config, decode_vocab, model_class
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
@@ -12,10 +15,67 @@ from mixjax.sharding.strategies import STRATEGIES
 ap = argparse.ArgumentParser(); ap.add_argument("batch"); ap.add_argument("--prefill", type=int, default=0)
 ap.add_argument("--impl", default="grouped"); ap.add_argument("--layers", type=int, default=4)
 ap.add_argument("--ctx", type=int, default=1024); ap.add_argument("--top", type=int, default=25)
+ap.add_argument("--explain", action="store_true"); ap.add_argument("--preset", default="qwen3-30b-a3b")
 a = ap.parse_args()
-cfg = bench_config("qwen3-30b-a3b", a.layers, 151936)
+cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=a.impl)
-m.set_state(nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+m.set_state(nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+
+
+def _frames(text):
+    """stack_frame_id -> 'file.py:line function' of its innermost frame in mixjax (the HLO dump's frame tables)."""
+    sec = lambda name: re.search(rf"^{name}\n(.*?)\n\n", text, re.M | re.S)
+    files = dict(re.findall(r'^(\d+) "(.*)"$', sec("FileNames").group(1), re.M)) if sec("FileNames") else {}
+    funcs = dict(re.findall(r'^(\d+) "(.*)"$', sec("FunctionNames").group(1), re.M)) if sec("FunctionNames") else {}
+    locs = {i: (f, fn, ln) for i, f, fn, ln in re.findall(
+        r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", sec("FileLocations").group(1), re.M)} \
+        if sec("FileLocations") else {}
+    frames = dict((i, (l, p)) for i, l, p in re.findall(
+        r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)", sec("StackFrames").group(1), re.M)) \
+        if sec("StackFrames") else {}
+
+    def name(fid):
+        seen = set()
+        while fid in frames and fid not in seen:
+            seen.add(fid)
+            loc, parent = frames[fid]
+            f, fn, ln = locs.get(loc, ("", "", "0"))
+            path = files.get(f, "")
+            if "/mixjax/" in path:
+                return f"{path.split('/mixjax/')[-1]}:{ln} {funcs.get(fn, '')}"
+            fid = parent
+        return ""
+    return name
+
+
+def explain(tot, top):
+    """For each of the top kernels: the JAX operations fused into it and the mixjax source lines they come from,
+    from the largest optimized module that defines it (kernel names are fusion names; the forward is the largest)."""
+    mods = sorted(glob.glob(os.path.join(DUMP, "*after_optimizations.txt")), key=os.path.getsize, reverse=True)
+    texts = [open(f).read() for f in mods]
+    frame_names = [_frames(t) for t in texts]
+    hlos = [{n.replace(".", "_").replace("-", "_"): n for n in re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", t, re.M)}
+            for t in texts]
+    print("  -- what the kernels are (op names; mixjax source lines) --")
+    for name, us in tot.most_common(top):
+        kern = re.sub(r"__\d+$", "", name.split(" [")[0])  # kernel names spell the HLO's '.' as '_'
+        for text, frame, hlo in zip(texts, frame_names, hlos):
+            if kern not in hlo:
+                continue
+            m = re.search(rf"^\s*(ROOT )?%{re.escape(hlo[kern])} = [^\n]*", text, re.M)
+            line = m.group(0)
+            c = re.search(r"calls=%?([\w.\-]+)", line)
+            body = re.search(rf"^%?{re.escape(c.group(1))} [^\n]*\{{\n(.*?)^\}}", text, re.M | re.S) if c else None
+            chunk = (body.group(1) if body else "") + line
+            ops = sorted({o.split("/")[-1] for o in re.findall(r'op_name="([^"]+)"', chunk)})
+            srcs = collections.Counter(frame(i) for i in re.findall(r"stack_frame_id=(\d+)", chunk))
+            srcs.pop("", None)
+            print(f"  {us:8.1f} us  {kern}: {', '.join(ops[:8])}")
+            for src, _ in srcs.most_common(3):
+                print(f"               {src}")
+            break
+
+
 for b in map(int, a.batch.split(",")):
     t = a.prefill or 1
     ctx = a.prefill or a.ctx
@@ -55,3 +115,5 @@ for b in map(int, a.batch.split(",")):
     print(f"== batch {b} {'prefill ' + str(t) if a.prefill else 'decode'}: GPU kernel time per step {gpu_total:.0f} us, span {(t_hi - t_lo) / 5:.0f} us, {sum(cnt.values())//5} kernels")
     for n_, us in tot.most_common(a.top):
         print(f"  {us:8.1f} us  x{cnt[n_]//5:3d}  {n_[:110]}")
+    if DUMP:
+        explain(tot, a.top)

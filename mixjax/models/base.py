@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixjax.models.layers import MLP, Experts, RMSNorm, Source, param
+from mixjax.kernels.grouped_experts import routes_in_kernel
 from mixjax.sharding.dispatch import dense_gates, moe_unfused
 from mixjax.sharding.fused import fused_moe_residual
 from mixjax.sharding.strategies import ParallelContext
@@ -55,18 +56,29 @@ class ConfigBase:
 
 
 class MoE(nnx.Module):
-    """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x) -> (ids, weights)`."""
+    """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x) -> (ids, weights)`.
+    A softmax-top-k router may also give `router_logits(x)` (float32 [n, E]) and `norm_topk`: one or two tokens
+    on the pure-TP grouped path are then routed inside the expert kernels (`grouped_experts.routes_in_kernel`)."""
 
     num_experts: int
     top_k: int
     experts: Experts
     shared: MLP | None
 
+    def _routes_in_kernel(self, n: int, par: ParallelContext) -> bool:
+        return (hasattr(self, "router_logits") and par.expert_impl != "dense" and not par.strategy.moe_ep
+                and routes_in_kernel(n * self.top_k))
+
     def __call__(self, x, par: ParallelContext):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, w = self.route(flat)
-        y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k, routed=(ids, w))
+        if self._routes_in_kernel(flat.shape[0], par):
+            y = moe_unfused(flat, None, self.experts, par, self.top_k,
+                            router=(self.router_logits(flat), self.norm_topk))
+        else:
+            ids, w = self.route(flat)
+            y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k,
+                            routed=(ids, w))
         if self.shared is not None:
             y = y + self.shared(flat, par)
         return y.reshape(shape)

@@ -17,6 +17,7 @@ from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, M
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
+from mixjax.kernels.grouped_experts import softmax_topk
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
 from mixjax.sharding.strategies import ParallelContext
 
@@ -136,12 +137,12 @@ class Qwen3MoE(MoE):
         self.shared = None
         self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
 
+    def router_logits(self, x):
+        return matmul(x, self.router.w[...]).astype(jnp.float32)
+
     def route(self, x):
         """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen."""
-        probs = jax.nn.softmax(matmul(x, self.router.w[...]).astype(jnp.float32), axis=-1)
-        w, ids = jax.lax.top_k(probs, self.top_k)
-        if self.norm_topk:
-            w = w / w.sum(-1, keepdims=True)
+        ids, w = softmax_topk(self.router_logits(x), self.top_k, self.norm_topk)
         return ids, w.astype(x.dtype)
 
 
