@@ -11,8 +11,7 @@ every step, which is what a decode step of a 128-expert model cannot afford (bat
    sorted layout's dozen small kernels (top-k, argsort, three scatters, cumulative sums) took ~15 us of a ~140 us
    batch-1 decode layer on an H200, more than the expert weights they save from a second read: two rows of
    two tokens rarely share an expert (8 of 128 each, for Qwen3-30B-A3B).
-3. Kernel A, grid (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation; the block's rows of x
-   are gathered inside the kernel (src_row), not copied into a padded buffer first.
+3. Kernel A, grid (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation.
 4. Kernel B, grid (block, D tile):  y = h W_down[e], float32 accumulation, stored in x's dtype.
 5. Combine: out[row] = sum over the row's pairs of weight * y[pair's padded row] (a gather, no scatter-add).
 
@@ -162,51 +161,18 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
 
 
-def _softmax_topk_pair(logits_ref, p, k: int, norm: bool):
-    """(expert, weight) of pair p = row * k + j of a softmax-top-k router, from the row's logits (float32, padded
-    to a power of two with -inf): the expert of rank j (larger logit first, the lower index on ties, as
-    lax.top_k orders them) and its softmax probability, renormalised over the row's k chosen when `norm`.
-    Every program of the pair computes it again: 128 logits cost less than the five XLA kernels of a router."""
-    row, j = p // k, p % k
-    logit = logits_ref[row, :]
-    e_n = logit.shape[0]
-    me = lax.broadcasted_iota(jnp.int32, (e_n, e_n), 0)
-    other = lax.broadcasted_iota(jnp.int32, (e_n, e_n), 1)
-    mine, theirs = logit[:, None], logit[None, :]
-    beaten = (theirs > mine) | ((theirs == mine) & (other < me))
-    rank = jnp.sum(beaten.astype(jnp.int32), axis=1)
-    ex = jnp.exp(logit - jnp.max(logit))
-    chosen = rank == j
-    expert = jnp.sum(jnp.where(chosen, lax.broadcasted_iota(jnp.int32, (e_n,), 0), 0))
-    denom = jnp.sum(jnp.where(rank < k, ex, 0.0)) if norm else jnp.sum(ex)
-    return expert, jnp.sum(jnp.where(chosen, ex, 0.0)) / denom
-
-
-def _block_expert(route_ref, i, route):
-    """Expert of block i: from the layout's block_expert (route None) or from the router's logits (RouteInKernel:
-    block i is pair i of the pair layout), with the pair's weight (1 when the layout carries the weights)."""
-    if route is None:
-        return route_ref[i], 1.0
-    return _softmax_topk_pair(route_ref, i, route.k, route.norm)
-
-
-def _gate_up_kernel(route_ref, src_row_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int, n: int, route):
+def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int):
     i, j = pl.program_id(0), pl.program_id(1)
-    e, _ = _block_expert(route_ref, i, route)
+    e = block_expert_ref[i]
 
     @pl.when(e >= 0)
     def _():
         rows, cols = pl.ds(i * blk.bm, blk.bm), pl.ds(j * blk.bf, blk.bf)
-        # The block's input rows are gathered here, straight from x: materialising the padded, sorted copy of x
-        # took ~60 us per layer of a 2048-token prompt (H200), as long as a third of the expert matmuls.
-        src = src_row_ref[rows]
-        valid = jnp.broadcast_to((src < n)[:, None], (blk.bm, blk.bk))
-        src = jnp.minimum(src, n - 1)
 
         def step(t, acc):
             ag, au = acc
             ks = pl.ds(t * blk.bk, blk.bk)
-            xt = jnp.where(valid, x_ref[src, ks], 0)  # src is clamped: every load is in bounds
+            xt = x_ref[rows, ks]
             ag += jnp.dot(xt, wg_ref[e, ks, cols], preferred_element_type=jnp.float32)
             au += jnp.dot(xt, wu_ref[e, ks, cols], preferred_element_type=jnp.float32)
             return ag, au
@@ -216,9 +182,9 @@ def _gate_up_kernel(route_ref, src_row_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk
         h_ref[rows, cols] = (ag * jax.nn.sigmoid(ag) * au).astype(h_ref.dtype)
 
 
-def _down_kernel(route_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int, route):
+def _down_kernel(block_expert_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int):
     i, j = pl.program_id(0), pl.program_id(1)
-    e, weight = _block_expert(route_ref, i, route)
+    e = block_expert_ref[i]
 
     @pl.when(e >= 0)
     def _():
@@ -229,7 +195,7 @@ def _down_kernel(route_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int, route)
             return acc + jnp.dot(h_ref[rows, ks], wd_ref[e, ks, cols], preferred_element_type=jnp.float32)
 
         acc = lax.fori_loop(0, f // blk.bf, step, jnp.zeros((blk.bm, blk.bd), jnp.float32))
-        y_ref[rows, cols] = (acc * weight).astype(y_ref.dtype)
+        y_ref[rows, cols] = acc.astype(y_ref.dtype)
 
 
 def _compiler_params(blk: Blocks, interpret: bool):
@@ -240,88 +206,31 @@ def _compiler_params(blk: Blocks, interpret: bool):
     return pltriton.CompilerParams(num_warps=blk.warps, num_stages=blk.stages)
 
 
-@dataclasses.dataclass(frozen=True)
-class RouteInKernel:
-    """The kernels route themselves (decode, pair layout): softmax over the router's logits, top k, weights
-    renormalised over the k chosen when `norm` (Qwen3-MoE's router)."""
-
-    k: int
-    norm: bool
-
-
-def routes_in_kernel(pairs: int) -> bool:
-    """Whether `grouped_swiglu(..., router_logits=...)` routes inside the kernels for this many (row, expert)
-    pairs: with the pair layout only (one block per pair)."""
-    return pairs <= PAIR_BLOCKS_MAX
-
-
-def softmax_topk(logits, k: int, norm: bool):
-    """The softmax-top-k router in XLA: (ids int32 [n, k], weights float32 [n, k]) from float32 logits [n, E]."""
-    w, ids = lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
-    return ids.astype(jnp.int32), (w / w.sum(-1, keepdims=True) if norm else w)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret", "norm_topk"))
-def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None,
-                   router_logits=None, norm_topk: bool = False):
+@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
+def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
     row), weights [E, D, F], [E, D, F], [E, F, D]. Returns [n, D] in x's dtype. Matmuls accumulate in float32;
     each expert output is stored in x's dtype (halving the combine's traffic in bf16: the gather of [n, k, D]
     rows took 5% of a long prefill) and the weighted sum over a row's experts is float32.
-    routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k).
-    router_logits: instead of gates (None then), a softmax-top-k router's float32 logits [n, E] (`softmax_topk`,
-    renormalised when norm_topk); with at most PAIR_BLOCKS_MAX pairs the kernels route themselves."""
+    routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
     f = w_gate.shape[2]
-    if router_logits is not None:
-        e = router_logits.shape[1]
-        k = min(k, e)
-        if routes_in_kernel(n * k):
-            return _pairs_routed_in_kernel(x, router_logits, w_gate, w_up, w_down, k=k, blk=blk,
-                                           interpret=interpret, norm=norm_topk)
-        ids, w = softmax_topk(router_logits, k, norm_topk)
-        gates, routed = jnp.zeros((n, e), jnp.float32), (ids, w)  # the gate matrix is only read for its shape
     layout = pair_layout if n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX else group_layout
     lay = layout(gates, k, blk.bm, routed)
     nb = lay.block_expert.shape[0]
-    y = _expert_kernels(x, lay.block_expert, lay.src_row, w_gate, w_up, w_down, nb, blk, interpret, None)
     m = nb * blk.bm
+    xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]  # [M, D], padding rows are zero
+    h = pl.pallas_call(
+        functools.partial(_gate_up_kernel, blk=blk, d=d),
+        out_shape=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(nb, f // blk.bf),
+        compiler_params=_compiler_params(blk, interpret), interpret=interpret, name="grouped_gate_up",
+    )(lay.block_expert, xp, w_gate, w_up)
+    down = blk.down
+    y = pl.pallas_call(
+        functools.partial(_down_kernel, blk=down, f=f),
+        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // down.bd),
+        compiler_params=_compiler_params(down, interpret), interpret=interpret, name="grouped_down",
+    )(lay.block_expert, h, w_down)
     rows = y[jnp.minimum(lay.dest, m - 1)]  # [n, k, D]; pairs that do not exist have weight 0
     rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
     return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)
-
-
-def _expert_kernels(x, route_in, src_row, w_gate, w_up, w_down, nb: int, blk: Blocks, interpret: bool, route):
-    """Kernels A and B over nb blocks of blk.bm rows: [nb * bm, D] expert outputs in x's dtype (weighted by the
-    pair's gate when the kernels route)."""
-    n, d = x.shape
-    f = w_gate.shape[2]
-    m = nb * blk.bm
-    h = pl.pallas_call(
-        functools.partial(_gate_up_kernel, blk=blk, d=d, n=n, route=route),
-        out_shape=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(nb, f // blk.bf),
-        compiler_params=_compiler_params(blk, interpret), interpret=interpret, name="grouped_gate_up",
-    )(route_in, src_row, x, w_gate, w_up)
-    down = blk.down
-    return pl.pallas_call(
-        functools.partial(_down_kernel, blk=down, f=f, route=route),
-        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // down.bd),
-        compiler_params=_compiler_params(down, interpret), interpret=interpret, name="grouped_down",
-    )(route_in, h, w_down)
-
-
-def _pairs_routed_in_kernel(x, logits, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool, norm: bool):
-    """Pair layout (block p = pair p = row * k + j, the row first, zero rows after) with the router inside the
-    kernels: no softmax, top-k or layout kernels at all. A batch-1 decode layer ran ~7 small XLA kernels for them
-    (router softmax, top-k sort, renormalisation, pair layout, the gather of x: ~10 us of a ~80 us layer, H200)."""
-    n, e = logits.shape
-    e_pad = 1 << max(0, (e - 1).bit_length())  # the kernels' vectors have power-of-two lengths
-    logits = logits.astype(jnp.float32)
-    if e_pad != e:
-        logits = jnp.pad(logits, ((0, 0), (0, e_pad - e)), constant_values=-jnp.inf)
-    p = n * k
-    slot = jnp.arange(p * blk.bm, dtype=jnp.int32)
-    src_row = jnp.where(slot % blk.bm == 0, slot // blk.bm // k, n)  # a constant: XLA folds it
-    y = _expert_kernels(x, logits, src_row, w_gate, w_up, w_down, p, blk, interpret, RouteInKernel(k, norm))
-    rows = y.reshape(n, k, blk.bm, -1)[:, :, 0].astype(jnp.float32)  # each pair's weighted output
-    return jnp.sum(rows, axis=1).astype(x.dtype)

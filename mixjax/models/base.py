@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixjax.models.layers import MLP, Experts, RMSNorm, Source, param
-from mixjax.kernels.grouped_experts import routes_in_kernel
+from mixjax.kernels import router
 from mixjax.sharding.dispatch import dense_gates, moe_unfused
 from mixjax.sharding.fused import fused_moe_residual
 from mixjax.sharding.strategies import ParallelContext
@@ -57,28 +57,24 @@ class ConfigBase:
 
 class MoE(nnx.Module):
     """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x) -> (ids, weights)`.
-    A softmax-top-k router may also give `router_logits(x)` (float32 [n, E]) and `norm_topk`: one or two tokens
-    on the pure-TP grouped path are then routed inside the expert kernels (`grouped_experts.routes_in_kernel`)."""
+    A softmax-top-k router may also give `router_logits(x)` (float32 [n, E]) and `norm_topk`: a few tokens on the
+    Pallas path are then routed by one kernel (mixjax.kernels.router) instead of XLA's five."""
 
     num_experts: int
     top_k: int
     experts: Experts
     shared: MLP | None
 
-    def _routes_in_kernel(self, n: int, par: ParallelContext) -> bool:
-        return (hasattr(self, "router_logits") and par.expert_impl != "dense" and not par.strategy.moe_ep
-                and routes_in_kernel(n * self.top_k))
-
     def __call__(self, x, par: ParallelContext):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self._routes_in_kernel(flat.shape[0], par):
-            y = moe_unfused(flat, None, self.experts, par, self.top_k,
-                            router=(self.router_logits(flat), self.norm_topk))
+        if hasattr(self, "router_logits") and par.pallas and flat.shape[0] <= router.MAX_TOKENS:
+            ids, w = router.route(self.router_logits(flat), k=self.top_k, norm=self.norm_topk,
+                                  interpret=par.pallas == "interpret")
+            w = w.astype(flat.dtype)
         else:
             ids, w = self.route(flat)
-            y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k,
-                            routed=(ids, w))
+        y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k, routed=(ids, w))
         if self.shared is not None:
             y = y + self.shared(flat, par)
         return y.reshape(shape)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu, softmax_topk
+from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -217,8 +217,7 @@ class Experts(nnx.Module):
         self.up = stacked("up_proj", (num_experts, d_model, d_ff), ("experts", None, "expert_mlp"))
         self.down = stacked("down_proj", (num_experts, d_ff, d_model), ("experts", "expert_mlp", None))
 
-    def __call__(self, x, gates, *, impl: str = "dense", top_k: int | None = None, routed=None,
-                 router_logits=None, norm_topk: bool = False):
+    def __call__(self, x, gates, *, impl: str = "dense", top_k: int | None = None, routed=None):
         """sum_e gates[:, e] * FFN_e(x) over this device's experts: x [n, D], gates [n, E_local] -> [n, D].
 
         impl "dense": every local expert runs on every row (rows whose gate is zero contribute exactly zero).
@@ -226,19 +225,14 @@ class Experts(nnx.Module):
         impl "grouped" / "grouped-interpret": only the (row, expert) pairs with a non-zero gate are computed,
         by the Pallas kernels of mixjax.kernels.grouped_experts (on GPU / interpreted anywhere); untouched
         experts' weights are not read. `top_k` bounds the non-zeros per row. `routed`: the router's (ids, weights)
-        [n, top_k] behind the gates, numbered as the gates' columns, when at hand (the grouped path then skips a top-k).
-        router_logits: instead of gates (None), a softmax-top-k router's float32 logits [n, E] (weights renormalised
-        over the k chosen when norm_topk); the grouped kernels then route themselves for a few tokens."""
-        e, d, f = self.gate.shape
-        k = min(top_k or e, e)
-        blk = choose_blocks(x.shape[0] * k, e, d, f) if impl != "dense" else None
-        if blk is not None:
-            return grouped_swiglu(x, gates, self.gate[...], self.up[...], self.down[...], k=k, blk=blk,
-                                  interpret=impl == "grouped-interpret", routed=routed,
-                                  router_logits=router_logits, norm_topk=norm_topk)
-        if router_logits is not None:
-            ids, w = softmax_topk(router_logits, k, norm_topk)
-            gates = jnp.einsum("nke,nk->ne", jax.nn.one_hot(ids, e, dtype=jnp.float32), w)
+        [n, top_k] behind the gates, numbered as the gates' columns, when at hand (the grouped path then skips a top-k)."""
+        if impl != "dense":
+            e, d, f = self.gate.shape
+            k = min(top_k or e, e)
+            blk = choose_blocks(x.shape[0] * k, e, d, f)
+            if blk is not None:
+                return grouped_swiglu(x, gates, self.gate[...], self.up[...], self.down[...], k=k, blk=blk,
+                                      interpret=impl == "grouped-interpret", routed=routed)
         dt = x.dtype
         g = jnp.einsum("nd,edf->enf", x, self.gate[...], preferred_element_type=jnp.float32)
         u = jnp.einsum("nd,edf->enf", x, self.up[...], preferred_element_type=jnp.float32)

@@ -17,7 +17,7 @@ from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, M
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
-from mixjax.kernels.grouped_experts import softmax_topk
+from mixjax.kernels.router import softmax_topk
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
 from mixjax.sharding.strategies import ParallelContext
 

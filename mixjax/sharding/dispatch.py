@@ -82,21 +82,15 @@ def shard_rows(x, axes, sizes: dict[str, int]):
     return lax.dynamic_slice_in_dim(x, idx * per, per, axis=0)
 
 
-def moe_unfused(x, gates, experts, par, top_k: int, routed=None, router=None):
+def moe_unfused(x, gates, experts, par, top_k: int, routed=None):
     """Routed-expert output for tokens x [n, D] replicated over the attention TP group, given their gate
     matrix [n, E] (and optionally the router's (ids, weights) [n, k] it was made from). Returns [n, D], replicated
-    the same way. `experts(x, gates_local)` computes this device's experts (and its slice of their FFN width).
-    router: (float32 logits [n, E], norm_topk) of a softmax-top-k router instead of gates (None), on the pure-TP
-    path only (`routes_in_kernel`): the grouped kernels route for themselves."""
+    the same way. `experts(x, gates_local)` computes this device's experts (and its slice of their FFN width)."""
     st = par.strategy
     sizes = dict(par.axis_sizes)
     if not st.moe_ep:  # pure TP: every device holds a slice of every expert, numbered as the router's
-        logits, norm = router if router is not None else (None, False)
-        y = experts(x, gates, impl=par.expert_impl, top_k=top_k, routed=routed, router_logits=logits,
-                    norm_topk=norm)
+        y = experts(x, gates, impl=par.expert_impl, top_k=top_k, routed=routed)
         return lax.psum(y, st.moe_tp) if st.moe_tp else y
-    if gates is None:
-        raise ValueError("moe_unfused: expert parallelism needs the gate matrix (router= is for the pure-TP path)")
     # Axes over which tokens are replicated but experts differ: each device dispatches only its share of rows.
     split = tuple(a for a in st.attn_tp if a in st.moe_ep)
     n = x.shape[0]
