@@ -101,19 +101,21 @@ class Qwen3Attention(nnx.Module):
     def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True):
         b, t, _ = x.shape
         hd = self.head_dim
-        q = self.q_norm(self.q_proj(x).reshape(b, t, -1, hd))
-        k = self.k_norm(self.k_proj(x).reshape(b, t, -1, hd))
+        q = self.q_proj(x).reshape(b, t, -1, hd)
+        k = self.k_proj(x).reshape(b, t, -1, hd)
         v = self.v_proj(x).reshape(b, t, -1, hd)
         inv_freq, factor = rope_inv_freq(*self.rope)
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         starts = positions[:, 0]
-        if par.pallas and t == 1 and decode_attention_supported(hd, cache["k"].shape[2]):
-            # one token per row: cache write and attention in one kernel (XLA makes about eight of them)
+        if par.pallas and t == 1 and decode_attention_supported(hd, cache["k"].shape[2], par.pallas == "gpu"):
+            # one token per row: q/k norms, RoPE, cache write and attention in one kernel (XLA makes ~13 of them)
             out, kc, vc = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], starts,
-                                           scale=hd ** -0.5, interpret=par.pallas == "interpret")
+                                           scale=hd ** -0.5, interpret=par.pallas == "interpret",
+                                           qk_norm=(self.q_norm.w[...], self.k_norm.w[...], cos[:, 0], sin[:, 0]),
+                                           eps=self.q_norm.eps)
             cache = {"k": kc, "v": vc}
         else:
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
             heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, K, D] -> the cache's [B, K, T, D]
             cache = {"k": write_cache(cache["k"], heads_major(k), starts, seq_axis=2),
                      "v": write_cache(cache["v"], heads_major(v), starts, seq_axis=2)}
