@@ -24,12 +24,13 @@ for n in (1, 2, 8, 16):
     same = bool((np.asarray(ids) == np.asarray(xids)).all())
     err = float(jnp.max(jnp.abs(w - xw)))
     times = {}
-    for name, f in (("kernel", lambda x: route(x, k=K, norm=True)), ("xla", lambda x: softmax_topk(x, K, True))):
+    variants = [(f"kernel {w} warps", lambda x, w=w: route(x, k=K, norm=True, warps=w)) for w in (1, 2, 4, 8)]
+    for name, f in variants + [("xla", lambda x: softmax_topk(x, K, True))]:
         g = chained(f)
         g(logits).block_until_ready()
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter(); g(logits).block_until_ready(); best = min(best, time.perf_counter() - t0)
         times[name] = best / 20 * 1e6
-    print(f"n={n:2d} E={E} k={K}: ids equal {same}, max weight diff {err:.1e}; per call kernel {times['kernel']:.1f} us, "
-          f"XLA {times['xla']:.1f} us (chained 20x, incl. the chaining add)", flush=True)
+    print(f"n={n:2d} E={E} k={K}: ids equal {same}, max weight diff {err:.1e}; per call (chained 20x, incl. the "
+          f"chaining add): " + ", ".join(f"{k_} {v:.1f} us" for k_, v in times.items()), flush=True)

@@ -38,15 +38,17 @@ def _kernel(logits_ref, ids_ref, w_ref, *, k: int, norm: bool):
     mine, theirs = logit[:, None], logit[None, :]
     rank = jnp.sum(((theirs > mine) | ((theirs == mine) & (other < me))).astype(jnp.int32), axis=1)
     ex = jnp.exp(logit - jnp.max(logit))
-    denom = jnp.sum(jnp.where(rank < k, ex, 0.0)) if norm else jnp.sum(ex)
+    prob = ex / jnp.sum(ex)  # rounded as softmax_topk rounds: probabilities first, then their renormalisation
+    if norm:
+        prob = prob / jnp.sum(jnp.where(rank < k, prob, 0.0))
     k_pad = ids_ref.shape[1]
     chosen = lax.broadcasted_iota(jnp.int32, (k_pad, e_n), 0) == rank[None, :]  # [j, e]: e has rank j
     ids_ref[r, :] = jnp.sum(jnp.where(chosen, lax.broadcasted_iota(jnp.int32, (k_pad, e_n), 1), 0), axis=1)
-    w_ref[r, :] = jnp.sum(jnp.where(chosen, ex[None, :], 0.0), axis=1) / denom
+    w_ref[r, :] = jnp.sum(jnp.where(chosen, prob[None, :], 0.0), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "norm", "interpret"))
-def route(logits, *, k: int, norm: bool, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("k", "norm", "interpret", "warps"))
+def route(logits, *, k: int, norm: bool, interpret: bool = False, warps: int = 4):
     """softmax_topk(logits, k, norm) in one kernel: (ids int32 [n, k], weights float32 [n, k])."""
     n, e = logits.shape
     e_pad = max(16, 1 << (e - 1).bit_length())  # Triton's vectors have power-of-two lengths
@@ -58,7 +60,7 @@ def route(logits, *, k: int, norm: bool, interpret: bool = False):
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
-        params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+        params = pltriton.CompilerParams(num_warps=warps, num_stages=1)
     ids, w = pl.pallas_call(
         functools.partial(_kernel, k=k, norm=norm),
         out_shape=(jax.ShapeDtypeStruct((n, k_pad), jnp.int32), jax.ShapeDtypeStruct((n, k_pad), jnp.float32)),
