@@ -69,7 +69,7 @@ class MoE(nnx.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if hasattr(self, "router_logits") and par.pallas and flat.shape[0] <= router.MAX_TOKENS:
-            ids, w = router.route(self.router_logits(flat, par.pallas), k=self.top_k, norm=self.norm_topk,
+            ids, w = router.route(self.router_logits(flat), k=self.top_k, norm=self.norm_topk,
                                   interpret=par.pallas == "interpret")
             w = w.astype(flat.dtype)
         else:

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from mixjax.kernels import gemv as gemv_kernel
 from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu
 from mixjax.sharding.strategies import ParallelContext
 
@@ -65,17 +64,6 @@ def matmul(x, w):
         y = lax.optimization_barrier(jnp.einsum("ri,io->ro", x2, w, preferred_element_type=jnp.float32))[:1]
         return y.reshape(*x.shape[:-1], w.shape[-1]).astype(x.dtype)
     return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def project(x, weights, pallas: str | None, out_dtype=None):
-    """[x @ W for W in weights] (float32 accumulation, out_dtype or x's dtype). One row on the Pallas path: one
-    kernel for all of them (mixjax.kernels.gemv) instead of a split-K product, its reduction and slices each."""
-    rows = math.prod(x.shape[:-1])
-    if pallas and gemv_kernel.ENABLED and gemv_kernel.supported(rows, weights):
-        outs = gemv_kernel.gemv(x.reshape(1, -1), tuple(weights), out_dtype=out_dtype or x.dtype,
-                                interpret=pallas == "interpret")
-        return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
-    return [matmul(x, w).astype(out_dtype or x.dtype) for w in weights]
 
 
 class Linear(nnx.Module):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
-from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul, project,
+from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
 from mixjax.kernels.router import softmax_topk
@@ -101,8 +101,9 @@ class Qwen3Attention(nnx.Module):
     def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True):
         b, t, _ = x.shape
         hd = self.head_dim
-        q, k, v = project(x, [self.q_proj.w[...], self.k_proj.w[...], self.v_proj.w[...]], par.pallas)
-        q, k, v = (a.reshape(b, t, -1, hd) for a in (q, k, v))
+        q = self.q_proj(x).reshape(b, t, -1, hd)
+        k = self.k_proj(x).reshape(b, t, -1, hd)
+        v = self.v_proj(x).reshape(b, t, -1, hd)
         inv_freq, factor = rope_inv_freq(*self.rope)
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
         starts = positions[:, 0]
@@ -125,7 +126,7 @@ class Qwen3Attention(nnx.Module):
                                         pallas=par.pallas, fresh=par.fresh_prompt)
             else:
                 out = attend(q, kc, vc, causal_mask(positions, kc.shape[2]), hd ** -0.5, heads_major=True)
-        (out,) = project(out.reshape(b, t, -1), [self.o_proj.w[...]], par.pallas)
+        out = self.o_proj(out.reshape(b, t, -1))
         return (par.psum_attn_tp(out) if reduce else out), cache
 
 
@@ -138,8 +139,8 @@ class Qwen3MoE(MoE):
         self.shared = None
         self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
 
-    def router_logits(self, x, pallas: str | None = None):
-        return project(x, [self.router.w[...]], pallas)[0].astype(jnp.float32)
+    def router_logits(self, x):
+        return matmul(x, self.router.w[...]).astype(jnp.float32)
 
     def route(self, x):
         """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen."""
