@@ -58,13 +58,13 @@ def _norm_rope(x1, x2, w_ref, cos, sin, eps: float, dtype):
 
 
 def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chunk_blocks: int, s_len: int,
-            scale: float, eps: float | None, rope_factor: float):
+            scale: float, eps: float | None):
     """eps None: q / k_new come rotated and normalised. Otherwise they are the raw projections and rest starts
-    with the q-norm and k-norm weights [D] and RoPE's inverse frequencies [D/2]: normalised and rotated here."""
+    with the q-norm and k-norm weights [D] and this step's cos / sin [B, D/2]: normalised and rotated here."""
     if eps is None:
         o_ref, m_ref, l_ref, kc_out, vc_out = rest
     else:
-        qw_ref, kw_ref, inv_freq_ref, o_ref, m_ref, l_ref, kc_out, vc_out = rest
+        qw_ref, kw_ref, cos_ref, sin_ref, o_ref, m_ref, l_ref, kc_out, vc_out = rest
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pos = pos_ref[b]
     slot = jnp.minimum(pos, s_len - 1)  # where the new entry goes (as dynamic_update_slice clamps)
@@ -75,8 +75,7 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chun
         q = (q_ref[b, h, :, lo], q_ref[b, h, :, hi])  # [gp, D/2] each
         kn = (kn_ref[b, h, lo][None, :], kn_ref[b, h, hi][None, :])
     else:
-        angles = pos.astype(jnp.float32) * inv_freq_ref[:][None, :]  # as layers.rope_cos_sin
-        cos, sin = jnp.cos(angles) * rope_factor, jnp.sin(angles) * rope_factor
+        cos, sin = cos_ref[b, :][None, :], sin_ref[b, :][None, :]
         q = _norm_rope(q_ref[b, h, :, lo], q_ref[b, h, :, hi], qw_ref, cos, sin, eps, q_ref.dtype)
         kn = _norm_rope(kn_ref[b, h, lo][None, :], kn_ref[b, h, hi][None, :], kw_ref, cos, sin, eps, kn_ref.dtype)
     vn = vn_ref[b, h, :]  # [D]
@@ -124,22 +123,6 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chun
         vc_out[b, h, rows, :] = v
 
 
-def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, chunks: int, group: int):
-    """`combine` for one (row, KV head), its real query heads only (the padding rows are never read)."""
-    b, h = pl.program_id(0), pl.program_id(1)
-    rows = pl.ds(0, group)
-    top = jnp.max(m_ref[b, h, :, rows], axis=0)  # [G]; the first chunk always reads a visible key: finite
-
-    def step(c, carry):
-        acc, den = carry
-        w = jnp.exp(m_ref[b, h, c, rows] - top)  # chunks that read no key have m = -inf: weight 0
-        return acc + o_ref[b, h, c, rows, :] * w[:, None], den + l_ref[b, h, c, rows] * w
-
-    d = o_ref.shape[-1]
-    acc, den = lax.fori_loop(0, chunks, step, (jnp.zeros((group, d), jnp.float32), jnp.zeros((group,), jnp.float32)))
-    out_ref[b, h, :, :] = (acc / den[:, None]).astype(out_ref.dtype)
-
-
 def combine(o, m, l):
     """Merge the chunks' partial softmax results: o [..., C, G, D], m / l [..., C, G] -> [..., G, D] (float32)."""
     top = jnp.max(m, axis=-2, keepdims=True)
@@ -147,19 +130,15 @@ def combine(o, m, l):
     return jnp.sum(o * w[..., None], axis=-3) / jnp.sum(l * w, axis=-2)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "warps", "stages", "programs", "eps",
-                                             "rope_factor"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "warps", "stages", "programs", "eps"))
 def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: float, interpret: bool = False,
-                     warps: int = 4, stages: int = 3, programs: int = PROGRAMS, qk_norm=None, eps: float = 1e-6,
-                     rope_factor: float = 1.0):
+                     warps: int = 4, stages: int = 3, programs: int = PROGRAMS, qk_norm=None, eps: float = 1e-6):
     """Write k_new / v_new [B, K, D] into the cache [B, K, S, D] at slot min(position, S - 1) and return
     (softmax(q k^T * scale over slots <= position) v as [B, H, D] in q's dtype, new k cache, new v cache).
 
-    qk_norm: (q-norm weight [D], k-norm weight [D], RoPE inverse frequencies [D/2] float32) when q and k_new are
-    the raw projections (Qwen3): the kernel applies RMSNorm (eps) and RoPE (cos / sin scaled by rope_factor) at
-    each row's position to them itself. XLA ran about seven small kernels for that and for slicing out cos / sin,
-    ~8 us of a ~80 us batch-1 layer (H200, 2026-11-29). The chunks' partial results are merged by a second small
-    kernel (XLA made three of it) when the query group is a power of two."""
+    qk_norm: (q-norm weight [D], k-norm weight [D], cos [B, D/2], sin [B, D/2]) when q and k_new are the raw
+    projections (Qwen3): the kernel applies RMSNorm (eps) and RoPE to them itself. XLA ran five small kernels for
+    that, ~6 us of a ~80 us batch-1 layer (H200, 2026-11-29)."""
     b, h, d = q.shape
     kheads, s_len = k_cache.shape[1], k_cache.shape[2]
     group = h // kheads
@@ -176,11 +155,11 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
     f32 = jnp.float32
     extra = ()
     if qk_norm is not None:
-        qw, kw, inv_freq = qk_norm
-        extra = (qw, kw, inv_freq.astype(f32))
+        qw, kw, cos, sin = qk_norm
+        extra = (qw, kw, cos.reshape(b, d // 2).astype(f32), sin.reshape(b, d // 2).astype(f32))
     o, m, l, kc, vc = pl.pallas_call(
         functools.partial(_kernel, bk=bk, chunk_blocks=s_len // bk // chunks, s_len=s_len, scale=scale,
-                          eps=None if qk_norm is None else eps, rope_factor=float(rope_factor)),
+                          eps=None if qk_norm is None else eps),
         out_shape=(jax.ShapeDtypeStruct((b, kheads, chunks, gp, d), f32),
                    jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
                    jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
@@ -189,13 +168,5 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
         grid=(b, kheads, chunks), input_output_aliases={4: 3, 5: 4}, compiler_params=params, interpret=interpret,
         name="decode_attention",
     )(positions.astype(jnp.int32), qg, k_new, v_new, k_cache, v_cache, *extra)
-    if group & (group - 1) == 0:  # one small kernel instead of XLA's three (Triton tiles: powers of two)
-        out = pl.pallas_call(
-            functools.partial(_combine_kernel, chunks=chunks, group=group),
-            out_shape=jax.ShapeDtypeStruct((b, kheads, group, d), q.dtype), grid=(b, kheads),
-            compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
-            interpret=interpret, name="decode_attention_combine",
-        )(o, m, l)
-        return out.reshape(b, h, d), kc, vc
     out = combine(o, m, l)[:, :, :group].reshape(b, h, d)
     return out.astype(q.dtype), kc, vc

@@ -111,7 +111,7 @@ class Qwen3Attention(nnx.Module):
             # one token per row: q/k norms, RoPE, cache write and attention in one kernel (XLA makes ~13 of them)
             out, kc, vc = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], starts,
                                            scale=hd ** -0.5, interpret=par.pallas == "interpret",
-                                           qk_norm=(self.q_norm.w[...], self.k_norm.w[...], inv_freq), rope_factor=factor,
+                                           qk_norm=(self.q_norm.w[...], self.k_norm.w[...], cos[:, 0], sin[:, 0]),
                                            eps=self.q_norm.eps)
             cache = {"k": kc, "v": vc}
         else:
