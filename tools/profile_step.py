@@ -79,7 +79,8 @@ def explain(tot, top):
 for b in map(int, a.batch.split(",")):
     t = a.prefill or 1
     ctx = a.prefill or a.ctx
-    tok = jnp.zeros((b, t), jnp.int32) + 7
+    # random tokens, as bench.decode's prompts: one token repeated would route every row to the same few experts
+    tok = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)), jnp.int32)
     pos = jnp.asarray(np.broadcast_to(np.arange(ctx - t, ctx, dtype=np.int32), (b, t)))
     cache = m.init_cache(b, ctx)
     run = (lambda c: m.forward_last(tok, pos, c, jnp.full((b,), t - 1, jnp.int32), fresh=True)) if a.prefill else \
