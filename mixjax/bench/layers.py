@@ -4,8 +4,9 @@
 
 For every strategy the mesh admits, it builds a one-layer model with random weights of the preset's shapes
 and times (a) the layer with a dense MLP in place of the MoE (attention + a small MLP) and (b) the layer with the
-MoE; their difference is the MoE's time. Device-side time: the median of --iters runs after warm-up, each ended
-by `block_until_ready`. It prints the bytes each strategy moves per rank and link (from the same formulas the
+MoE; their difference is the MoE's time. Time: the median of --iters runs after warm-up, each ended by
+`block_until_ready` (host dispatch included: on a GPU that is most of a one-layer forward), or with --device-time
+the device time per forward (the slope over programs of 2 and 8 chained forwards). It prints the bytes each strategy moves per rank and link (from the same formulas the
 planner uses) and each strategy's time relative to the fastest.
 """
 
@@ -115,6 +116,37 @@ def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int, b
     return statistics.median(times), (time.perf_counter() - t0) / iters
 
 
+def device_time(model: ShardedModel, batch: int, seq: int, ctx: int, r_lo: int = 2, r_hi: int = 8,
+                reps: int = 5) -> float:
+    """Device seconds of one forward: programs of r_lo and r_hi forwards chained through the cache in one jit,
+    each the best of `reps` runs, and the slope between them, so that the host's dispatch and wait (hundreds of us
+    for a sharded one-layer program, more than the layer itself on a GPU) drop out. Every forward's logits are
+    summed into the result, so XLA cannot drop any of them."""
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32)
+    pos = jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq)))
+    best = {}
+    for r in (r_lo, r_hi):
+        def chain(leaves, cache, r=r):
+            total = 0.0
+            for _ in range(r):
+                logits, cache = model._forward(leaves, tokens, pos, cache)
+                total = total + logits.astype(jnp.float32).sum()
+            return total, cache
+
+        run = jax.jit(chain, donate_argnums=(1,))
+        cache = model.init_cache(batch, ctx)
+        total, cache = run(model.leaves, cache)
+        total.block_until_ready()
+        t = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            total, cache = run(model.leaves, cache)
+            total.block_until_ready()
+            t = min(t, time.perf_counter() - t0)
+        best[r] = t
+    return (best[r_hi] - best[r_lo]) / (r_hi - r_lo)
+
+
 def build(cfg, mesh, strategy, dtype, chunks):
     model = ShardedModel(cfg, mesh, STRATEGIES[strategy], dtype=dtype, fused_chunks=chunks)
     tp = model.par.attn_tp_size
@@ -162,6 +194,9 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--strategies", default=",".join(sorted(STRATEGIES)))
+    ap.add_argument("--device-time", action="store_true",
+                    help="device time per forward (slope over 2 and 8 chained forwards in one program) instead of "
+                         "each forward dispatched and waited for")
     args = ap.parse_args(argv)
     mesh = make_mesh(args.mesh or f"1x{len(jax.devices())}")
     sizes = dict(mesh_sizes(mesh))
@@ -175,17 +210,18 @@ def main(argv=None):
         except LayoutError as e:
             print(f"skip {name}: {e}")
             continue
-        t_dense = time_step(build(dense_cfg, mesh, name, dtype, args.chunks), args.batch, args.seq, args.ctx,
-                            args.iters)
-        t_moe = time_step(build(moe_cfg, mesh, name, dtype, args.chunks), args.batch, args.seq, args.ctx,
-                          args.iters)
+        timer = device_time if args.device_time else \
+            (lambda m, b_, s_, c_: time_step(m, b_, s_, c_, args.iters))
+        t_dense = timer(build(dense_cfg, mesh, name, dtype, args.chunks), args.batch, args.seq, args.ctx)
+        t_moe = timer(build(moe_cfg, mesh, name, dtype, args.chunks), args.batch, args.seq, args.ctx)
         b = bytes_per_rank(moe_cfg, name, sizes, args.batch * args.seq, dtype.itemsize)
         rows.append((name, t_dense, t_moe, t_moe - t_dense, b))
     if not rows:
         return 1
     best = min(r[2] for r in rows)
     print(f"\nmesh {sizes['node']}x{sizes['gpu']} on {jax.devices()[0].device_kind}, preset {args.preset}, "
-          f"batch {args.batch} x seq {args.seq}, {args.dtype}")
+          f"batch {args.batch} x seq {args.seq}, {args.dtype}, "
+          + ("device time per forward" if args.device_time else "each forward waited for (host dispatch included)"))
     print(f"{'strategy':14s} {'layer(dense) ms':>15s} {'layer(MoE) ms':>14s} {'MoE part ms':>12s} "
           f"{'intra B/rank':>13s} {'inter B/rank':>13s} {'vs best':>8s}")
     for name, td, tm, dm, b in rows:
