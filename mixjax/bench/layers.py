@@ -6,8 +6,9 @@ For every strategy the mesh admits, it builds a one-layer model with random weig
 and times (a) the layer with a dense MLP in place of the MoE (attention + a small MLP) and (b) the layer with the
 MoE; their difference is the MoE's time. Time: the median of --iters runs after warm-up, each ended by
 `block_until_ready` (host dispatch included: on a GPU that is most of a one-layer forward), or with --device-time
-the device time per forward (the slope over programs of 2 and 8 chained forwards). It prints the bytes each strategy moves per rank and link (from the same formulas the
-planner uses) and each strategy's time relative to the fastest.
+the device time per forward (the slope over programs of 2 and 8 chained forwards). It prints the bytes each
+strategy moves per rank and link (from the same formulas the planner uses) and each strategy's time relative to
+the fastest.
 """
 
 from __future__ import annotations
