@@ -6,7 +6,7 @@ For every strategy the mesh admits, it builds a one-layer model with random weig
 and times (a) the layer with a dense MLP in place of the MoE (attention + a small MLP) and (b) the layer with the
 MoE; their difference is the MoE's time. Time: the median of --iters runs after warm-up, each ended by
 `block_until_ready` (host dispatch included: on a GPU that is most of a one-layer forward), or with --device-time
-the device time per forward (the slope over programs of 2 and 8 chained forwards). It prints the bytes each
+the device time per forward (the slope over programs of 2 and 8 independent forwards). It prints the bytes each
 strategy moves per rank and link (from the same formulas the planner uses) and each strategy's time relative to
 the fastest.
 """
@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from mixjax.bench.experts import device_seconds_per_op
 from mixjax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from mixjax.sharding.dispatch import dispatch_bytes
 from mixjax.sharding.fused import fused_bytes
@@ -117,35 +118,16 @@ def time_step(model: ShardedModel, batch: int, seq: int, ctx: int, iters: int, b
     return statistics.median(times), (time.perf_counter() - t0) / iters
 
 
-def device_time(model: ShardedModel, batch: int, seq: int, ctx: int, r_lo: int = 2, r_hi: int = 8,
-                reps: int = 5) -> float:
-    """Device seconds of one forward: programs of r_lo and r_hi forwards chained through the cache in one jit,
-    each the best of `reps` runs, and the slope between them, so that the host's dispatch and wait (hundreds of us
-    for a sharded one-layer program, more than the layer itself on a GPU) drop out. Every forward's logits are
-    summed into the result, so XLA cannot drop any of them."""
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (batch, seq)), jnp.int32)
+def device_time(model: ShardedModel, batch: int, seq: int, ctx: int) -> float:
+    """Device seconds of one forward (`bench.experts.device_seconds_per_op`: the slope over programs of 2 and 8
+    forwards in one jit, so that the host's dispatch and wait, hundreds of us for a sharded one-layer program and
+    more than the layer itself on a GPU, drop out). Each forward gets its own tokens and cache, so XLA cannot
+    merge any of their work."""
+    rng = np.random.RandomState(0)
     pos = jnp.asarray(np.broadcast_to(np.arange(ctx - seq, ctx, dtype=np.int32), (batch, seq)))
-    best = {}
-    for r in (r_lo, r_hi):
-        def chain(leaves, cache, r=r):
-            total = 0.0
-            for _ in range(r):
-                logits, cache = model._forward(leaves, tokens, pos, cache)
-                total = total + logits.astype(jnp.float32).sum()
-            return total, cache
-
-        run = jax.jit(chain, donate_argnums=(1,))
-        cache = model.init_cache(batch, ctx)
-        total, cache = run(model.leaves, cache)
-        total.block_until_ready()
-        t = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            total, cache = run(model.leaves, cache)
-            total.block_until_ready()
-            t = min(t, time.perf_counter() - t0)
-        best[r] = t
-    return (best[r_hi] - best[r_lo]) / (r_hi - r_lo)
+    inputs = [(model.leaves, jnp.asarray(rng.randint(0, model.vocab_size, (batch, seq)), jnp.int32), pos,
+               model.init_cache(batch, ctx)) for _ in range(8)]
+    return device_seconds_per_op(model._forward, inputs)
 
 
 def build(cfg, mesh, strategy, dtype, chunks):
@@ -196,7 +178,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--strategies", default=",".join(sorted(STRATEGIES)))
     ap.add_argument("--device-time", action="store_true",
-                    help="device time per forward (slope over 2 and 8 chained forwards in one program) instead of "
+                    help="device time per forward (slope over programs of 2 and 8 forwards) instead of "
                          "each forward dispatched and waited for")
     args = ap.parse_args(argv)
     mesh = make_mesh(args.mesh or f"1x{len(jax.devices())}")

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixjax.models.layers import MLP, Experts, RMSNorm, Source, param
-from mixjax.kernels import router
 from mixjax.sharding.dispatch import dense_gates, moe_unfused
 from mixjax.sharding.fused import fused_moe_residual
 from mixjax.sharding.strategies import ParallelContext
@@ -56,9 +55,8 @@ class ConfigBase:
 
 
 class MoE(nnx.Module):
-    """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x) -> (ids, weights)`.
-    A softmax-top-k router may also give `router_logits(x)` (float32 [n, E]) and `norm_topk`: a few tokens on the
-    Pallas path are then routed by one kernel (mixjax.kernels.router) instead of XLA's five."""
+    """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x, pallas=None) ->
+    (ids, weights)`; `pallas` (ParallelContext.pallas) lets a router use a kernel (Qwen3: mixjax.kernels.router)."""
 
     num_experts: int
     top_k: int
@@ -68,12 +66,7 @@ class MoE(nnx.Module):
     def __call__(self, x, par: ParallelContext):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if hasattr(self, "router_logits") and par.pallas and flat.shape[0] <= router.MAX_TOKENS:
-            ids, w = router.route(self.router_logits(flat), k=self.top_k, norm=self.norm_topk,
-                                  interpret=par.pallas == "interpret")
-            w = w.astype(flat.dtype)
-        else:
-            ids, w = self.route(flat)
+        ids, w = self.route(flat, par.pallas)
         y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k, routed=(ids, w))
         if self.shared is not None:
             y = y + self.shared(flat, par)

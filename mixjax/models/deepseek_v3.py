@@ -188,9 +188,10 @@ class DeepseekV3MoE(MoE):
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm_topk, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
 
-    def route(self, x):
+    def route(self, x, pallas: str | None = None):
         """Sigmoid scores; choose among the best `topk_group` groups (a group's score is the sum of its two best
-        biased scores) the top-k by biased score; weights are the unbiased scores, renormalised and scaled."""
+        biased scores) the top-k by biased score; weights are the unbiased scores, renormalised and scaled.
+        Always in XLA (`pallas` is not used: there is no kernel for group-limited routing)."""
         scores = jax.nn.sigmoid(matmul(x.astype(jnp.float32), self.router.w[...]))
         biased = scores + self.bias[...]
         n, e = biased.shape

@@ -17,7 +17,7 @@ from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, M
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
-from mixjax.kernels.router import softmax_topk
+from mixjax.kernels import router as router_kernel
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
 from mixjax.sharding.strategies import ParallelContext
 
@@ -139,12 +139,14 @@ class Qwen3MoE(MoE):
         self.shared = None
         self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
 
-    def router_logits(self, x):
-        return matmul(x, self.router.w[...]).astype(jnp.float32)
-
-    def route(self, x):
-        """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen."""
-        ids, w = softmax_topk(self.router_logits(x), self.top_k, self.norm_topk)
+    def route(self, x, pallas: str | None = None):
+        """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen. A few tokens on the
+        Pallas path take one kernel for it (mixjax.kernels.router) instead of XLA's five."""
+        logits = matmul(x, self.router.w[...]).astype(jnp.float32)
+        if pallas and x.shape[0] <= router_kernel.MAX_TOKENS:
+            ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, interpret=pallas == "interpret")
+        else:
+            ids, w = router_kernel.softmax_topk(logits, self.top_k, self.norm_topk)
         return ids, w.astype(x.dtype)
 
 
