@@ -224,8 +224,9 @@ class Experts(nnx.Module):
         Exact and static-shaped; the cost is n * E_local expert evaluations and all expert weights are read.
         impl "grouped" / "grouped-interpret": only the (row, expert) pairs with a non-zero gate are computed,
         by the Pallas kernels of mixjax.kernels.grouped_experts (on GPU / interpreted anywhere); untouched
-        experts' weights are not read. `top_k` bounds the non-zeros per row. `routed`: the router's (ids, weights)
-        [n, top_k] behind the gates, numbered as the gates' columns, when at hand (the grouped path then skips a top-k)."""
+        experts' weights are not read. `top_k` bounds the non-zeros per row. `routed`: the router's (ids,
+        weights) [n, top_k] behind the gates, numbered as the gates' columns, when at hand (the grouped path then
+        skips a top-k)."""
         if impl != "dense":
             e, d, f = self.gate.shape
             k = min(top_k or e, e)
