@@ -138,15 +138,15 @@ class Checkpoint:
 def _hf_view(ckpt: Checkpoint, name: str, src: Source, want: tuple[int, ...]) -> np.ndarray:
     """The tensor in mixjax's layout (transposed, heads repeated, vocabulary padded), still lazy where possible."""
     arr = ckpt.tensor(name)
-    if src.transpose:
-        if arr.ndim != 2:
-            raise CheckpointError(f"tensor {name} has shape {arr.shape}; expected a 2-D linear weight")
-        arr = arr.T
-    if src.repeat_heads is not None:
+    if (src.transpose or src.repeat_heads is not None) and arr.ndim != 2:
+        raise CheckpointError(f"tensor {name} has shape {arr.shape}; expected a 2-D linear weight")
+    if src.repeat_heads is not None and arr.shape[0] % src.repeat_heads[0] == 0:  # heads: blocks of HF's first axis
         head_dim, reps = src.repeat_heads
-        heads = arr.shape[-1] // head_dim
-        arr = np.repeat(np.asarray(arr).reshape(arr.shape[0], heads, head_dim), reps, axis=1).reshape(
-            arr.shape[0], heads * reps * head_dim)
+        heads = arr.shape[0] // head_dim
+        arr = np.repeat(np.asarray(arr).reshape(heads, head_dim, arr.shape[1]), reps, axis=0).reshape(
+            heads * reps * head_dim, arr.shape[1])
+    if src.transpose:
+        arr = arr.T
     if arr.shape != want:
         padded = arr.ndim == len(want) and arr.shape[0] < want[0] and arr.shape[1:] == want[1:] or (
             arr.ndim == 2 and arr.shape[0] == want[0] and arr.shape[1] < want[1])

@@ -17,14 +17,16 @@ def sample(logits, keys, temperature, top_k, top_p, *, draw: bool = True, filter
     these on the host and passes them as static flags, which skips the vocabulary sort and the random draw when
     nothing needs them (for greedy rows over a 152k vocabulary they cost more than the model's decode step on an
     H200), without a lax.cond, whose predicate the GPU runtime reads back to the host in the middle of the step."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    ids = greedy
     if draw:
+        # Gumbel-max, as jax.random.categorical draws (argmax of gumbel noise + scaled logits), with greedy rows
+        # taking the plain logits in the same pass: one argmax over the vocabulary instead of two
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
         if filter:
             scaled = _top_k_top_p(scaled, top_k, top_p)
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-        ids = jnp.where(temperature > 0, drawn, greedy)
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], scaled.dtype))(keys)
+        ids = jnp.argmax(jnp.where(temperature[:, None] > 0, noise + scaled, logits), axis=-1).astype(jnp.int32)
+    else:
+        ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     return ids, jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - logz
 

@@ -1,7 +1,7 @@
 """Per-kernel GPU time of one bench decode step (or prefill), from a JAX profiler trace (perfetto JSON).
 A development tool: python tools/profile_step.py BATCH[,BATCH..] [--prefill T] [--impl grouped] [--explain].
 --explain dumps the optimized HLO and names, under each kernel, the JAX operations (source lines) it was fused from."""
-import argparse, collections, glob, gzip, json, os, re, sys, tempfile
+import argparse, collections, functools, glob, gzip, json, os, re, sys, tempfile
 DUMP = tempfile.mkdtemp() if "--explain" in sys.argv else None
 if DUMP:  # before jax is imported
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
@@ -16,6 +16,8 @@ ap = argparse.ArgumentParser(); ap.add_argument("batch"); ap.add_argument("--pre
 ap.add_argument("--impl", default="grouped"); ap.add_argument("--layers", type=int, default=4)
 ap.add_argument("--ctx", type=int, default=1024); ap.add_argument("--top", type=int, default=25)
 ap.add_argument("--explain", action="store_true"); ap.add_argument("--preset", default="qwen3-30b-a3b")
+ap.add_argument("--sample", type=float, default=None,
+                help="decode: also sample each row at this temperature as the engine does (seeded draw, logprob)")
 a = ap.parse_args()
 cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=a.impl)
@@ -76,6 +78,17 @@ def explain(tot, top):
             break
 
 
+def _step_and_sample(fwd, leaves, tok, pos, cache, *, temp):
+    """One decode step and the engine's sampling (mixjax.serve.engine's pick without the top logprobs)."""
+    from mixjax.sampling import sample
+    logits, cache = fwd(leaves, tok, pos, cache)
+    n = tok.shape[0]
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(jnp.arange(n), jnp.zeros(n, jnp.int32))
+    ids, lp = sample(logits[:, 0, :cfg.vocab_size], keys, jnp.full((n,), temp, jnp.float32),
+                     jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32), draw=temp > 0, filter=False)
+    return (ids, lp), cache
+
+
 for b in map(int, a.batch.split(",")):
     t = a.prefill or 1
     ctx = a.prefill or a.ctx
@@ -85,14 +98,17 @@ for b in map(int, a.batch.split(",")):
     cache = m.init_cache(b, ctx)
     run = (lambda c: m.forward_last(tok, pos, c, jnp.full((b,), t - 1, jnp.int32), fresh=True)) if a.prefill else \
           (lambda c: m.forward(tok, pos, c))
+    if a.sample is not None and not a.prefill:  # the engine's decode program: forward, then its sampling
+        step = jax.jit(functools.partial(_step_and_sample, m._forward, temp=a.sample), donate_argnums=3)
+        run = lambda c, step=step, tok=tok, pos=pos: step(m.leaves, tok, pos, c)
     for _ in range(3):
         lg, cache = run(cache)
-    lg.block_until_ready()
+    jax.block_until_ready(lg)
     d = tempfile.mkdtemp()
     with jax.profiler.trace(d, create_perfetto_trace=True):
         for _ in range(5):
             lg, cache = run(cache)
-        lg.block_until_ready()
+        jax.block_until_ready(lg)
     f = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
     ev = json.load(gzip.open(f))
     ev = ev["traceEvents"] if isinstance(ev, dict) else ev

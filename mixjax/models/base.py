@@ -85,7 +85,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, cache, par: ParallelContext):
         fused = par.strategy.fused and self.is_moe
-        a, cache = self.attn(self.input_norm(x), positions, cache, par, reduce=not fused)
+        # the attention applies input_norm itself: a batch-1 decode step fuses it into its q/k/v kernels
+        a, cache = self.attn(x, positions, cache, par, reduce=not fused, norm=self.input_norm)
         if fused:  # the attention all-reduce is folded into the MoE's chunked RS / A2A / AG pipeline
             b, t, d = x.shape
             out = fused_moe_residual(

@@ -124,7 +124,9 @@ class MLA(nnx.Module):
         lora, _, rope, _ = self.dims
         return [CacheEntry("c_kv", (lora,), (None,)), CacheEntry("k_pe", (rope,), (None,))]
 
-    def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True):
+    def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True, norm=None):
+        """x: the residual stream, normed here by `norm` (the layer's input norm) when given."""
+        x = x if norm is None else norm(x)
         b, t, _ = x.shape
         lora, nope, rope_d, v_d = self.dims
         q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)

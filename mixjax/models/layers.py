@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from mixjax.kernels import gemv as gemv_kernel
 from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu
 from mixjax.sharding.strategies import ParallelContext
 
@@ -26,9 +27,10 @@ class Source:
     """How a parameter is read from a Hugging Face checkpoint.
 
     name: tensor name; for stacked experts a template with "{e}".
-    transpose: HF linear weights are [out, in]; mixjax keeps [in, out].
+    transpose: HF linear weights are [out, in]; mixjax keeps [in, out], except where a module stores them out-major
+        (Linear(out_major=True)) and this is False.
     experts: stack this many per-expert tensors along a new leading axis.
-    repeat_heads: (head_dim, reps): repeat each head block of the output dimension reps times, so that a
+    repeat_heads: (head_dim, reps): repeat each head block of the output dimension (HF's first axis) reps times, so that a
         tensor-parallel degree larger than the number of KV heads gives every device a whole KV head.
     """
 
@@ -67,13 +69,35 @@ def matmul(x, w):
 
 
 class Linear(nnx.Module):
-    """y = x W, with W stored [in, out] (no bias: none of the supported families has one)."""
+    """y = x W, with W stored [in, out], or with out_major=True as Hugging Face stores it, [out, in] (no bias: none of
+    the supported families has one).
 
-    def __init__(self, d_in, d_out, axes, name: str, *, dtype, rngs, repeat_heads=None):
-        self.w = param((d_in, d_out), axes, Source(name, transpose=True, repeat_heads=repeat_heads), dtype, rngs)
+    Out-major weights serve batch-1 decode: on the Pallas path a one-row product is one kernel streaming whole
+    weight rows (mixjax.kernels.gemv), with the RMSNorm before it (`norm`) computed inside that kernel. `axes` are
+    always given in [in, out] order."""
 
-    def __call__(self, x):
-        return matmul(x, self.w[...])
+    def __init__(self, d_in, d_out, axes, name: str, *, dtype, rngs, repeat_heads=None, out_major: bool = False):
+        shape, axes = ((d_out, d_in), tuple(reversed(axes))) if out_major else ((d_in, d_out), axes)
+        self.w = param(shape, axes, Source(name, transpose=not out_major, repeat_heads=repeat_heads), dtype, rngs)
+        self.out_major = out_major
+
+    def __call__(self, x, norm: "RMSNorm | None" = None, pallas: str | None = None):
+        """(norm(x) if norm else x) @ W; `pallas` (ParallelContext.pallas) lets one row take the gemv kernel."""
+        return project(x, (self,), norm, pallas)[0]
+
+
+def project(x, linears, norm: "RMSNorm | None" = None, pallas: str | None = None) -> list:
+    """[(norm(x) if norm else x) @ l.W for l in linears]. One row on the Pallas path with out-major weights: one
+    gemv kernel for all of them, the norm computed inside it."""
+    ws = [lin.w[...] for lin in linears]
+    if pallas and math.prod(x.shape[:-1]) == 1 and all(lin.out_major for lin in linears) and all(
+            gemv_kernel.supported(*w.shape, gpu=pallas == "gpu") for w in ws):
+        ys = gemv_kernel.gemv_many(x.reshape(1, -1), ws, norm=None if norm is None else norm.w[...],
+                                   eps=None if norm is None else norm.eps, interpret=pallas == "interpret")
+        return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]
+    if norm is not None:
+        x = norm(x)
+    return [matmul(x, w.T) if lin.out_major else matmul(x, w) for lin, w in zip(linears, ws)]
 
 
 class RMSNorm(nnx.Module):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
-from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, matmul,
+from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, project,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
 from mixjax.kernels import router as router_kernel
@@ -80,14 +80,15 @@ class Qwen3Attention(nnx.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         kv = kv_heads_stored(cfg.num_key_value_heads, cfg.num_attention_heads, tp)
         rep = (hd, kv // cfg.num_key_value_heads) if kv != cfg.num_key_value_heads else None
+        # out-major ([out, in], as HF stores them): a batch-1 decode step runs each as one gemv kernel
         self.q_proj = Linear(d, cfg.num_attention_heads * hd, (None, "heads"), f"{prefix}.q_proj.weight",
-                             dtype=dtype, rngs=rngs)
+                             dtype=dtype, rngs=rngs, out_major=True)
         self.k_proj = Linear(d, kv * hd, (None, "kv_heads"), f"{prefix}.k_proj.weight", dtype=dtype, rngs=rngs,
-                             repeat_heads=rep)
+                             repeat_heads=rep, out_major=True)
         self.v_proj = Linear(d, kv * hd, (None, "kv_heads"), f"{prefix}.v_proj.weight", dtype=dtype, rngs=rngs,
-                             repeat_heads=rep)
+                             repeat_heads=rep, out_major=True)
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, ("heads", None), f"{prefix}.o_proj.weight",
-                             dtype=dtype, rngs=rngs)
+                             dtype=dtype, rngs=rngs, out_major=True)
         self.q_norm = RMSNorm(hd, f"{prefix}.q_norm.weight", eps=cfg.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(hd, f"{prefix}.k_norm.weight", eps=cfg.rms_norm_eps, dtype=dtype)
         self.head_dim = hd
@@ -98,12 +99,13 @@ class Qwen3Attention(nnx.Module):
         return [CacheEntry("k", (self.kv_heads, self.head_dim), ("kv_heads", None), seq_axis=2),
                 CacheEntry("v", (self.kv_heads, self.head_dim), ("kv_heads", None), seq_axis=2)]
 
-    def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True):
+    def __call__(self, x, positions, cache, par: ParallelContext, reduce: bool = True, norm=None):
+        """x: the residual stream, normed here by `norm` (the layer's input norm) when given."""
         b, t, _ = x.shape
         hd = self.head_dim
-        q = self.q_proj(x).reshape(b, t, -1, hd)
-        k = self.k_proj(x).reshape(b, t, -1, hd)
-        v = self.v_proj(x).reshape(b, t, -1, hd)
+        # one row on the Pallas path: q, k and v in one gemv kernel that also computes the norm
+        q, k, v = (y.reshape(b, t, -1, hd) for y in project(x, (self.q_proj, self.k_proj, self.v_proj), norm,
+                                                              par.pallas))
         inv_freq, factor = rope_inv_freq(*self.rope)
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
         starts = positions[:, 0]
@@ -126,14 +128,14 @@ class Qwen3Attention(nnx.Module):
                                         pallas=par.pallas, fresh=par.fresh_prompt)
             else:
                 out = attend(q, kc, vc, causal_mask(positions, kc.shape[2]), hd ** -0.5, heads_major=True)
-        out = self.o_proj(out.reshape(b, t, -1))
+        out = self.o_proj(out.reshape(b, t, -1), pallas=par.pallas)
         return (par.psum_attn_tp(out) if reduce else out), cache
 
 
 class Qwen3MoE(MoE):
     def __init__(self, cfg: Qwen3MoeConfig, prefix: str, *, dtype, rngs):
         self.router = Linear(cfg.hidden_size, cfg.num_experts, (None, None), f"{prefix}.gate.weight",
-                             dtype=dtype, rngs=rngs)
+                             dtype=dtype, rngs=rngs, out_major=True)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, prefix,
                                dtype=dtype, rngs=rngs)
         self.shared = None
@@ -142,7 +144,7 @@ class Qwen3MoE(MoE):
     def route(self, x, pallas: str | None = None):
         """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen. A few tokens on the
         Pallas path take one kernel for it (mixjax.kernels.router) instead of XLA's five."""
-        logits = matmul(x, self.router.w[...]).astype(jnp.float32)
+        logits = self.router(x, pallas=pallas).astype(jnp.float32)
         if pallas and x.shape[0] <= router_kernel.MAX_TOKENS:
             ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, interpret=pallas == "interpret")
         else:
