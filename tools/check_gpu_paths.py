@@ -1,7 +1,9 @@
 """On a GPU: the bf16 Pallas/cuDNN paths (expert_impl="grouped") and the bf16 XLA paths ("dense"), each against a
 float32 XLA run of the same bench model (same weights): a whole 512-token prompt (cuDNN attention), the same prompt in two chunks (Triton flash attention for the
 second), and decode steps (grouped experts). Prints each one's largest logit difference relative to the
-largest float32 logit and its argmax agreement: the Pallas paths should be no further from float32 than XLA's."""
+largest float32 logit and its argmax agreement: the Pallas paths should be no further from float32 than XLA's.
+    python tools/check_gpu_paths.py [BATCH]   (default 2; 1 takes the batch-1 gemv kernels in the decode steps)"""
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mixjax.bench.decode import bench_config
@@ -12,7 +14,7 @@ from mixjax.sharding.strategies import STRATEGIES
 
 cfg = bench_config("qwen3-30b-a3b", 2, 151936)
 w = nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-t, b = 512, 2
+t, b = 512, int(sys.argv[1]) if len(sys.argv) > 1 else 2
 tok = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)), jnp.int32)
 pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))
 res = {}
@@ -26,7 +28,7 @@ for impl, dt, ws in (("f32", jnp.float32, w32), ("dense", jnp.bfloat16, w), ("gr
     second, cache = m.forward(tok[:, 256:], pos[:, 256:], cache)
     steps = []
     nxt = second[:, -1].argmax(-1).astype(jnp.int32)
-    for s in range(4):
+    for s in range(8 if b == 1 else 4):
         lg, cache = m.forward(nxt[:, None], jnp.full((b, 1), t + s, jnp.int32), cache)
         steps.append(lg[:, 0]); nxt = lg[:, 0].argmax(-1).astype(jnp.int32)
     res[impl] = (np.asarray(whole, np.float32), np.asarray(second, np.float32), np.stack([np.asarray(x, np.float32) for x in steps]))

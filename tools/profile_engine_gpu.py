@@ -62,12 +62,14 @@ for (t0, d0, n0), (t1, _, n1) in zip(ks, ks[1:]):
     if g > 5:
         gaps[f"{n0[:30]} -> {n1[:30]}"] += g
         gap_n[f"{n0[:30]} -> {n1[:30]}"] += 1
-mid = next(i for i, (_, _, n) in enumerate(ks) if "MemcpyH2D" in n and i > len(ks) // 2)
+mid = next((i for i, (_, _, n) in enumerate(ks) if "MemcpyH2D" in n and i > len(ks) // 2), len(ks) // 2)
 print("the stream around a dispatch in the middle (start us from the first, duration us, gap us before, name):")
 for j in range(max(1, mid - 12), min(len(ks), mid + 12)):
-    print(f"  {ks[j][0] - ks[0][0]:10.0f} {ks[j][1]:7.1f} {ks[j][0] - ks[j - 1][0] - ks[j - 1][1]:7.1f}  {ks[j][2][:60]}")
+    gap = ks[j][0] - ks[j - 1][0] - ks[j - 1][1]
+    print(f"  {ks[j][0] - ks[0][0]:10.0f} {ks[j][1]:7.1f} {gap:7.1f}  {ks[j][2][:60]}")
 tokens = a.tokens * a.batch
-print(f"engine b={a.batch} K={a.steps}: {len(stamps)} tokens, interval {(stamps[-1] - stamps[1]) / (len(stamps) - 2) * 1e3:.3f} ms; "
+interval = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # as bench.decode: the first token (prefill) to the last
+print(f"engine b={a.batch} K={a.steps}: {len(stamps)} tokens, interval {interval * 1e3:.3f} ms; "
       f"GPU span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms ({busy / span:.0%}), busy per token-step "
       f"{busy / (tokens / a.batch):.1f} us, {len(ks)} kernels")
 print(f"gaps over 5 us: {sum(gaps.values()) / 1e3:.2f} ms in all; total by neighbours (count):")
