@@ -30,8 +30,8 @@ class Source:
     transpose: HF linear weights are [out, in]; mixjax keeps [in, out], except where a module stores them out-major
         (Linear(out_major=True)) and this is False.
     experts: stack this many per-expert tensors along a new leading axis.
-    repeat_heads: (head_dim, reps): repeat each head block of the output dimension (HF's first axis) reps times, so that a
-        tensor-parallel degree larger than the number of KV heads gives every device a whole KV head.
+    repeat_heads: (head_dim, reps): repeat each head block of the output dimension (HF's first axis) reps times, so
+        that a tensor-parallel degree larger than the number of KV heads gives every device a whole KV head.
     """
 
     name: str
