@@ -140,7 +140,8 @@ def _hf_view(ckpt: Checkpoint, name: str, src: Source, want: tuple[int, ...]) ->
     arr = ckpt.tensor(name)
     if (src.transpose or src.repeat_heads is not None) and arr.ndim != 2:
         raise CheckpointError(f"tensor {name} has shape {arr.shape}; expected a 2-D linear weight")
-    if src.repeat_heads is not None and arr.shape[0] % src.repeat_heads[0] == 0:  # heads: blocks of HF's first axis
+    # heads are blocks of HF's first axis; a tensor whose rows do not split into heads is named by the shape check
+    if src.repeat_heads is not None and arr.shape[0] % src.repeat_heads[0] == 0:
         head_dim, reps = src.repeat_heads
         heads = arr.shape[0] // head_dim
         arr = np.repeat(np.asarray(arr).reshape(heads, head_dim, arr.shape[1]), reps, axis=0).reshape(

@@ -3,10 +3,11 @@ kernels) against the Pallas one-row kernel (mixjax.kernels.gemv, norm fused, out
 op from a profiler trace (the sum of the GPU kernels of 8 ops on distinct weights, so that none stays in L2, over
 8). A development tool:
     python tools/probe_gemv.py [--sweep]"""
-import argparse, collections, glob, gzip, itertools, json, os, tempfile
+import argparse, collections, itertools, tempfile
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels.gemv import gemv, tiles
 from mixjax.models.layers import matmul
+from gpu_trace import gpu_kernels
 
 ap = argparse.ArgumentParser(); ap.add_argument("--sweep", action="store_true"); a = ap.parse_args()
 EPS = 1e-6
@@ -15,29 +16,18 @@ SHAPES = [("q_proj", 4096, 2048, True, False), ("k_proj", 512, 2048, True, False
           ("lm_head", 151936, 2048, True, False)]
 
 
-def device_seconds_per_op(op, inputs, _lo=None, _hi=None, reps=3):
-    """GPU kernel seconds of one op(*inputs[i]) and its kernel names, from a trace of a jit of len(inputs) ops."""
+def kernel_seconds(op, inputs, reps=3):
+    """(GPU kernel seconds of one op(*inputs[i]), its kernels per op), from a trace of a jit of len(inputs) ops."""
     f = jax.jit(lambda ins: [op(*i) for i in ins])
     jax.block_until_ready(f(inputs))
     d = tempfile.mkdtemp()
     with jax.profiler.trace(d, create_perfetto_trace=True):
         for _ in range(reps):
             jax.block_until_ready(f(inputs))
-    ev = json.load(gzip.open(glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]))
-    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in ev
-             if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name")}
-    tot, kern = 0.0, collections.Counter()
-    for e in ev:
-        pn = names.get((e.get("pid"), None), "") + "/" + names.get((e.get("pid"), e.get("tid")), "")
-        if e.get("ph") == "X" and "/device:GPU" in pn and "Stream" in pn:
-            tot += e["dur"]; kern[e["name"][:40]] += 1
+    ks = gpu_kernels(d)
     calls = reps * len(inputs)
-    KERNELS[0] = ", ".join(f"{k} x{v / calls:g}" for k, v in kern.items())
-    return tot / calls * 1e-6
-
-
-KERNELS = [""]
+    kern = collections.Counter(e["name"][:40] for e in ks)
+    return sum(e["dur"] for e in ks) / calls * 1e-6, ", ".join(f"{k} x{v / calls:g}" for k, v in kern.items())
 
 
 def xla_op(x, w_t, nw, r, norm, res):
@@ -54,12 +44,10 @@ for name, n, k, norm, res in SHAPES:
             jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) * 0.02,
             jnp.ones((k,), jnp.bfloat16), jnp.ones((1, n), jnp.bfloat16)) for i in range(reps)]
     mb = n * k * 2 / 1e6
-    rlo, rhi = (2, reps) if reps > 2 else (1, 3)
-    t_x = device_seconds_per_op(lambda x, w, nw, r: xla_op(x, w, nw, r, norm, res), ins, rlo, rhi)
+    t_x, _ = kernel_seconds(lambda x, w, nw, r: xla_op(x, w, nw, r, norm, res), ins)
     # XLA with the weight stored [in, out] as now (what the model runs today)
     ins_io = [(x, jnp.array(w.T), nw, r) for x, w, nw, r in ins]
-    t_io = device_seconds_per_op(lambda x, w, nw, r: xla_op(x, w.T, nw, r, norm, res), ins_io, rlo, rhi)
-    k_io = KERNELS[0]
+    t_io, k_io = kernel_seconds(lambda x, w, nw, r: xla_op(x, w.T, nw, r, norm, res), ins_io)
     del ins_io
     blocks = [tiles(n, k)]
     if a.sweep and name != "lm_head":
@@ -70,7 +58,7 @@ for name, n, k, norm, res in SHAPES:
         f = lambda x, w, nw, r, b=b: (r if res else 0) + gemv(x, w, norm=nw if norm else None,
                                                               eps=EPS if norm else None, block=b)
         try:
-            t = device_seconds_per_op(f, ins, rlo, rhi)
+            t, _ = kernel_seconds(f, ins)
         except Exception as e:  # a tile Triton cannot compile
             print(f"  {name} {b}: {type(e).__name__}"); continue
         if best is None or t < best[0]:

@@ -1,7 +1,7 @@
 """Where a small-batch decode step's time goes on a GPU: host enqueue vs device, one step per call vs several
 steps in one call (runner.decode_loop, greedy; --unroll U unrolls its scan), under the XLA_FLAGS of the environment. A development tool:
     python tools/probe_launch.py 1,8 [--steps 8] [--profile]"""
-import argparse, collections, glob, gzip, json, os, statistics, tempfile, time
+import argparse, collections, os, statistics, tempfile, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mixjax.bench.decode import bench_config
@@ -9,6 +9,7 @@ from mixjax.models.qwen3_moe import Qwen3MoeForCausalLM
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel, decode_loop
 from mixjax.sharding.strategies import STRATEGIES
+from gpu_trace import gpu_kernels
 
 ap = argparse.ArgumentParser(); ap.add_argument("batch"); ap.add_argument("--steps", type=int, default=8)
 ap.add_argument("--profile", action="store_true"); ap.add_argument("--unroll", type=int, default=1); ap.add_argument("--layers", type=int, default=4); ap.add_argument("--top", type=int, default=12)
@@ -41,17 +42,8 @@ def gpu_profile(run, label, reps=5):
     with jax.profiler.trace(d, create_perfetto_trace=True):
         for _ in range(reps):
             run()
-    f = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
-    ev = json.load(gzip.open(f)); ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    names = {}
-    for e in ev:
-        if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name"):
-            names[(e["pid"], e.get("tid"))] = e["args"]["name"]
     busy, n, lo, hi, tot = 0.0, 0, 1e30, 0, collections.Counter()
-    for e in ev:
-        if e.get("ph") != "X": continue
-        pn = names.get((e["pid"], None), "") + "/" + names.get((e["pid"], e.get("tid")), "")
-        if "/device:GPU" not in pn or "Stream" not in pn: continue
+    for e in gpu_kernels(d):
         busy += e["dur"]; n += 1; lo = min(lo, e["ts"]); hi = max(hi, e["ts"] + e["dur"]); tot[e["name"][:90]] += e["dur"]
     small = sum(v for v in tot.values() if v / reps < 8 * 4)
     print(f"  kernels under 8 us per layer-call: {small / reps:.0f} us/call in {sum(1 for v in tot.values() if v / reps < 32)} distinct kernels")

@@ -2,7 +2,7 @@
 sampling at temperature 1 as bench.decode's engine rows) under the JAX profiler; prints GPU busy time per token,
 the idle gaps between kernels, and the largest kernels. A development tool:
     python tools/profile_engine_gpu.py [--batch 1] [--tokens 96] [--steps 8] [--layers 4]"""
-import argparse, collections, glob, gzip, json, os, tempfile, threading, time
+import argparse, collections, tempfile, threading, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mixjax.bench.decode import bench_config, decode_vocab, model_class
@@ -10,6 +10,7 @@ from mixjax.serve.engine import Engine, Request, SamplingParams
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
+from gpu_trace import gpu_kernels
 
 ap = argparse.ArgumentParser(); ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--tokens", type=int, default=96); ap.add_argument("--steps", type=int, default=8)
@@ -47,13 +48,7 @@ d = tempfile.mkdtemp()
 with jax.profiler.trace(d, create_perfetto_trace=True):
     stamps = run()
 eng.stop()
-ev = json.load(gzip.open(glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]))
-ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in ev
-         if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name")}
-ks = sorted((e["ts"], e["dur"], e["name"]) for e in ev if e.get("ph") == "X" and "/device:GPU" in (
-    names.get((e["pid"], None), "") + "/" + names.get((e["pid"], e.get("tid")), "")) and "Stream" in names.get(
-    (e["pid"], e.get("tid")), ""))
+ks = [(e["ts"], e["dur"], e["name"]) for e in gpu_kernels(d)]
 busy = sum(d_ for _, d_, _ in ks)
 span = ks[-1][0] + ks[-1][1] - ks[0][0]
 gaps, gap_n = collections.Counter(), collections.Counter()

@@ -1,7 +1,7 @@
 """Per-kernel GPU time of one bench decode step (or prefill), from a JAX profiler trace (perfetto JSON).
 A development tool: python tools/profile_step.py BATCH[,BATCH..] [--prefill T] [--impl grouped] [--explain].
 --explain dumps the optimized HLO and names, under each kernel, the JAX operations (source lines) it was fused from."""
-import argparse, collections, functools, glob, gzip, json, os, re, sys, tempfile
+import argparse, collections, functools, glob, os, re, sys, tempfile
 DUMP = tempfile.mkdtemp() if "--explain" in sys.argv else None
 if DUMP:  # before jax is imported
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
@@ -11,6 +11,7 @@ from mixjax.bench.decode import bench_config, decode_vocab, model_class
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
+from gpu_trace import gpu_kernels
 
 ap = argparse.ArgumentParser(); ap.add_argument("batch"); ap.add_argument("--prefill", type=int, default=0)
 ap.add_argument("--impl", default="grouped"); ap.add_argument("--layers", type=int, default=4)
@@ -109,18 +110,8 @@ for b in map(int, a.batch.split(",")):
         for _ in range(5):
             lg, cache = run(cache)
         jax.block_until_ready(lg)
-    f = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
-    ev = json.load(gzip.open(f))
-    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    names = {}
-    for e in ev:
-        if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name"):
-            names[(e["pid"], e.get("tid"))] = e["args"]["name"]
     tot = collections.Counter(); cnt = collections.Counter(); gpu_total = 0.0; t_lo, t_hi = 1e30, 0
-    for e in ev:
-        if e.get("ph") != "X": continue
-        pname = names.get((e["pid"], None), "") + "/" + names.get((e["pid"], e.get("tid")), "")
-        if "/device:GPU" not in pname or "Stream" not in pname: continue
+    for e in gpu_kernels(d):
         t_lo = min(t_lo, e["ts"]); t_hi = max(t_hi, e["ts"] + e["dur"])
         key = e["name"]
         hlo = (e.get("args") or {}).get("hlo_op") or (e.get("args") or {}).get("long_name")
@@ -128,7 +119,7 @@ for b in map(int, a.batch.split(",")):
             key = f"{key} [{str(hlo)[:60]}]"
         tot[key] += e["dur"] / 5; cnt[key] += 1; gpu_total += e["dur"] / 5
     if not gpu_total:
-        print(sorted(set(names.values()))[:40])
+        print("no GPU kernels in the trace")
     print(f"== batch {b} {'prefill ' + str(t) if a.prefill else 'decode'}: GPU kernel time per step {gpu_total:.0f} us, span {(t_hi - t_lo) / 5:.0f} us, {sum(cnt.values())//5} kernels")
     for n_, us in tot.most_common(a.top):
         print(f"  {us:8.1f} us  x{cnt[n_]//5:3d}  {n_[:110]}")

@@ -1,0 +1,18 @@
+"""The GPU kernels of a JAX profiler trace, for the development tools in this folder (run as `python tools/X.py`,
+which puts this folder on the import path)."""
+import glob, gzip, json, os
+
+
+def gpu_kernels(trace_dir: str) -> list[dict]:
+    """The trace's events on GPU streams (kernels and memory copies), sorted by start: each a perfetto "X" event
+    with "ts" and "dur" in us, "name", and "args" (XLA puts the HLO op there)."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+    ev = json.load(gzip.open(path))
+    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in ev
+             if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name")}
+
+    def on_gpu_stream(e):
+        where = names.get((e["pid"], None), "") + "/" + names.get((e["pid"], e.get("tid")), "")
+        return "/device:GPU" in where and "Stream" in where
+    return sorted((e for e in ev if e.get("ph") == "X" and on_gpu_stream(e)), key=lambda e: e["ts"])
