@@ -96,6 +96,7 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
     return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=a[2], stages=a[3], b_bk=b_bk, b_warps=b[2], b_stages=b[3])
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Layout:
     src_row: jax.Array  # [M] input row that fills each padded row (n: a zero row)
@@ -134,8 +135,19 @@ def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
     return Layout(src_row, block_expert, dest, jnp.where(valid, w, 0.0))
 
 
+RANK_CHUNK = 256  # pairs per chunk of group_layout's prefix counts: counts up to 256 are exact in bf16
+
+
 def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
-    """Sort the (row, expert) pairs of a dense gate matrix [n, E] (at most k non-zeros per row) by expert."""
+    """Sort the (row, expert) pairs of a dense gate matrix [n, E] (at most k non-zeros per row) by expert: pair p
+    = row * k + j goes to its expert's blocks at its rank among the expert's pairs (pairs in order of p, as a
+    stable sort by expert would place them).
+
+    No sort: the ranks are prefix counts of the pairs' one-hot expert matrix, computed as products on the tensor
+    cores. Within chunks of RANK_CHUNK pairs a lower-triangular matrix of ones times the chunk's one-hot [C, E]
+    counts each pair's earlier same-expert pairs (0/1 products, sums <= 256: exact in bf16 inputs with float32
+    accumulation); a strictly lower-triangular product in float32 adds the chunks before. The argsort, scatter-add
+    and scatter of the sorted version took ~100 us per layer of an 8192-token prompt on an H200."""
     n, e = gates.shape
     k = min(k, e)
     w, ids = _pairs(gates, k, routed)
@@ -143,18 +155,26 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     p = n * k
     nb = -(-p // bm) + min(e, p)
     m = nb * bm
-    ex = jnp.where(valid, ids, e).reshape(p).astype(jnp.int32)  # e = "no expert", sorts last
-    counts = jnp.zeros(e + 1, jnp.int32).at[ex].add(1)
-    blocks = (counts[:e] + bm - 1) // bm
+    ex = jnp.where(valid, ids, e).reshape(p).astype(jnp.int32)  # e = "no expert": a zero one-hot row
+    c = min(RANK_CHUNK, p)
+    g = -(-p // c)
+    onehot = (jnp.pad(ex, (0, g * c - p), constant_values=e).reshape(g, c)[..., None]
+              == jnp.arange(e, dtype=jnp.int32)).astype(jnp.bfloat16)  # [G, C, E]
+    upto = (jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]).astype(jnp.bfloat16)  # [C, C], inclusive
+    within = jnp.einsum("ij,gje->gie", upto, onehot, preferred_element_type=jnp.float32)  # [G, C, E]
+    totals = within[:, -1, :]  # [G, E] pairs per chunk and expert
+    before_g = (jnp.arange(g)[:, None] > jnp.arange(g)[None, :]).astype(jnp.float32)  # [G, G], strict
+    before = jnp.dot(before_g, totals, precision=lax.Precision.HIGHEST)  # [G, E] (integers < 2^24: exact)
+    ex_g = jnp.minimum(jnp.pad(ex, (0, g * c - p)).reshape(g, c, 1), e - 1)
+    rank = (jnp.take_along_axis(within, ex_g, axis=2)[..., 0] + jnp.take_along_axis(before, ex_g[..., 0], axis=1)
+            ).reshape(g * c)[:p] - 1  # pairs with no expert get a rank here, but no dest
+    counts = jnp.sum(totals, axis=0).astype(jnp.int32)  # [E]
+    blocks = (counts + bm - 1) // bm
     block_end = jnp.cumsum(blocks)
     block_start = jnp.concatenate([jnp.zeros(1, jnp.int32), block_end])  # [E+1]; entry E is unused
-    first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts)])[:-1]  # first sorted index per expert
-    order = jnp.argsort(ex, stable=True)
-    sorted_e = ex[order]
-    rank = jnp.arange(p, dtype=jnp.int32) - first[sorted_e]
-    dest_sorted = jnp.where(sorted_e < e, block_start[sorted_e] * bm + rank, m)
-    dest = jnp.zeros(p, jnp.int32).at[order].set(dest_sorted)
-    src_row = jnp.full(m, n, jnp.int32).at[dest_sorted].set((order // k).astype(jnp.int32), mode="drop")
+    dest = jnp.where(ex < e, block_start[ex] * bm + rank.astype(jnp.int32), m)
+    src_row = jnp.full(m, n, jnp.int32).at[dest].set(jnp.arange(p, dtype=jnp.int32) // k, mode="drop",
+                                                      unique_indices=True)
     b = jnp.arange(nb, dtype=jnp.int32)
     block_expert = jnp.sum(block_end[None, :] <= b[:, None], axis=1).astype(jnp.int32)
     block_expert = jnp.where(block_expert < e, block_expert, -1)
@@ -198,6 +218,75 @@ def _down_kernel(block_expert_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int)
         y_ref[rows, cols] = acc.astype(y_ref.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowTiles:
+    """Tiles of the row-gather kernels: rows per program (a divisor of the expert block's bm), columns per program,
+    warps."""
+
+    rows: int = 16
+    cols: int = 512
+    warps: int = 4
+
+
+def _gather_rows_kernel(block_expert_ref, src_ref, x_ref, out_ref, *, t: RowTiles, bm: int, n: int):
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    # Rows of unused blocks are never read (the expert kernels skip them, the combine reads only real pairs).
+    @pl.when(block_expert_ref[i * t.rows // bm] >= 0)
+    def _():
+        rows, cols = pl.ds(i * t.rows, t.rows), pl.ds(j * t.cols, t.cols)
+        src = src_ref[rows]
+        tile = x_ref[jnp.minimum(src, n - 1), cols]  # a gathered load: each row is a contiguous piece of x
+        out_ref[rows, cols] = jnp.where((src < n)[:, None], tile, jnp.zeros_like(tile))
+
+
+def gather_rows(x, lay: "Layout", bm: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
+    """The padded, expert-sorted copy of x that the expert kernels read: row r is x[src_row[r]] (zero for padding
+    rows); rows of unused blocks are left unwritten. XLA's gather of the same rows ran at about a third of the
+    HBM bandwidth on an H200 (0.22 ms per layer of an 8192-token prompt)."""
+    n, d = x.shape
+    m = lay.src_row.shape[0]
+    r, c = min(tiles.rows, bm), _pow2_divisor(d, tiles.cols)
+    params = None if interpret else _triton_params(tiles.warps, 1)
+    return pl.pallas_call(
+        functools.partial(_gather_rows_kernel, t=RowTiles(r, c, tiles.warps), bm=bm, n=n),
+        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(m // r, d // c),
+        compiler_params=params, interpret=interpret, name="grouped_gather_x",
+    )(lay.block_expert, lay.src_row, x)
+
+
+def _combine_kernel(dest_ref, w_ref, y_ref, out_ref, *, t: RowTiles, k: int, m: int):
+    i, j = pl.program_id(0), pl.program_id(1)
+    rows, cols = pl.ds(i * t.rows, t.rows), pl.ds(j * t.cols, t.cols)
+    acc = jnp.zeros((t.rows, t.cols), jnp.float32)
+    for p in range(k):  # a row's pairs in the router's order: the same float32 sum order as the einsum
+        dest = dest_ref[rows, p]
+        w = w_ref[rows, p]
+        y = y_ref[jnp.minimum(dest, m - 1), cols].astype(jnp.float32)
+        acc += jnp.where((dest < m)[:, None], y, 0.0) * w[:, None]
+    out_ref[rows, cols] = acc.astype(out_ref.dtype)
+
+
+def combine(y, lay: "Layout", n_pad: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
+    """out[row] = sum over the row's pairs of weight * y[pair's padded row], float32 sum, for the first n_pad rows
+    (a multiple of the tile's rows; the caller pads the layout's dest/weight)."""
+    m, d = y.shape
+    k = lay.dest.shape[1]
+    c = _pow2_divisor(d, tiles.cols)
+    params = None if interpret else _triton_params(tiles.warps, 1)
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, t=RowTiles(tiles.rows, c, tiles.warps), k=k, m=m),
+        out_shape=jax.ShapeDtypeStruct((n_pad, d), y.dtype), grid=(n_pad // tiles.rows, d // c),
+        compiler_params=params, interpret=interpret, name="grouped_combine",
+    )(lay.dest, lay.weight, y)
+
+
+def _triton_params(warps: int, stages: int):
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+
+
 def _compiler_params(blk: Blocks, interpret: bool):
     if interpret:
         return None
@@ -206,8 +295,9 @@ def _compiler_params(blk: Blocks, interpret: bool):
     return pltriton.CompilerParams(num_warps=blk.warps, num_stages=blk.stages)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
-def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
+@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret", "row_kernels"))
+def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None,
+                   row_kernels: bool | None = None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
     row), weights [E, D, F], [E, D, F], [E, F, D]. Returns [n, D] in x's dtype. Matmuls accumulate in float32;
     each expert output is stored in x's dtype (halving the combine's traffic in bf16: the gather of [n, k, D]
@@ -215,11 +305,16 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
     f = w_gate.shape[2]
-    layout = pair_layout if n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX else group_layout
-    lay = layout(gates, k, blk.bm, routed)
+    paired = n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX
+    lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
     nb = lay.block_expert.shape[0]
     m = nb * blk.bm
-    xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]  # [M, D], padding rows are zero
+    if row_kernels is None:  # the sorted layout's copies of whole rows: Pallas kernels where the shape tiles
+        row_kernels = not paired and d % 16 == 0
+    if row_kernels:
+        xp = gather_rows(x, lay, blk.bm, interpret=interpret)
+    else:
+        xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]  # [M, D], padding rows are zero
     h = pl.pallas_call(
         functools.partial(_gate_up_kernel, blk=blk, d=d),
         out_shape=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(nb, f // blk.bf),
@@ -231,6 +326,12 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
         out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // down.bd),
         compiler_params=_compiler_params(down, interpret), interpret=interpret, name="grouped_down",
     )(lay.block_expert, h, w_down)
+    if row_kernels:
+        t = RowTiles()
+        n_pad = -(-n // t.rows) * t.rows
+        padded = Layout(lay.src_row, lay.block_expert, jnp.pad(lay.dest, ((0, n_pad - n), (0, 0)), constant_values=m),
+                        jnp.pad(lay.weight, ((0, n_pad - n), (0, 0))))
+        return combine(y, padded, n_pad, tiles=t, interpret=interpret)[:n]
     rows = y[jnp.minimum(lay.dest, m - 1)]  # [n, k, D]; pairs that do not exist have weight 0
     rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
     return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)

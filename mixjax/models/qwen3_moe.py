@@ -142,10 +142,10 @@ class Qwen3MoE(MoE):
         self.num_experts, self.top_k, self.norm_topk = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
 
     def route(self, x, pallas: str | None = None):
-        """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen. A few tokens on the
-        Pallas path take one kernel for it (mixjax.kernels.router) instead of XLA's five."""
+        """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen. The Pallas path
+        takes one kernel for it (mixjax.kernels.router) instead of XLA's five, whose top-k is a sort."""
         logits = self.router(x, pallas=pallas).astype(jnp.float32)
-        if pallas and x.shape[0] <= router_kernel.MAX_TOKENS:
+        if pallas:
             ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, interpret=pallas == "interpret")
         else:
             ids, w = router_kernel.softmax_topk(logits, self.top_k, self.norm_topk)
