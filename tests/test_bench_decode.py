@@ -76,9 +76,9 @@ def test_deepseek_counts():
     assert step_bytes(cfg, 1, ctx) - base - ctx * c["cache_bytes_per_token"] == pytest.approx(k * per_expert)
     # dense first layers hold no routed experts
     assert list(param_counts(bench_config("deepseek-tiny", 2, 512, dense_layers=1))["routed"]) == [1]
-    # prefill: active parameters per token, MLA over the whole t x t score matrix, one LM-head row
+    # prefill: active parameters per token, MLA over the causal t(t+1)/2 (query, key) pairs, one LM-head row
     t = 32
-    want = (2 * t * (c["fixed_params"] + 2 * k * 3 * d * f) + 2 * 2 * h * (nope + rope + v) * t * t
+    want = (2 * t * (c["fixed_params"] + 2 * k * 3 * d * f) + 2 * 2 * h * (nope + rope + v) * t * (t + 1) / 2
             + 2 * d * cfg.vocab_size)
     assert prefill_flops(cfg, t) == pytest.approx(want, rel=1e-12)
 

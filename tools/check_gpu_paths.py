@@ -2,19 +2,23 @@
 float32 XLA run of the same bench model (same weights): a whole 512-token prompt (cuDNN attention), the same prompt in two chunks (Triton flash attention for the
 second), and decode steps (grouped experts). Prints each one's largest logit difference relative to the
 largest float32 logit and its argmax agreement: the Pallas paths should be no further from float32 than XLA's.
-    python tools/check_gpu_paths.py [BATCH]   (default 2; 1 takes the batch-1 gemv kernels in the decode steps)"""
-import sys
+    python tools/check_gpu_paths.py [BATCH] [--preset deepseek-v3 --layers 1]
+BATCH: default 2; 1 takes the batch-1 gemv kernels in the decode steps. DeepSeek-V3 prompts take cuDNN (whole) and
+the MLA flash kernel (second chunk)."""
+import argparse
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config
-from mixjax.models.qwen3_moe import Qwen3MoeForCausalLM
+from mixjax.bench.decode import bench_config, decode_vocab, model_class
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
 
-cfg = bench_config("qwen3-30b-a3b", 2, 151936)
-w = nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-t, b = 512, int(sys.argv[1]) if len(sys.argv) > 1 else 2
+ap = argparse.ArgumentParser(); ap.add_argument("batch", nargs="?", type=int, default=2)
+ap.add_argument("--preset", default="qwen3-30b-a3b"); ap.add_argument("--layers", type=int, default=2)
+a = ap.parse_args()
+cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
+w = nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+t, b = 512, a.batch
 tok = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)), jnp.int32)
 pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))
 res = {}

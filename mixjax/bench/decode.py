@@ -145,15 +145,16 @@ def step_bytes(cfg, batch: int, ctx: int, elem: int = 2) -> float:
 
 
 def attention_flops(cfg, t: int) -> float:
-    """Score and value FLOPs of a t-token prompt (batch 1) over all layers, as mixjax computes them. Qwen3: causal
-    (the GPU's whole-prompt path is cuDNN's causal attention), 2 x 2 x heads x head_dim x t(t+1)/2 per layer.
-    DeepSeek (MLA, `mixjax.models.deepseek_v3.MLA`; prompts of more than ABSORB_MAX_TOKENS tokens, which are the
-    ones benchmarked): the latent is expanded to per-head keys of qk_nope + qk_rope
-    dims and values of v_head_dim, and `attend` computes the whole masked t x t score matrix (no causal skipping),
-    2 x heads x (qk_nope + qk_rope + v_head_dim) x t^2 per layer."""
+    """Score and value FLOPs of a t-token prompt (batch 1) over all layers that causal attention needs (key s <=
+    query position: t(t+1)/2 pairs per head). Qwen3: 2 x 2 x heads x head_dim per pair and layer (on the GPU cuDNN's
+    causal attention skips the rest). DeepSeek (MLA, `mixjax.models.deepseek_v3.MLA`; prompts of more than
+    ABSORB_MAX_TOKENS tokens, which are the ones benchmarked): the latent is expanded to per-head keys of qk_nope +
+    qk_rope dims and values of v_head_dim, 2 x heads x (qk_nope + qk_rope + v_head_dim) per pair and layer (the
+    flash kernel skips key blocks after a query tile's last position; XLA's `attend`, off the Pallas path,
+    computes the whole masked t x t matrix, which is not counted)."""
     h = cfg.num_attention_heads
     if isinstance(cfg, DeepseekV3Config):
-        per_layer = 2 * h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * t * t
+        per_layer = 2 * h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * t * (t + 1) / 2
     else:
         per_layer = 2 * 2 * h * cfg.head_dim * t * (t + 1) / 2
     return cfg.num_hidden_layers * per_layer
