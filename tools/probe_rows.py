@@ -1,8 +1,8 @@
 """The grouped experts' row copies on a GPU: XLA's gather of x's padded, expert-sorted rows and its combine of the
 expert outputs, against the Pallas row kernels (mixjax.kernels.grouped_experts.gather_rows / combine) at several
-tiles, for Qwen3-30B-A3B expert shapes. Device time per op from a profiler trace (the GPU kernels of one jit that
-returns every op's whole output, so that XLA can neither slice an op down to the rows a chain would use nor merge
-identical calls). A development tool:
+tiles, for Qwen3-30B-A3B expert shapes. Device time per op from a profiler trace of REPS calls of a jit of the one
+op, which returns its whole output (a chain of ops in one jit let XLA slice an op down to the rows the chain used,
+and merge identical calls). A development tool:
     python tools/probe_rows.py 2048,8192"""
 import itertools, sys, tempfile
 import jax, jax.numpy as jnp, numpy as np
@@ -14,12 +14,13 @@ E, K, D, F, REPS = 128, 8, 2048, 768, 4
 
 
 def kernel_us(op, *args):
-    """GPU kernel microseconds of one op(*args), from a trace of a jit that runs and returns REPS of them."""
-    f = jax.jit(lambda *a: [op(*a) for _ in range(REPS)])
+    """GPU kernel microseconds of one op(*args): the trace of REPS calls of its jit, over REPS."""
+    f = jax.jit(op)
     jax.block_until_ready(f(*args))
     d = tempfile.mkdtemp()
     with jax.profiler.trace(d, create_perfetto_trace=True):
-        jax.block_until_ready(f(*args))
+        for _ in range(REPS):
+            jax.block_until_ready(f(*args))
     return sum(e["dur"] for e in gpu_kernels(d)) / REPS
 
 
