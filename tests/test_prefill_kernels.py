@@ -50,7 +50,8 @@ def test_group_layout_is_a_stable_sort_by_expert(n, e, k, bm):
             assert blocks[d // bm] == ex
 
 
-def test_row_kernels_equal_gather_and_weighted_sum():
+def test_gather_rows_fills_used_blocks_with_x_rows():
+    """Row r of every used block is x[src_row[r]], or zero for a padding row."""
     rng = np.random.RandomState(0)
     n, e, k, d, bm = 45, 8, 3, 64, 16
     ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
@@ -61,18 +62,9 @@ def test_row_kernels_equal_gather_and_weighted_sum():
     src, blocks = np.asarray(lay.src_row), np.asarray(lay.block_expert)
     got = np.asarray(ge.gather_rows(jnp.asarray(x), lay, bm, tiles=ge.RowTiles(16, 32), interpret=True))
     used = np.repeat(blocks >= 0, bm)
+    assert used.sum() < used.size  # some blocks unused: they are not written, and not read
     want = np.where((src < n)[:, None], x[np.minimum(src, n - 1)], 0)
     np.testing.assert_array_equal(got[used], want[used])
-    y = rng.randn(src.size, d).astype(np.float32)
-    n_pad = 48
-    padded = ge.Layout(lay.src_row, lay.block_expert, jnp.pad(lay.dest, ((0, n_pad - n), (0, 0)),
-                                                               constant_values=src.size),
-                       jnp.pad(lay.weight, ((0, n_pad - n), (0, 0))))
-    got = np.asarray(ge.combine(jnp.asarray(y), padded, n_pad, tiles=ge.RowTiles(16, 32), interpret=True))[:n]
-    dest = np.asarray(lay.dest)
-    want = np.einsum("nkd,nk->nd", np.where((dest < src.size)[..., None], y[np.minimum(dest, src.size - 1)], 0), w)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    assert np.all(got[3] == 0)
 
 
 @pytest.mark.parametrize("t,start,s", [(20, 0, 32), (20, 12, 32), (64, 0, 64)])

@@ -1,6 +1,7 @@
-"""The grouped experts' row copies on a GPU: XLA's gather of x's padded, expert-sorted rows and its combine of the
-expert outputs, against the Pallas row kernels (mixjax.kernels.grouped_experts.gather_rows / combine) at several
-tiles, for Qwen3-30B-A3B expert shapes. Device time per op from a profiler trace of REPS calls of a jit of the one
+"""The grouped experts' copy of x on a GPU: XLA's gather of x's padded, expert-sorted rows against the Pallas row
+kernel (mixjax.kernels.grouped_experts.gather_rows) at several tiles, and XLA's combine of the expert outputs (the
+weighted sum of each row's pairs), for Qwen3-30B-A3B expert shapes. (A Pallas combine kernel, measured with this tool
+on 2026-12-01, was slower than XLA's at every tiling and was removed: docs/evidence/probe-rows-h200-2026-12-01.txt.) Device time per op from a profiler trace of REPS calls of a jit of the one
 op, which returns its whole output (a chain of ops in one jit let XLA slice an op down to the rows the chain used,
 and merge identical calls). A development tool:
     python tools/probe_rows.py 2048,8192"""
@@ -50,10 +51,4 @@ for n in map(int, sys.argv[1].split(",")):
         ok = np.array_equal(np.asarray(op(x, lay).astype(jnp.float32))[used], ref[used])
         print(f"   gather_rows {t}: {kernel_us(op, x, lay):7.1f} us  equal={ok}", flush=True)
     y = jax.random.normal(key, (m, D), jnp.bfloat16)
-    ref = np.asarray(xla_combine(y, lay).astype(jnp.float32))
     print(f"   XLA combine {kernel_us(xla_combine, y, lay):.1f} us", flush=True)
-    for r, c, w in itertools.product((16, 32), (256, 512, 1024), (4, 8)):
-        t = ge.RowTiles(r, c, w)
-        op = lambda y, lay, t=t: ge.combine(y, lay, n, tiles=t)
-        err = float(np.abs(np.asarray(op(y, lay).astype(jnp.float32)) - ref).max())
-        print(f"   combine {t}: {kernel_us(op, y, lay):7.1f} us  max diff {err:.3g}", flush=True)

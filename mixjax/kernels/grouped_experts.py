@@ -4,8 +4,9 @@ The dense path (`Experts` with impl="dense") runs every local expert on every ro
 every step, which is what a decode step of a 128-expert model cannot afford (batch 1 touches 8 of them). Here:
 
 1. Pairs. Each row's non-zero gates give (row, expert, weight) pairs: at most k per row.
-2. Layout. Pairs are sorted by expert into a padded buffer in which expert e owns ceil(count_e / BM) whole
-   blocks of BM rows. `block_expert[b]` names the expert of block b; blocks past the last used one are -1.
+2. Layout. Pairs are sorted by expert (prefix counts on the tensor cores, no sort: `group_layout`) into a padded
+   buffer in which expert e owns ceil(count_e / BM) whole blocks of BM rows, filled with x's rows by a Pallas row
+   gather (`gather_rows`). `block_expert[b]` names the expert of block b; blocks past the last used one are -1.
    Untouched experts own no block, so their weights are never read. With at most PAIR_BLOCKS_MAX pairs (decode
    of one or two tokens) each pair gets a block of its own instead (`pair_layout`): no sort, no scatter. The
    sorted layout's dozen small kernels (top-k, argsort, three scatters, cumulative sums) took ~15 us of a ~140 us
@@ -220,11 +221,12 @@ def _down_kernel(block_expert_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int)
 
 @dataclasses.dataclass(frozen=True)
 class RowTiles:
-    """Tiles of the row-gather kernels: rows per program (a divisor of the expert block's bm), columns per program,
-    warps."""
+    """Tiles of the row-gather kernel: rows per program (a divisor of the expert block's bm), columns per program,
+    warps. The default was the fastest of 12 at 8192 tokens on an H200 (93 us), within 1 us of it at 2048
+    (tools/probe_rows.py)."""
 
     rows: int = 16
-    cols: int = 512
+    cols: int = 256
     warps: int = 4
 
 
@@ -255,32 +257,6 @@ def gather_rows(x, lay: "Layout", bm: int, *, tiles: RowTiles = RowTiles(), inte
     )(lay.block_expert, lay.src_row, x)
 
 
-def _combine_kernel(dest_ref, w_ref, y_ref, out_ref, *, t: RowTiles, k: int, m: int):
-    i, j = pl.program_id(0), pl.program_id(1)
-    rows, cols = pl.ds(i * t.rows, t.rows), pl.ds(j * t.cols, t.cols)
-    acc = jnp.zeros((t.rows, t.cols), jnp.float32)
-    for p in range(k):  # a row's pairs in the router's order: the same float32 sum order as the einsum
-        dest = dest_ref[rows, p]
-        w = w_ref[rows, p]
-        y = y_ref[jnp.minimum(dest, m - 1), cols].astype(jnp.float32)
-        acc += jnp.where((dest < m)[:, None], y, 0.0) * w[:, None]
-    out_ref[rows, cols] = acc.astype(out_ref.dtype)
-
-
-def combine(y, lay: "Layout", n_pad: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
-    """out[row] = sum over the row's pairs of weight * y[pair's padded row], float32 sum, for the first n_pad rows
-    (a multiple of the tile's rows; the caller pads the layout's dest/weight)."""
-    m, d = y.shape
-    k = lay.dest.shape[1]
-    c = _pow2_divisor(d, tiles.cols)
-    params = None if interpret else _triton_params(tiles.warps, 1)
-    return pl.pallas_call(
-        functools.partial(_combine_kernel, t=RowTiles(tiles.rows, c, tiles.warps), k=k, m=m),
-        out_shape=jax.ShapeDtypeStruct((n_pad, d), y.dtype), grid=(n_pad // tiles.rows, d // c),
-        compiler_params=params, interpret=interpret, name="grouped_combine",
-    )(lay.dest, lay.weight, y)
-
-
 def _triton_params(warps: int, stages: int):
     from jax.experimental.pallas import triton as pltriton
 
@@ -295,9 +271,9 @@ def _compiler_params(blk: Blocks, interpret: bool):
     return pltriton.CompilerParams(num_warps=blk.warps, num_stages=blk.stages)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret", "row_kernels"))
+@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret", "gather_kernel"))
 def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None,
-                   row_kernels: bool | None = None):
+                   gather_kernel: bool | None = None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
     row), weights [E, D, F], [E, D, F], [E, F, D]. Returns [n, D] in x's dtype. Matmuls accumulate in float32;
     each expert output is stored in x's dtype (halving the combine's traffic in bf16: the gather of [n, k, D]
@@ -309,9 +285,9 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
     nb = lay.block_expert.shape[0]
     m = nb * blk.bm
-    if row_kernels is None:  # the sorted layout's copies of whole rows: Pallas kernels where the shape tiles
-        row_kernels = not paired and d % 16 == 0
-    if row_kernels:
+    if gather_kernel is None:  # the sorted layout's copy of x: a Pallas kernel where the shape tiles
+        gather_kernel = not paired and d % 16 == 0
+    if gather_kernel:
         xp = gather_rows(x, lay, blk.bm, interpret=interpret)
     else:
         xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]  # [M, D], padding rows are zero
@@ -326,12 +302,6 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
         out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // down.bd),
         compiler_params=_compiler_params(down, interpret), interpret=interpret, name="grouped_down",
     )(lay.block_expert, h, w_down)
-    if row_kernels:
-        t = RowTiles()
-        n_pad = -(-n // t.rows) * t.rows
-        padded = Layout(lay.src_row, lay.block_expert, jnp.pad(lay.dest, ((0, n_pad - n), (0, 0)), constant_values=m),
-                        jnp.pad(lay.weight, ((0, n_pad - n), (0, 0))))
-        return combine(y, padded, n_pad, tiles=t, interpret=interpret)[:n]
     rows = y[jnp.minimum(lay.dest, m - 1)]  # [n, k, D]; pairs that do not exist have weight 0
     rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
     return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)

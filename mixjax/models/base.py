@@ -10,7 +10,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from mixjax.models.layers import MLP, Experts, RMSNorm, Source, materialise, param
+from mixjax.models.layers import MLP, Experts, RMSNorm, Source, param
 from mixjax.sharding.dispatch import dense_gates, moe_unfused
 from mixjax.sharding.fused import fused_moe_residual
 from mixjax.sharding.strategies import ParallelContext
@@ -66,7 +66,6 @@ class MoE(nnx.Module):
     def __call__(self, x, par: ParallelContext):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        flat = materialise(flat)  # the router's matmul and the experts read the same normed rows
         ids, w = self.route(flat, par.pallas)
         y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k, routed=(ids, w))
         if self.shared is not None:
