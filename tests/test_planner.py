@@ -414,6 +414,21 @@ def test_gpu_prefill_cost_has_no_dense_expert_flops():
         evaluate(cfg, gpu, STRATEGIES["tp"], 1, 1, wl).ttft
 
 
+def test_mla_prompt_cost_follows_the_attention_path():
+    """DeepSeek-V3 prompts: a whole prompt on GPU takes cuDNN, a chunk mid-cache the MLA flash kernel, XLA (dense
+    experts, no Pallas) the score matrix; the kernels count causal pairs only and no [B, H, T, S] scores."""
+    cfg, _ = model_preset("deepseek-v3")
+    gpu = cluster_preset("h200-ib", 1, 8)
+    kw = dict(cfg=cfg, strategy=STRATEGIES["tp"], nodes=1, gpus=8, batch=1, seq=2048, wbytes=2, abytes=2)
+    whole = impl_step_cost(cl=gpu, cache_len=2048, start=0, **kw)["moe_layer_parts"]
+    chunk = impl_step_cost(cl=gpu, cache_len=4096, start=2048, **kw)["moe_layer_parts"]
+    xla = impl_step_cost(cl=gpu, cache_len=2048, start=0, expert_impl="dense", **kw)["moe_layer_parts"]
+    assert (whole["attention_path"], chunk["attention_path"], xla["attention_path"]) == ("cudnn", "flash", "xla")
+    assert whole["compute"]["attention"] < xla["compute"]["attention"]  # XLA: scores in float32, whole t x t
+    # the chunk sees twice the keys of the whole prompt's causal half: more time
+    assert chunk["compute"]["attention"] > whole["compute"]["attention"]
+
+
 def test_repredict_keeps_measurements():
     from mixjax.planner.validate import repredict
 

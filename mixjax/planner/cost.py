@@ -592,13 +592,34 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
                       + 4 * B * h_l * seq * cache_len * f32)
                 comp(parts, "attention", mm, fl=fl, by=by)
                 return
-            # long prompts: the cached latent is expanded to every head's K and V
+            # long prompts: the latent is expanded to every head's K and V
+            from mixjax.kernels.flash_attention import mla_supported  # noqa: PLC0415
+
+            nope = cfg.qk_nope_head_dim
+            fresh = pallas == "gpu" and ab == 2 and qk <= 256 and vd <= qk and p0 == 0  # MLA._attend_cudnn's case
+            if fresh or (pallas and mla_supported(nope, rope, vd, cache_len, gpu=pallas == "gpu")):
+                # cuDNN on the prompt's own keys (v padded to q/k's head dim) or the Triton flash kernel over the
+                # cache: causal (query, key) pairs only, no score matrix in memory
+                s_len = seq if fresh else cache_len
+                pairs = seq * (0 if fresh else p0) + seq * (seq + 1) / 2
+                v_eff = qk if fresh else vd
+                mm = [(2 * n * sz_["attn"] / a, min(n, lora, h_l * qk)),
+                      (2 * B * s_len * lora * h_l * (nope + vd), min(lora, h_l * vd)),
+                      (2 * B * h_l * pairs * (qk + v_eff), qk)]
+                expanded = B * s_len * h_l * (nope + vd) * ab
+                copies = B * s_len * h_l * (qk + v_eff) * ab if fresh else 0.0  # K concatenated, V padded
+                by = (sz_["attn"] / a * wb + B * s_len * (lora + rope) * ab + 2 * expanded + 2 * copies
+                      + B * seq * h_l * qk * ab)
+                parts["attention_path"] = "cudnn" if fresh else "flash"
+                comp(parts, "attention", mm, by=by)
+                return
             mm = [(2 * n * sz_["attn"] / a, min(n, lora, h_l * qk)),
                   (2 * B * cache_len * lora * h_l * (cfg.qk_nope_head_dim + vd), min(lora, h_l * vd))]
             fl = 2 * n * h_l * cache_len * (qk + vd)
             by = (sz_["attn"] / a * wb + B * cache_len * (lora + cfg.qk_rope_head_dim) * ab
                   + B * cache_len * h_l * (qk + vd) * ab + 4 * B * h_l * seq * cache_len * f32)
             relayout = 2 * B * cache_len * h_l * (qk + vd) * ab
+            parts["attention_path"] = "xla"
         else:
             from mixjax.models.base import kv_heads_stored  # noqa: PLC0415
 
