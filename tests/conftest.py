@@ -25,6 +25,21 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def interpreted_model(name: str, mesh: str = "1x1", strategy: str = "tp"):
+    """A fixture's model on the Pallas path with the kernels interpreted (expert_impl="grouped-interpret"), its
+    reference, and the reference prompt's tokens [B, T] and positions from 0."""
+    from mixjax.sharding.mesh import make_mesh
+    from mixjax.sharding.runner import load_sharded
+    from mixjax.sharding.strategies import STRATEGIES
+
+    ref = reference(name)
+    model = load_sharded(FIXTURES / name, make_mesh(mesh), STRATEGIES[strategy], progress=False,
+                         expert_impl="grouped-interpret")
+    tokens = ref["input_ids"].astype(np.int32)
+    b, t = tokens.shape
+    return model, ref, tokens, np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+
+
 def prefill_and_greedy(model, prompts: np.ndarray, n_new: int):
     """One prefill (full logits) and n_new greedy steps on a ShardedModel, with one cache shape, so that each
     (model, shapes) pair compiles once. prompts [B, T] int; B is padded up to the DP degree."""

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_dirs, reference, rel_err
+from conftest import fixture_dirs, interpreted_model, reference, rel_err
 from mixjax.kernels.grouped_experts import (PAIR_BLOCKS_MAX, Blocks, choose_blocks, group_layout, grouped_swiglu,
                                             pair_layout)
 from mixjax.sharding.mesh import make_mesh
@@ -185,13 +185,8 @@ def test_flash_attention_equals_attend(b, t, h, kv, d, s, start):
 
 def test_prefill_with_flash_attention_matches_reference():
     """qwen3_moe_a (head_dim 16) through the Pallas path: a 16-slot cache makes the prompt take flash attention."""
-    path = next(p for p in fixture_dirs() if p.name == "qwen3_moe_a")
-    ref = reference("qwen3_moe_a")
-    model = load_sharded(path, make_mesh("1x1"), STRATEGIES["tp"], progress=False, expert_impl="grouped-interpret")
-    tokens = ref["input_ids"].astype(np.int32)
-    b, t = tokens.shape
-    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-    logits, _ = model.forward(jnp.asarray(tokens), jnp.asarray(pos), model.init_cache(b, 16))
+    model, ref, tokens, pos = interpreted_model("qwen3_moe_a")
+    logits, _ = model.forward(jnp.asarray(tokens), jnp.asarray(pos), model.init_cache(tokens.shape[0], 16))
     assert rel_err(np.asarray(logits)[..., : model.vocab_size], ref["logits"]) < 1e-4
 
 
@@ -201,14 +196,10 @@ def test_decode_with_pallas_attention_matches_reference(fixture, mesh, strategy,
     """One token at a time through the Pallas path (decode attention kernel with the q/k norms and RoPE, the
     router kernel, pair-layout experts), after a prefill of the first half: every step's logits equal the
     reference's at that position."""
-    path = next(p for p in fixture_dirs() if p.name == fixture)
-    ref = reference(fixture)
-    model = load_sharded(path, make_mesh(mesh), STRATEGIES[strategy], progress=False,
-                         expert_impl="grouped-interpret")
-    tokens = ref["input_ids"].astype(np.int32)[:rows]
+    model, ref, tokens, pos = interpreted_model(fixture, mesh, strategy)
+    tokens, pos = tokens[:rows], pos[:rows]
     b, t = tokens.shape
     half = t // 2
-    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     _, cache = model.forward(jnp.asarray(tokens[:, :half]), jnp.asarray(pos[:, :half]), model.init_cache(b, 32))
     for i in range(half, t):
         logits, cache = model.forward(jnp.asarray(tokens[:, i:i + 1]), jnp.asarray(pos[:, i:i + 1]), cache)

@@ -5,13 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_dirs, reference, rel_err
+from conftest import interpreted_model, rel_err
 from mixjax.kernels import grouped_experts as ge
 from mixjax.kernels.flash_attention import mla_flash_attention, mla_supported
 from mixjax.models.layers import attend, causal_mask
-from mixjax.sharding.mesh import make_mesh
-from mixjax.sharding.runner import load_sharded
-from mixjax.sharding.strategies import STRATEGIES
 
 
 def sorted_dest(ids, valid, e, bm):
@@ -96,12 +93,8 @@ def test_deepseek_prompt_with_mla_flash_matches_reference(monkeypatch):
     from mixjax.models import deepseek_v3
 
     monkeypatch.setattr(deepseek_v3, "ABSORB_MAX_TOKENS", 0)
-    path = next(p for p in fixture_dirs() if p.name == "deepseek_v3_a")
-    ref = reference("deepseek_v3_a")
-    model = load_sharded(path, make_mesh("1x1"), STRATEGIES["tp"], progress=False, expert_impl="grouped-interpret")
-    tokens = ref["input_ids"].astype(np.int32)
+    model, ref, tokens, pos = interpreted_model("deepseek_v3_a")
     b, t = tokens.shape
-    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     logits, _ = model.forward(jnp.asarray(tokens), jnp.asarray(pos), model.init_cache(b, 32))
     assert rel_err(np.asarray(logits)[..., : model.vocab_size], ref["logits"]) < 1e-4
     half = t // 2
