@@ -8,6 +8,9 @@ writes only the output. Key s is visible to the query at position p when s <= p 
 tile's last position are not read.
 
 Layouts: q [B, T, H, D], cache k/v heads-major [B, K, S, D] (H = K * group), positions [B, T].
+
+`mla_flash_attention` is the same walk for DeepSeek's multi-head latent attention over its expanded cache: two
+score products (the no-RoPE and the rotary parts of the head), the rotary key shared by all heads.
 """
 
 from __future__ import annotations

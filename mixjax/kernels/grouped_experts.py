@@ -147,8 +147,9 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     No sort: the ranks are prefix counts of the pairs' one-hot expert matrix, computed as products on the tensor
     cores. Within chunks of RANK_CHUNK pairs a lower-triangular matrix of ones times the chunk's one-hot [C, E]
     counts each pair's earlier same-expert pairs (0/1 products, sums <= 256: exact in bf16 inputs with float32
-    accumulation); a strictly lower-triangular product in float32 adds the chunks before. The argsort, scatter-add
-    and scatter of the sorted version took ~100 us per layer of an 8192-token prompt on an H200."""
+    accumulation); a strictly lower-triangular product in float32 adds the chunks before. Per layer of an
+    8192-token prompt on an H200 the argsort this replaced took 29 us (cub's radix sort), with a scatter-add of 21
+    us and a cumulative sum of 12 us; the product takes 22 us and the small fusions around it ~25 us."""
     n, e = gates.shape
     k = min(k, e)
     w, ids = _pairs(gates, k, routed)
@@ -233,7 +234,7 @@ class RowTiles:
 def _gather_rows_kernel(block_expert_ref, src_ref, x_ref, out_ref, *, t: RowTiles, bm: int, n: int):
     i, j = pl.program_id(0), pl.program_id(1)
 
-    # Rows of unused blocks are never read (the expert kernels skip them, the combine reads only real pairs).
+    # Rows of unused blocks are never read (the expert kernels skip them; the combine reads only real pairs' rows).
     @pl.when(block_expert_ref[i * t.rows // bm] >= 0)
     def _():
         rows, cols = pl.ds(i * t.rows, t.rows), pl.ds(j * t.cols, t.cols)
@@ -244,8 +245,10 @@ def _gather_rows_kernel(block_expert_ref, src_ref, x_ref, out_ref, *, t: RowTile
 
 def gather_rows(x, lay: "Layout", bm: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
     """The padded, expert-sorted copy of x that the expert kernels read: row r is x[src_row[r]] (zero for padding
-    rows); rows of unused blocks are left unwritten. XLA's gather of the same rows ran at about a third of the
-    HBM bandwidth on an H200 (0.22 ms per layer of an 8192-token prompt)."""
+    rows); rows of unused blocks are left unwritten. On an H200 (tools/probe_rows.py) 93 us at 8192 tokens against
+    211 us for XLA's gather of the same rows, 25 against 61 us at 2048. (A Pallas kernel for the combine, each
+    row's weighted sum of its expert outputs, was slower than XLA's gather-and-sum at every tiling tried: 76-224
+    against 71 us at 8192 tokens.)"""
     n, d = x.shape
     m = lay.src_row.shape[0]
     r, c = min(tiles.rows, bm), _pow2_divisor(d, tiles.cols)
@@ -264,11 +267,7 @@ def _triton_params(warps: int, stages: int):
 
 
 def _compiler_params(blk: Blocks, interpret: bool):
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=blk.warps, num_stages=blk.stages)
+    return None if interpret else _triton_params(blk.warps, blk.stages)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret", "gather_kernel"))
