@@ -3,7 +3,7 @@
 import functools, statistics, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import pallas as pl
-from mixjax.kernels import grouped_experts as ge
+from mixjax.kernels import grouped_experts as ge, triton_params
 from mixjax.bench.experts import random_gates, measure_hbm_bandwidth
 
 E, K, D, F, R = 128, 8, 2048, 768, 10
@@ -40,11 +40,11 @@ for n in map(int, sys.argv[1].split(",")):
         def ka(xp, be, a, b, c):
             return pl.pallas_call(functools.partial(ge._gate_up_kernel, blk=blk, d=D),
                 out_shape=jax.ShapeDtypeStruct((m, F), xp.dtype), grid=(nb, F // blk.bf),
-                compiler_params=ge._compiler_params(blk, False))(be, xp, a, b)
+                compiler_params=triton_params(blk.warps, blk.stages))(be, xp, a, b)
         def kb(h, be, a, b, c):
             return pl.pallas_call(functools.partial(ge._down_kernel, blk=blk, f=F),
                 out_shape=jax.ShapeDtypeStruct((m, D), h.dtype), grid=(nb, D // blk.bd),
-                compiler_params=ge._compiler_params(blk, False))(be, h, c)
+                compiler_params=triton_params(blk.warps, blk.stages))(be, h, c)
         def chain_a():
             @jax.jit
             def run(xp, be, a, b, c):

@@ -4,7 +4,7 @@ separately, each chained R times in one jit, for Qwen3-30B-A3B expert shapes. A 
 import argparse, functools, itertools, statistics, time
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import pallas as pl
-from mixjax.kernels import grouped_experts as ge
+from mixjax.kernels import grouped_experts as ge, triton_params
 from mixjax.bench.experts import random_gates, measure_hbm_bandwidth, measure_matmul_rate
 
 ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--quick", action="store_true")
@@ -53,7 +53,7 @@ for n in map(int, a.tokens.split(",")):
             def ka(xp, be, wg, wu, blk=blk):
                 return pl.pallas_call(functools.partial(ge._gate_up_kernel, blk=blk, d=D),
                     out_shape=jax.ShapeDtypeStruct((m, F), xp.dtype), grid=(nb, F // blk.bf),
-                    compiler_params=ge._compiler_params(blk, False))(be, xp, wg, wu)
+                    compiler_params=triton_params(blk.warps, blk.stages))(be, xp, wg, wu)
             @jax.jit
             def chain(xp, be, wg, wu, ka=ka):
                 for _ in range(R):
@@ -69,7 +69,7 @@ for n in map(int, a.tokens.split(",")):
             def kb(h, be, wd, blk=blk):
                 return pl.pallas_call(functools.partial(ge._down_kernel, blk=blk, f=F),
                     out_shape=jax.ShapeDtypeStruct((m, D), h.dtype), grid=(nb, D // blk.bd),
-                    compiler_params=ge._compiler_params(blk, False))(be, h, wd)
+                    compiler_params=triton_params(blk.warps, blk.stages))(be, h, wd)
             @jax.jit
             def chain(h, be, wd, kb=kb):
                 for _ in range(R):

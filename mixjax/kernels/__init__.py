@@ -1,1 +1,10 @@
 """Hand-written kernels (Pallas) for the steps where XLA's own output is far from the hardware limit."""
+
+
+def triton_params(warps: int, stages: int, interpret: bool = False):
+    """The Triton backend's compiler parameters for a pallas_call (None when interpreted: any backend runs it)."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)

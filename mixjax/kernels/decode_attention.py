@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mixjax.kernels import triton_params
+
 PROGRAMS = 128  # chunks are added until rows x KV heads x chunks reaches this many programs (132 SMs on an H200)
 
 
@@ -147,11 +149,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
     if gp != group:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
     bk, chunks = plan(b, kheads, s_len, programs)
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+    params = triton_params(warps, stages, interpret)
     f32 = jnp.float32
     extra = ()
     if qk_norm is not None:

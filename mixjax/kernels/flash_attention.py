@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mixjax.kernels import triton_params
+
 
 def tiles_for(t: int, s: int, d: int) -> tuple[int, int, int, int] | None:
     """(BQ, BK, warps, stages) for a prompt of t tokens over a cache of s slots, or None when Triton cannot tile
@@ -60,25 +62,29 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, o_ref, *, bq: int, bk: int, group: int
     o_ref[b, rows, h, :] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
+def _pad_queries(qs, positions, bq: int):
+    """Queries [B, T, ...] and positions [B, T] padded to whole tiles of bq; padded rows repeat the last position
+    (their output is dropped)."""
+    t = positions.shape[1]
+    pad = -(-t // bq) * bq - t
+    if not pad:
+        return qs, positions
+    qs = tuple(jnp.pad(q, [(0, 0), (0, pad)] + [(0, 0)] * (q.ndim - 2)) for q in qs)
+    return qs, jnp.pad(positions, ((0, 0), (0, pad)), mode="edge")
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
 def flash_attention(q, k, v, positions, *, scale: float, tiles: tuple[int, int, int, int], interpret: bool = False):
     """softmax(q k^T * scale, keys s <= position) v per head. q [B,T,H,D], k/v [B,K,S,D] -> [B,T,H,D]."""
     b, t, h, d = q.shape
     kheads, s_len = k.shape[1], k.shape[2]
     bq, bk, warps, stages = tiles
-    tp = -(-t // bq) * bq
-    if tp != t:  # pad the prompt to whole query tiles; padded rows repeat the last position and are dropped
-        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-        positions = jnp.pad(positions, ((0, 0), (0, tp - t)), mode="edge")
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+    (q,), positions = _pad_queries((q,), positions, bq)
+    tp = q.shape[1]
     out = pl.pallas_call(
         functools.partial(_kernel, bq=bq, bk=bk, group=h // kheads, scale=scale, s_len=s_len),
         out_shape=jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), grid=(b, h, tp // bq),
-        compiler_params=params, interpret=interpret, name="flash_attention",
+        compiler_params=triton_params(warps, stages, interpret), interpret=interpret, name="flash_attention",
     )(positions.astype(jnp.int32), q, k, v)
     return out[:, :t]
 
@@ -88,6 +94,12 @@ def mla_supported(nope: int, rope: int, v: int, s: int, gpu: bool) -> bool:
     of two of at least 16; interpreted, any. The cache length a multiple of 16 in both."""
     pow2 = lambda d: d >= 16 and not d & (d - 1)
     return s % 16 == 0 and (not gpu or (pow2(nope) and pow2(rope) and pow2(v)))
+
+
+def mla_cudnn_supported(qk: int, v: int, itemsize: int) -> bool:
+    """Whether a whole MLA prompt can take cuDNN's fused attention (`MLA._attend_cudnn`): 16-bit inputs, the q/k
+    head dim at most 256 and v padded up to it (jax's cuDNN path wants one head dim)."""
+    return itemsize == 2 and qk <= 256 and v <= qk
 
 
 def mla_tiles_for(t: int, s: int) -> tuple[int, int, int, int]:
@@ -142,20 +154,12 @@ def mla_flash_attention(q_nope, q_pe, kv, k_pe, positions, *, scale: float, tile
     s_len = kv.shape[1]
     v_d = kv.shape[-1] - nope
     bq, bk, warps, stages = tiles
-    tp = -(-t // bq) * bq
-    if tp != t:  # pad the prompt to whole query tiles; padded rows repeat the last position and are dropped
-        pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-        q_nope, q_pe = jnp.pad(q_nope, pad), jnp.pad(q_pe, pad)
-        positions = jnp.pad(positions, ((0, 0), (0, tp - t)), mode="edge")
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+    (q_nope, q_pe), positions = _pad_queries((q_nope, q_pe), positions, bq)
+    tp = q_nope.shape[1]
     out = pl.pallas_call(
         functools.partial(_mla_kernel, bq=bq, bk=bk, nope=nope, scale=scale, s_len=s_len),
         out_shape=jax.ShapeDtypeStruct((b, tp, h, v_d), q_nope.dtype), grid=(b, h, tp // bq),
-        compiler_params=params, interpret=interpret, name="mla_flash_attention",
+        compiler_params=triton_params(warps, stages, interpret), interpret=interpret, name="mla_flash_attention",
     )(positions.astype(jnp.int32), q_nope, q_pe, kv, k_pe)
     return out[:, :t]
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mixjax.kernels import triton_params
+
 
 def supported(n: int, k: int, gpu: bool = True) -> bool:
     """Triton tiles powers of two: every program reads the whole input row, so on a GPU K must be one (from 16);
@@ -84,11 +86,7 @@ def gemv_many(x, ws, *, norm=None, eps: float | None = None, interpret: bool = F
         raise ValueError(f"gemv: block {(bn, bk)} does not divide the weights {[w.shape for w in ws]}")
     starts = tuple(itertools.accumulate((w.shape[0] // bn for w in ws), initial=0))
     args = [x, *ws] + ([norm.astype(x.dtype)] if norm is not None else [])
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=warps, num_stages=1)
+    params = triton_params(warps, 1, interpret)
     return tuple(pl.pallas_call(
         functools.partial(_kernel, starts=starts, bn=bn, bk=bk, eps=eps),
         out_shape=tuple(jax.ShapeDtypeStruct((1, w.shape[0]), x.dtype) for w in ws), grid=(starts[-1],),

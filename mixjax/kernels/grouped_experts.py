@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mixjax.kernels import triton_params
+
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
@@ -160,16 +162,16 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     ex = jnp.where(valid, ids, e).reshape(p).astype(jnp.int32)  # e = "no expert": a zero one-hot row
     c = min(RANK_CHUNK, p)
     g = -(-p // c)
-    onehot = (jnp.pad(ex, (0, g * c - p), constant_values=e).reshape(g, c)[..., None]
-              == jnp.arange(e, dtype=jnp.int32)).astype(jnp.bfloat16)  # [G, C, E]
+    ex_g = jnp.pad(ex, (0, g * c - p), constant_values=e).reshape(g, c, 1)
+    onehot = (ex_g == jnp.arange(e, dtype=jnp.int32)).astype(jnp.bfloat16)  # [G, C, E]
     upto = (jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]).astype(jnp.bfloat16)  # [C, C], inclusive
     within = jnp.einsum("ij,gje->gie", upto, onehot, preferred_element_type=jnp.float32)  # [G, C, E]
     totals = within[:, -1, :]  # [G, E] pairs per chunk and expert
     before_g = (jnp.arange(g)[:, None] > jnp.arange(g)[None, :]).astype(jnp.float32)  # [G, G], strict
     before = jnp.dot(before_g, totals, precision=lax.Precision.HIGHEST)  # [G, E] (integers < 2^24: exact)
-    ex_g = jnp.minimum(jnp.pad(ex, (0, g * c - p)).reshape(g, c, 1), e - 1)
+    ex_g = jnp.minimum(ex_g, e - 1)  # pairs with no expert get some rank here, but no dest
     rank = (jnp.take_along_axis(within, ex_g, axis=2)[..., 0] + jnp.take_along_axis(before, ex_g[..., 0], axis=1)
-            ).reshape(g * c)[:p] - 1  # pairs with no expert get a rank here, but no dest
+            ).reshape(g * c)[:p] - 1
     counts = jnp.sum(totals, axis=0).astype(jnp.int32)  # [E]
     blocks = (counts + bm - 1) // bm
     block_end = jnp.cumsum(blocks)
@@ -243,7 +245,7 @@ def _gather_rows_kernel(block_expert_ref, src_ref, x_ref, out_ref, *, t: RowTile
         out_ref[rows, cols] = jnp.where((src < n)[:, None], tile, jnp.zeros_like(tile))
 
 
-def gather_rows(x, lay: "Layout", bm: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
+def gather_rows(x, lay: Layout, bm: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
     """The padded, expert-sorted copy of x that the expert kernels read: row r is x[src_row[r]] (zero for padding
     rows); rows of unused blocks are left unwritten. On an H200 (tools/probe_rows.py) 93 us at 8192 tokens against
     211 us for XLA's gather of the same rows, 25 against 61 us at 2048. (A Pallas kernel for the combine, each
@@ -252,7 +254,7 @@ def gather_rows(x, lay: "Layout", bm: int, *, tiles: RowTiles = RowTiles(), inte
     n, d = x.shape
     m = lay.src_row.shape[0]
     r, c = min(tiles.rows, bm), _pow2_divisor(d, tiles.cols)
-    params = None if interpret else _triton_params(tiles.warps, 1)
+    params = triton_params(tiles.warps, 1, interpret)
     return pl.pallas_call(
         functools.partial(_gather_rows_kernel, t=RowTiles(r, c, tiles.warps), bm=bm, n=n),
         out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(m // r, d // c),
@@ -260,19 +262,22 @@ def gather_rows(x, lay: "Layout", bm: int, *, tiles: RowTiles = RowTiles(), inte
     )(lay.block_expert, lay.src_row, x)
 
 
-def _triton_params(warps: int, stages: int):
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
-
-
-def _compiler_params(blk: Blocks, interpret: bool):
-    return None if interpret else _triton_params(blk.warps, blk.stages)
+def gather_rows_xla(x, lay: Layout):
+    """gather_rows in XLA, every padded row written: for the pair layout (one or two tokens, a handful of rows), and
+    shapes the kernel does not tile."""
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[lay.src_row]
 
 
-@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret", "gather_kernel"))
-def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None,
-                   gather_kernel: bool | None = None):
+def combine(y, lay: Layout, dtype):
+    """out[row] = sum over the row's pairs of weight * y[pair's padded row], summed in float32 (a gather, no
+    scatter-add; pairs that do not exist have weight 0 and no row)."""
+    m = y.shape[0]
+    rows = jnp.where((lay.dest < m)[..., None], y[jnp.minimum(lay.dest, m - 1)].astype(jnp.float32), 0.0)
+    return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
+def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
     row), weights [E, D, F], [E, D, F], [E, F, D]. Returns [n, D] in x's dtype. Matmuls accumulate in float32;
     each expert output is stored in x's dtype (halving the combine's traffic in bf16: the gather of [n, k, D]
@@ -284,23 +289,17 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
     nb = lay.block_expert.shape[0]
     m = nb * blk.bm
-    if gather_kernel is None:  # the sorted layout's copy of x: a Pallas kernel where the shape tiles
-        gather_kernel = not paired and d % 16 == 0
-    if gather_kernel:
-        xp = gather_rows(x, lay, blk.bm, interpret=interpret)
-    else:
-        xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]  # [M, D], padding rows are zero
+    sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
+    xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
     h = pl.pallas_call(
         functools.partial(_gate_up_kernel, blk=blk, d=d),
         out_shape=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(nb, f // blk.bf),
-        compiler_params=_compiler_params(blk, interpret), interpret=interpret, name="grouped_gate_up",
+        compiler_params=triton_params(blk.warps, blk.stages, interpret), interpret=interpret, name="grouped_gate_up",
     )(lay.block_expert, xp, w_gate, w_up)
     down = blk.down
     y = pl.pallas_call(
         functools.partial(_down_kernel, blk=down, f=f),
         out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // down.bd),
-        compiler_params=_compiler_params(down, interpret), interpret=interpret, name="grouped_down",
+        compiler_params=triton_params(down.warps, down.stages, interpret), interpret=interpret, name="grouped_down",
     )(lay.block_expert, h, w_down)
-    rows = y[jnp.minimum(lay.dest, m - 1)]  # [n, k, D]; pairs that do not exist have weight 0
-    rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
-    return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)
+    return combine(y, lay, x.dtype)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mixjax.kernels import triton_params
+
 def softmax_topk(logits, k: int, norm: bool):
     """The router in XLA: (ids int32 [n, k], weights float32 [n, k]) from float32 logits [n, E]."""
     w, ids = lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
@@ -62,11 +64,7 @@ def route(logits, *, k: int, norm: bool, interpret: bool = False, warps: int = 1
     x = logits.astype(jnp.float32)
     if e_pad != e:
         x = jnp.pad(x, ((0, 0), (0, e_pad - e)), constant_values=-jnp.inf)
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=warps, num_stages=1)
+    params = triton_params(warps, 1, interpret)
     ids, w = pl.pallas_call(
         functools.partial(_kernel, k=k, norm=norm),
         out_shape=(jax.ShapeDtypeStruct((n, k_pad), jnp.int32), jax.ShapeDtypeStruct((n, k_pad), jnp.float32)),

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixjax.kernels.flash_attention import mla_flash_attention, mla_supported, mla_tiles_for
+from mixjax.kernels.flash_attention import mla_cudnn_supported, mla_flash_attention, mla_supported, mla_tiles_for
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, Source, apply_rope, attend, causal_mask, matmul,
                                   rope_cos_sin, rope_inv_freq, write_cache, yarn_mscale, zeros_param)
@@ -143,8 +143,8 @@ class MLA(nnx.Module):
         cache = {"c_kv": write_cache(cache["c_kv"], c_kv, starts), "k_pe": write_cache(cache["k_pe"], k_pe, starts)}
         if t <= ABSORB_MAX_TOKENS:
             out = self._attend_latent(q_nope, q_pe, cache, positions)
-        elif par.pallas == "gpu" and par.fresh_prompt and x.dtype in (jnp.bfloat16, jnp.float16) \
-                and nope + rope_d <= 256 and v_d <= nope + rope_d:
+        elif par.pallas == "gpu" and par.fresh_prompt and mla_cudnn_supported(nope + rope_d, v_d,
+                                                                                 jnp.dtype(x.dtype).itemsize):
             out = self._attend_cudnn(q_nope, q_pe, c_kv, k_pe)
         else:  # expand the cached latent into this device's heads' keys and values
             kv = self.kv_b_proj(cache["c_kv"].astype(x.dtype))
@@ -154,17 +154,20 @@ class MLA(nnx.Module):
                 out = mla_flash_attention(q_nope, q_pe, kv, cache["k_pe"].astype(x.dtype), positions,
                                           scale=self.scale, tiles=mla_tiles_for(t, kv.shape[1]),
                                           interpret=par.pallas == "interpret")
-                out = self.o_proj(out.reshape(b, t, -1))
-                return (par.psum_attn_tp(out) if reduce else out), cache
-            k_nope, v = kv[..., :nope], kv[..., nope:]
-            heads = k_nope.shape[2]
-            k_pe_all = jnp.broadcast_to(cache["k_pe"].astype(x.dtype)[:, :, None],
-                                        (b, k_nope.shape[1], heads, rope_d))
-            k = jnp.concatenate([k_nope, k_pe_all], axis=-1)
-            mask = causal_mask(positions, k.shape[1])
-            out = attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask, self.scale)
+            else:
+                out = self._attend_expanded(q_nope, q_pe, kv, cache["k_pe"], positions)
         out = self.o_proj(out.reshape(b, t, -1))
         return (par.psum_attn_tp(out) if reduce else out), cache
+
+    def _attend_expanded(self, q_nope, q_pe, kv, k_pe, positions):
+        """XLA's attention over the expanded cache kv [B, S, H, N + V]: the rotary key repeated for every head and
+        the whole masked [B, H, T, S] float32 score matrix in memory."""
+        nope = self.dims[1]
+        b, s_len, heads, _ = kv.shape
+        k_nope, v = kv[..., :nope], kv[..., nope:]
+        k_pe_all = jnp.broadcast_to(k_pe.astype(q_nope.dtype)[:, :, None], (b, s_len, heads, k_pe.shape[-1]))
+        k = jnp.concatenate([k_nope, k_pe_all], axis=-1)
+        return attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, causal_mask(positions, s_len), self.scale)
 
     def _attend_cudnn(self, q_nope, q_pe, c_kv, k_pe):
         """A whole prompt (every row from position 0: the caller's static promise, `fresh_prompt`) on the GPU: its
@@ -175,8 +178,8 @@ class MLA(nnx.Module):
         _, nope, rope_d, v_d = self.dims
         b, t, heads, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv.astype(q_nope.dtype)).reshape(b, t, heads, nope + v_d)
-        k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_pe.astype(q_nope.dtype)[:, :, None], (b, t, heads, rope_d))],
-                            axis=-1)
+        k_pe_all = jnp.broadcast_to(k_pe.astype(q_nope.dtype)[:, :, None], (b, t, heads, rope_d))
+        k = jnp.concatenate([kv[..., :nope], k_pe_all], axis=-1)
         v = jnp.pad(kv[..., nope:], ((0, 0), (0, 0), (0, 0), (0, nope + rope_d - v_d)))
         out = jax.nn.dot_product_attention(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, scale=self.scale,
                                            is_causal=True, implementation="cudnn")

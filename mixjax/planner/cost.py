@@ -593,10 +593,10 @@ def impl_step_cost(cfg, cl: ClusterSpec, strategy: Strategy, nodes: int, gpus: i
                 comp(parts, "attention", mm, fl=fl, by=by)
                 return
             # long prompts: the latent is expanded to every head's K and V
-            from mixjax.kernels.flash_attention import mla_supported  # noqa: PLC0415
+            from mixjax.kernels.flash_attention import mla_cudnn_supported, mla_supported  # noqa: PLC0415
 
             nope = cfg.qk_nope_head_dim
-            fresh = pallas == "gpu" and ab == 2 and qk <= 256 and vd <= qk and p0 == 0  # MLA._attend_cudnn's case
+            fresh = pallas == "gpu" and p0 == 0 and mla_cudnn_supported(qk, vd, ab)  # MLA._attend_cudnn's case
             if fresh or (pallas and mla_supported(nope, rope, vd, cache_len, gpu=pallas == "gpu")):
                 # cuDNN on the prompt's own keys (v padded to q/k's head dim) or the Triton flash kernel over the
                 # cache: causal (query, key) pairs only, no score matrix in memory
