@@ -150,8 +150,8 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     cores. Within chunks of RANK_CHUNK pairs a lower-triangular matrix of ones times the chunk's one-hot [C, E]
     counts each pair's earlier same-expert pairs (0/1 products, sums <= 256: exact in bf16 inputs with float32
     accumulation); a strictly lower-triangular product in float32 adds the chunks before. Per layer of an
-    8192-token prompt on an H200 the argsort this replaced took 29 us (cub's radix sort), with a scatter-add of 21
-    us and a cumulative sum of 12 us; the product takes 22 us and the small fusions around it ~25 us."""
+    8192-token prompt on an H200 the argsort this replaced took 29 us (cub's radix sort), with a scatter of 21 us
+    and a cumulative sum of 12 us; the product takes 22 us and the small fusions around it ~25 us."""
     n, e = gates.shape
     k = min(k, e)
     w, ids = _pairs(gates, k, routed)
