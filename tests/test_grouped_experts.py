@@ -111,7 +111,7 @@ def test_router_pairs_equal_gate_matrix(n, k):
 
 def test_tile_choice_follows_rows_per_expert():
     decode, prefill = choose_blocks(8, 128, 2048, 768), choose_blocks(65536, 128, 2048, 768)
-    assert decode.bm == 16 and prefill.bm == 128
+    assert (decode.bm, decode.group) == (16, 0) and (prefill.bm, prefill.group) == (128, 1)  # prefill: group order
     assert choose_blocks(8, 8, 32, 4) is None  # F slice of 4 cannot make a tensor-core tile: dense path
     # every tile divides the shape it tiles, for each regime (decode, 512 / 2048 / 8192-token prefill)
     for pairs in (8, 256, 4096, 16384, 65536):
@@ -204,3 +204,19 @@ def test_decode_with_pallas_attention_matches_reference(fixture, mesh, strategy,
     for i in range(half, t):
         logits, cache = model.forward(jnp.asarray(tokens[:, i:i + 1]), jnp.asarray(pos[:, i:i + 1]), cache)
         assert rel_err(np.asarray(logits)[:, 0, : model.vocab_size], ref["logits"][:rows, i]) < 1e-4, i
+
+
+def test_grouped_launch_orders_equal_dense():
+    """Launching all output tiles of G row blocks together (Blocks.group) visits every (block, tile) once: with G = 1
+    and with G = 3, whose last group is short (11 blocks), the result is the dense one."""
+    rng = np.random.RandomState(5)
+    n, e, k, d, f = 19, 8, 2, 64, 64
+    x = rng.randn(n, d).astype(np.float32)
+    gates = routed_gates(rng, n, e, k)
+    wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
+    wd = rng.randn(e, f, d).astype(np.float32) * 0.2
+    want = dense_reference(x, gates, wg, wu, wd)
+    for group in (1, 3):
+        blk = Blocks(16, 32, 16, 16, group=group)
+        out = grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=k, blk=blk, interpret=True)
+        assert rel_err(np.asarray(out), want) < 1e-5, group

@@ -399,8 +399,9 @@ def test_gpu_prefill_cost_has_no_dense_expert_flops():
     assert pre["expert_impl"] == "grouped" and "experts" not in parts["compute"] and "grouped_experts" in parts["compute"]
     assert parts["attention_path"] == "cudnn"  # a whole prompt from position 0, bf16, head_dim 128
     assert pre["per_moe_layer"] < dense_expert_time / 2
-    # padded rows: 2048 tokens x top-8 over 128 experts = 128 rows per expert in blocks of 64
-    assert parts["grouped"]["bm"] == 64 and 2 * 128 * 64 < parts["grouped"]["padded_rows"] < 3 * 128 * 64
+    # padded rows: 2048 tokens x top-8 over 128 experts = 128 rows per expert (sd ~11) in blocks of 128: one block,
+    # or two for the ~half of experts over 128 rows
+    assert parts["grouped"]["bm"] == 128 and 128 * 128 < parts["grouped"]["padded_rows"] < 2 * 128 * 128
     dense = impl_step_cost(cl=gpu, expert_impl="dense", **kw)
     assert dense["moe_layer_parts"]["compute"]["experts"] >= dense_expert_time
     # the same through evaluate: GPU cluster -> grouped, CPU cluster -> dense; ideal mode untouched

@@ -1,27 +1,56 @@
-"""Prefill attention on a GPU: mixjax's Triton flash kernel at several tilings against cuDNN's fused causal
-attention (jax.nn.dot_product_attention), one layer of 32 q heads / 4 KV heads / head_dim 128, bf16."""
+"""Prefill attention on a GPU: mixjax's Triton flash kernel at several tilings, cuDNN's fused causal attention
+(jax.nn.dot_product_attention) and jax's Hopper kernel (jax.experimental.pallas.ops.gpu.attention_mgpu, warp
+specialised, TMA), one layer of 32 q heads / 4 KV heads / head_dim 128, bf16. Errors against float32 XLA.
+    python tools/probe_flash.py [2048,8192] [--skip-triton]"""
+import sys
 import jax, jax.numpy as jnp
 from mixjax.bench.experts import timeit, measure_matmul_rate
 from mixjax.kernels.flash_attention import flash_attention
 
 rate = measure_matmul_rate()
-for t in (2048, 8192):
+lens = [int(t) for t in (sys.argv[1] if len(sys.argv) > 1 and sys.argv[1][0].isdigit() else "2048,8192").split(",")]
+SCALE = 128 ** -0.5
+try:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
+except ImportError as e:  # not on every build
+    mg = None
+    print("attention_mgpu unavailable:", e)
+
+
+def xla_ref(q, k, v):
+    return jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                        scale=SCALE, is_causal=True, implementation="xla")
+
+
+for t in lens:
     q = jax.random.normal(jax.random.PRNGKey(0), (1, t, 32, 128), jnp.bfloat16)
-    k = jax.random.normal(jax.random.PRNGKey(1), (1, 4, t, 128), jnp.bfloat16)  # heads-major cache
+    k_hm = jax.random.normal(jax.random.PRNGKey(1), (1, 4, t, 128), jnp.bfloat16)  # heads-major cache
+    v_hm = jax.random.normal(jax.random.PRNGKey(2), (1, 4, t, 128), jnp.bfloat16)
+    k, v = k_hm.transpose(0, 2, 1, 3), v_hm.transpose(0, 2, 1, 3)  # [B, S, K, D], as a fresh prompt's k/v
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     fl = 4 * 32 * 128 * t * (t + 1) / 2
-    cudnn = jax.jit(lambda q, k, pos: jax.nn.dot_product_attention(
-        q, k.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), scale=0.088, is_causal=True, implementation="cudnn"))
-    ref = cudnn(q, k, pos).astype(jnp.float32)
-    runs = [("cudnn", cudnn)] + [
-        (f"triton {tiles}", jax.jit(lambda q, k, pos, tiles=tiles: flash_attention(q, k, k, pos, scale=0.088,
-                                                                                     tiles=tiles)))
-        for tiles in [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)]]
-    for name, f in runs:
+    ref = jax.jit(xla_ref)(q, k, v) if t <= 4096 else None
+    runs = [("cudnn", lambda: jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=SCALE, is_causal=True, implementation="cudnn")), (q, k, v))]
+    if mg is not None:
+        for bq, bkv, steps in [(64, 128, 2), (64, 64, 2), (64, 128, 3), (64, 64, 4)]:
+            cfg = mg.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps, causal=True)
+            runs.append((f"mgpu {bq, bkv, steps}", lambda cfg=cfg: jax.jit(
+                lambda q, k, v: mg.attention((q.astype(jnp.float32) * SCALE).astype(q.dtype), k, v, cfg)), (q, k, v)))
+    if "--skip-triton" not in sys.argv:
+        for tiles in [(128, 64, 8, 3), (64, 128, 4, 3)]:
+            runs.append((f"triton {tiles}", lambda tiles=tiles: jax.jit(
+                lambda q, k, v, pos: flash_attention(q, k, v, pos, scale=SCALE, tiles=tiles)), (q, k_hm, v_hm, pos)))
+    base = None
+    for name, make, args in runs:
         try:
-            err = float(jnp.max(jnp.abs(f(q, k, pos).astype(jnp.float32) - ref)))
-            tm = timeit(f, q, k, pos, iters=10)
-            print(f"T={t} {name}: {tm*1e6:.0f} us, {fl/tm/1e12:.0f} TFLOP/s ({fl/tm/rate:.0%}); "
-                  f"max |diff| to cuDNN {err:.1e}", flush=True)
+            f = make()
+            out = f(*args).astype(jnp.float32)
+            if base is None:
+                base = out
+            err = float(jnp.max(jnp.abs(out - (ref if ref is not None else base))))
+            tm = timeit(f, *args, iters=10)
+            print(f"T={t} {name}: {tm*1e6:.0f} us, {fl/tm/1e12:.0f} TFLOP/s ({fl/tm/rate:.0%}); max |diff| to "
+                  f"{'float32 XLA' if ref is not None else 'cuDNN'} {err:.1e}", flush=True)
         except Exception as e:
-            print(f"T={t} {name} failed: {str(e)[:150]}", flush=True)
+            print(f"T={t} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

@@ -1,9 +1,8 @@
 """Where the grouped-experts time goes on a GPU: layout vs kernel A vs kernel B, chained R times in one jit
 (as layers are), so per-call dispatch overhead is excluded. A development tool for tuning mixjax.kernels."""
-import functools, statistics, sys, time
+import statistics, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from jax.experimental import pallas as pl
-from mixjax.kernels import grouped_experts as ge, triton_params
+from mixjax.kernels import grouped_experts as ge
 from mixjax.bench.experts import random_gates, measure_hbm_bandwidth
 
 E, K, D, F, R = 128, 8, 2048, 768, 10
@@ -38,13 +37,9 @@ for n in map(int, sys.argv[1].split(",")):
         lay = ge.group_layout(g, K, blk.bm); nb = lay.block_expert.shape[0]; m = nb * blk.bm
         xp = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[lay.src_row]
         def ka(xp, be, a, b, c):
-            return pl.pallas_call(functools.partial(ge._gate_up_kernel, blk=blk, d=D),
-                out_shape=jax.ShapeDtypeStruct((m, F), xp.dtype), grid=(nb, F // blk.bf),
-                compiler_params=triton_params(blk.warps, blk.stages))(be, xp, a, b)
+            return ge.gate_up(xp, be, a, b, blk)
         def kb(h, be, a, b, c):
-            return pl.pallas_call(functools.partial(ge._down_kernel, blk=blk, f=F),
-                out_shape=jax.ShapeDtypeStruct((m, D), h.dtype), grid=(nb, D // blk.bd),
-                compiler_params=triton_params(blk.warps, blk.stages))(be, h, c)
+            return ge.down_proj(h, be, c, blk)
         def chain_a():
             @jax.jit
             def run(xp, be, a, b, c):

@@ -38,7 +38,9 @@ from mixjax.kernels import triton_params
 class Blocks:
     """Tile sizes. bm: rows per block (one expert per block). Kernel A: bk, the D (contraction) tile, and bf, the
     F (output) tile, with `warps` and `stages`. Kernel B: b_bk, the F (contraction) tile (0: bf), and bd, the D
-    (output) tile, with b_warps and b_stages (0: as kernel A)."""
+    (output) tile, with b_warps and b_stages (0: as kernel A). group: the launch order of the (block, output tile)
+    programs, 0 for block-fastest, G > 0 for all output tiles of G blocks before the next G blocks (see
+    `_block_and_tile`)."""
 
     bm: int
     bk: int
@@ -49,12 +51,33 @@ class Blocks:
     b_bk: int = 0
     b_warps: int = 0
     b_stages: int = 0
+    group: int = 0
 
     @property
     def down(self) -> "Blocks":
         """Kernel B's tiles, as (bk, bf, bd, warps, stages) with bf its contraction tile."""
         return Blocks(self.bm, self.bk, self.b_bk or self.bf, self.bd, self.b_warps or self.warps,
-                      self.b_stages or self.stages)
+                      self.b_stages or self.stages, group=self.group)
+
+
+def _launch_grid(blk: Blocks, nb: int, nt: int):
+    return (nb, nt) if blk.group == 0 else (nb * nt,)
+
+
+def _block_and_tile(blk: Blocks, nb: int, nt: int):
+    """(row block, output tile) of this program. CUDA starts programs in order of the grid's first axis, so with
+    grid (block, tile) the programs that read one block of rows are nb programs apart: once the padded rows are
+    larger than the L2 (x at 8192 tokens: 268 MB), each block is read from HBM once per output tile. With group G
+    the launch order runs all tiles of G blocks together: each block's rows are read from HBM once, and the G
+    blocks (mostly of one expert) share each weight tile while it is in L2."""
+    if blk.group == 0:
+        return pl.program_id(0), pl.program_id(1)
+    pid = pl.program_id(0)
+    g = pid // (blk.group * nt)
+    base = g * blk.group
+    size = jnp.minimum(blk.group, nb - base)  # the last group may be short
+    r = pid - g * blk.group * nt
+    return base + r % size, r // size
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -69,12 +92,15 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
 
     Decode (few rows per expert) is bound by reading weights: 16-row blocks (the smallest tensor-core tile) and
     enough programs to keep every SM streaming. Prefill (many rows per expert) is bound by the matmuls: taller
-    blocks so each weight tile is reused by more rows, wide output tiles, 8 warps. The tiles are the fastest of a
-    sweep on an H200 with Qwen3-30B-A3B expert shapes (tools/sweep_grouped_tiles.py, 2026-11-29; docs/BENCHMARKS.md)
-    where the shape divides them, else the largest power of two that does."""
+    blocks so each weight tile is reused by more rows, wide output tiles, 8 warps, and from 32-row blocks up the
+    launch order that runs a block's output tiles together (group 1: each block's rows read from HBM once). The
+    tiles are the fastest of sweeps on an H200 with Qwen3-30B-A3B expert shapes (tools/sweep_grouped_tiles.py,
+    2026-11-29 and 2026-12-01; docs/BENCHMARKS.md) where the shape divides them, else the largest power of two
+    that does. At 2048 tokens (~128 rows per expert) 128-row blocks in group order beat 64-row blocks in the old
+    order, 536 against 621 us for kernels A + B, though many experts then own a second, nearly empty block."""
     per_expert = pairs / max(1, min(num_experts, pairs))
-    bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64 if per_expert <= 256 else 128
-    if bm in (32, 64) and d_model * d_ff * 2 * 2 > BIG_EXPERT_BYTES:
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 128
+    if bm == 32 and d_model * d_ff * 2 * 2 > BIG_EXPERT_BYTES:
         # Each block reads its expert's weights once. Small experts (Qwen3-30B-A3B: 6 MB of gate/up) stay in the
         # 50 MB L2 between an expert's blocks, so short blocks cost little; big ones (DeepSeek-V3: 59 MB) are read
         # from HBM again per block, and a memory-bound prompt (~64 rows per expert at 2048 tokens) ran at a third
@@ -86,8 +112,8 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
         a, b = (64, 128, 4, 4), (64, 64, 4, 3)
     elif bm == 16:
         a, b = (64, 128, 4, 3), (64, 128, 4, 2)
-    elif bm == 32:
-        a, b = (128, 64, 4, 3), (64, 64, 4, 3)
+    elif bm == 32:  # 512 / 1024-token prompts, group order: 411 / 510 us for A + B, against 476 / 641 before
+        a, b = (64, 128, 8, 3), (64, 256, 4, 4)
     elif bm == 64:
         a, b = (64, 256, 8, 3), (64, 256, 4, 4)
     else:
@@ -96,7 +122,8 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
     b_bk, bd = _pow2_divisor(d_ff, b[0]), _pow2_divisor(d_model, b[1])
     if min(bk, bf, b_bk, bd) < 16:
         return None
-    return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=a[2], stages=a[3], b_bk=b_bk, b_warps=b[2], b_stages=b[3])
+    return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=a[2], stages=a[3], b_bk=b_bk, b_warps=b[2], b_stages=b[3],
+                  group=1 if bm >= 32 else 0)
 
 
 @jax.tree_util.register_dataclass
@@ -185,8 +212,8 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
 
 
-def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int):
-    i, j = pl.program_id(0), pl.program_id(1)
+def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int, nb: int, nt: int):
+    i, j = _block_and_tile(blk, nb, nt)
     e = block_expert_ref[i]
 
     @pl.when(e >= 0)
@@ -206,8 +233,8 @@ def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Bloc
         h_ref[rows, cols] = (ag * jax.nn.sigmoid(ag) * au).astype(h_ref.dtype)
 
 
-def _down_kernel(block_expert_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int):
-    i, j = pl.program_id(0), pl.program_id(1)
+def _down_kernel(block_expert_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int, nb: int, nt: int):
+    i, j = _block_and_tile(blk, nb, nt)
     e = block_expert_ref[i]
 
     @pl.when(e >= 0)
@@ -276,6 +303,30 @@ def combine(y, lay: Layout, dtype):
     return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(dtype)
 
 
+def gate_up(xp, block_expert, w_gate, w_up, blk: Blocks, *, interpret: bool = False):
+    """Kernel A: h = silu(xp W_gate[e]) * (xp W_up[e]) for each block of bm rows of the padded, sorted xp [M, D]
+    and its expert e = block_expert[block] (blocks of expert -1 are skipped, their rows left unwritten)."""
+    (m, d), f, nb = xp.shape, w_gate.shape[2], block_expert.shape[0]
+    nt = f // blk.bf
+    return pl.pallas_call(
+        functools.partial(_gate_up_kernel, blk=blk, d=d, nb=nb, nt=nt),
+        out_shape=jax.ShapeDtypeStruct((m, f), xp.dtype), grid=_launch_grid(blk, nb, nt),
+        compiler_params=triton_params(blk.warps, blk.stages, interpret), interpret=interpret, name="grouped_gate_up",
+    )(block_expert, xp, w_gate, w_up)
+
+
+def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
+    """Kernel B, with blk's down tiles: y = h W_down[e] for each block of rows of h [M, F], stored in h's dtype."""
+    down = blk.down
+    (m, f), d, nb = h.shape, w_down.shape[2], block_expert.shape[0]
+    nt = d // down.bd
+    return pl.pallas_call(
+        functools.partial(_down_kernel, blk=down, f=f, nb=nb, nt=nt),
+        out_shape=jax.ShapeDtypeStruct((m, d), h.dtype), grid=_launch_grid(down, nb, nt),
+        compiler_params=triton_params(down.warps, down.stages, interpret), interpret=interpret, name="grouped_down",
+    )(block_expert, h, w_down)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
 def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
@@ -284,22 +335,10 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     rows took 5% of a long prefill) and the weighted sum over a row's experts is float32.
     routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
-    f = w_gate.shape[2]
     paired = n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX
     lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
-    nb = lay.block_expert.shape[0]
-    m = nb * blk.bm
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
-    h = pl.pallas_call(
-        functools.partial(_gate_up_kernel, blk=blk, d=d),
-        out_shape=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(nb, f // blk.bf),
-        compiler_params=triton_params(blk.warps, blk.stages, interpret), interpret=interpret, name="grouped_gate_up",
-    )(lay.block_expert, xp, w_gate, w_up)
-    down = blk.down
-    y = pl.pallas_call(
-        functools.partial(_down_kernel, blk=down, f=f),
-        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), grid=(nb, d // down.bd),
-        compiler_params=triton_params(down.warps, down.stages, interpret), interpret=interpret, name="grouped_down",
-    )(lay.block_expert, h, w_down)
+    h = gate_up(xp, lay.block_expert, w_gate, w_up, blk, interpret=interpret)
+    y = down_proj(h, lay.block_expert, w_down, blk, interpret=interpret)
     return combine(y, lay, x.dtype)
