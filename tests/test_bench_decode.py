@@ -109,7 +109,8 @@ def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
         assert r["step_s"] > 0 and r["roofline_s"] > 0
     (p,) = res["prefill"]
     assert {"impl", "tokens", "time_s", "tokens_per_s", "flops", "flop_rate", "matmul_fraction", "roofline_s",
-            "bound", "ratio", "b2b_time_s", "b2b_matmul_fraction", "b2b_ratio"} <= set(p)
+            "bound", "ratio", "b2b_time_s", "b2b_matmul_fraction", "b2b_ratio",
+            "burst_mean_s"} <= set(p)
     assert p["flops"] == prefill_flops(bench_config("deepseek-tiny", 2, 512, dense_layers=1), 8)
     assert p["b2b_time_s"] > 0 and p["b2b_matmul_fraction"] == pytest.approx(p["flops"] / p["b2b_time_s"]
                                                                              / res["matmul_rate"])

@@ -16,6 +16,7 @@ from gpu_trace import gpu_kernels
 ap = argparse.ArgumentParser(); ap.add_argument("batch"); ap.add_argument("--prefill", type=int, default=0)
 ap.add_argument("--impl", default="grouped"); ap.add_argument("--layers", type=int, default=4)
 ap.add_argument("--ctx", type=int, default=1024); ap.add_argument("--top", type=int, default=25)
+ap.add_argument("--gaps", type=int, default=0, help="list the N longest idle gaps between GPU events");
 ap.add_argument("--explain", action="store_true"); ap.add_argument("--preset", default="qwen3-30b-a3b")
 ap.add_argument("--sample", type=float, default=None,
                 help="decode: also sample each row at this temperature as the engine does (seeded draw, logprob)")
@@ -123,5 +124,14 @@ for b in map(int, a.batch.split(",")):
     print(f"== batch {b} {'prefill ' + str(t) if a.prefill else 'decode'}: GPU kernel time per step {gpu_total:.0f} us, span {(t_hi - t_lo) / 5:.0f} us, {sum(cnt.values())//5} kernels")
     for n_, us in tot.most_common(a.top):
         print(f"  {us:8.1f} us  x{cnt[n_]//5:3d}  {n_[:110]}")
+    if a.gaps:
+        evs = gpu_kernels(d)
+        gaps = sorted(((nxt["ts"] - (cur["ts"] + cur["dur"]), i, cur["name"], nxt["name"])
+                       for i, (cur, nxt) in enumerate(zip(evs, evs[1:]))), reverse=True)
+        idle = sum(g for g, *_ in gaps if g > 0)
+        print(f"  -- idle GPU time between events: {idle / 5:.0f} us per step; the {a.gaps} longest gaps "
+              f"(event index of {len(evs)}) --")
+        for g, i, before, after in gaps[:a.gaps]:
+            print(f"  {g:8.1f} us  #{i:4d}  after {before[:50]}  before {after[:50]}")
     if DUMP:
         explain(tot, a.top)
