@@ -20,6 +20,16 @@ def dense_reference(x, gates, wg, wu, wd):
     return np.einsum("end,ne->nd", np.einsum("enf,efd->end", h, wd), gates)
 
 
+def small_problem(seed, n=19, e=8, k=2, d=64, f=64):
+    """x [n, d], routed gates [n, e] (k per row) and expert weights for one kernel-level check."""
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, d).astype(np.float32)
+    gates = routed_gates(rng, n, e, k)
+    wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
+    wd = rng.randn(e, f, d).astype(np.float32) * 0.2
+    return x, gates, wg, wu, wd
+
+
 def routed_gates(rng, n, e, k, skew=False):
     gates = np.zeros((n, e), np.float32)
     for i in range(n):
@@ -122,15 +132,10 @@ def test_tile_choice_follows_rows_per_expert():
 
 def test_down_kernel_with_its_own_tiles_equals_dense():
     """Kernel B (down projection) with a contraction tile, warps and stages other than kernel A's."""
-    rng = np.random.RandomState(3)
-    n, e, k, d, f = 19, 8, 2, 64, 64
-    x = rng.randn(n, d).astype(np.float32)
-    gates = routed_gates(rng, n, e, k)
-    wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
-    wd = rng.randn(e, f, d).astype(np.float32) * 0.2
+    x, gates, wg, wu, wd = small_problem(3)
     blk = Blocks(16, 32, 16, 32, warps=4, stages=3, b_bk=64, b_warps=8, b_stages=2)
     assert (blk.down.bf, blk.down.bd, blk.down.warps, blk.down.stages) == (64, 32, 8, 2)
-    out = grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=k, blk=blk, interpret=True)
+    out = grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=2, blk=blk, interpret=True)
     assert rel_err(np.asarray(out), dense_reference(x, gates, wg, wu, wd)) < 1e-5
 
 
@@ -207,16 +212,14 @@ def test_decode_with_pallas_attention_matches_reference(fixture, mesh, strategy,
 
 
 def test_grouped_launch_orders_equal_dense():
-    """Launching all output tiles of G row blocks together (Blocks.group) visits every (block, tile) once: with G = 1
-    and with G = 3, whose last group is short (11 blocks), the result is the dense one."""
-    rng = np.random.RandomState(5)
-    n, e, k, d, f = 19, 8, 2, 64, 64
-    x = rng.randn(n, d).astype(np.float32)
-    gates = routed_gates(rng, n, e, k)
-    wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
-    wd = rng.randn(e, f, d).astype(np.float32) * 0.2
+    """Launching all output tiles of G row blocks together (Blocks.group) visits every (block, tile) once. Every row
+    on all 4 experts: 19 rows each, two 16-row blocks per expert, blocks 0-7 used of the static 9. G = 5: the last
+    group (blocks 5-8) is short and holds used blocks; G = 1 and 3 as well."""
+    x, gates, wg, wu, wd = small_problem(5, e=4, k=4)
     want = dense_reference(x, gates, wg, wu, wd)
-    for group in (1, 3):
+    lay = group_layout(jnp.asarray(gates), 4, 16)
+    assert lay.block_expert.shape[0] == 9 and (np.asarray(lay.block_expert) >= 0).sum() == 8
+    for group in (1, 3, 5):
         blk = Blocks(16, 32, 16, 16, group=group)
-        out = grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=k, blk=blk, interpret=True)
+        out = grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=4, blk=blk, interpret=True)
         assert rel_err(np.asarray(out), want) < 1e-5, group

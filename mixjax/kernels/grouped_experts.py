@@ -12,8 +12,9 @@ every step, which is what a decode step of a 128-expert model cannot afford (bat
    sorted layout's dozen small kernels (top-k, argsort, three scatters, cumulative sums) took ~15 us of a ~140 us
    batch-1 decode layer on an H200, more than the expert weights they save from a second read: two rows of
    two tokens rarely share an expert (8 of 128 each, for Qwen3-30B-A3B).
-3. Kernel A, grid (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation.
-4. Kernel B, grid (block, D tile):  y = h W_down[e], float32 accumulation, stored in x's dtype.
+3. Kernel A, one program per (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation.
+4. Kernel B, one program per (block, D tile):  y = h W_down[e], float32 accumulation, stored in x's dtype.
+   For prompts the programs of a block's tiles are launched together (`Blocks.group`, `_block_and_tile`).
 5. Combine: out[row] = sum over the row's pairs of weight * y[pair's padded row] (a gather, no scatter-add).
 
 Kernels are Pallas with the Triton backend (GPU). `interpret=True` runs the same kernels on any backend, which is
