@@ -6,8 +6,8 @@ Random bf16 weights [E, D, F], random top-k routing (uniform over experts, disti
 count: the exact number of experts the routing touches, the bytes that must be read (touched experts' weights +
 activations), the time of the dense einsum over all experts and of the grouped Pallas kernels, the grouped
 output's error against the dense one, and each time's ratio to max(bytes / HBM bandwidth, FLOPs / matmul rate),
-both measured in the same run. `--tile bm,bk,bf,bd,warps,stages[,b_bk,b_warps,b_stages]` overrides the tile choice
-(for tuning).
+both measured in the same run. `--tile bm,bk,bf,bd,warps,stages[,b_bk,b_warps,b_stages,group]` overrides the
+tile choice (for tuning).
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def main(argv=None):
     ap.add_argument("--d-model", type=int, default=2048)
     ap.add_argument("--d-ff", type=int, default=768)
     ap.add_argument("--tokens", default="1,8,32,128,256,2048")
-    ap.add_argument("--tile", action="append", default=[], help="bm,bk,bf,bd,warps,stages (repeatable)")
+    ap.add_argument("--tile", action="append", default=[],
+                    help="bm,bk,bf,bd,warps,stages[,b_bk,b_warps,b_stages,group] (repeatable)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline (slow at large token counts)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None)
