@@ -304,28 +304,31 @@ def combine(y, lay: Layout, dtype):
     return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(dtype)
 
 
+def _per_block_call(kernel, name: str, blk: Blocks, block_expert, operands, out_shape, nt: int, interpret: bool,
+                    **static):
+    """One of the expert kernels over every (row block, output tile) pair, in blk's launch order."""
+    nb = block_expert.shape[0]
+    return pl.pallas_call(
+        functools.partial(kernel, blk=blk, nb=nb, nt=nt, **static), out_shape=out_shape,
+        grid=_launch_grid(blk, nb, nt), compiler_params=triton_params(blk.warps, blk.stages, interpret),
+        interpret=interpret, name=name,
+    )(block_expert, *operands)
+
+
 def gate_up(xp, block_expert, w_gate, w_up, blk: Blocks, *, interpret: bool = False):
     """Kernel A: h = silu(xp W_gate[e]) * (xp W_up[e]) for each block of bm rows of the padded, sorted xp [M, D]
     and its expert e = block_expert[block] (blocks of expert -1 are skipped, their rows left unwritten)."""
-    (m, d), f, nb = xp.shape, w_gate.shape[2], block_expert.shape[0]
-    nt = f // blk.bf
-    return pl.pallas_call(
-        functools.partial(_gate_up_kernel, blk=blk, d=d, nb=nb, nt=nt),
-        out_shape=jax.ShapeDtypeStruct((m, f), xp.dtype), grid=_launch_grid(blk, nb, nt),
-        compiler_params=triton_params(blk.warps, blk.stages, interpret), interpret=interpret, name="grouped_gate_up",
-    )(block_expert, xp, w_gate, w_up)
+    (m, d), f = xp.shape, w_gate.shape[2]
+    return _per_block_call(_gate_up_kernel, "grouped_gate_up", blk, block_expert, (xp, w_gate, w_up),
+                           jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, d=d)
 
 
 def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
     """Kernel B, with blk's down tiles: y = h W_down[e] for each block of rows of h [M, F], stored in h's dtype."""
     down = blk.down
-    (m, f), d, nb = h.shape, w_down.shape[2], block_expert.shape[0]
-    nt = d // down.bd
-    return pl.pallas_call(
-        functools.partial(_down_kernel, blk=down, f=f, nb=nb, nt=nt),
-        out_shape=jax.ShapeDtypeStruct((m, d), h.dtype), grid=_launch_grid(down, nb, nt),
-        compiler_params=triton_params(down.warps, down.stages, interpret), interpret=interpret, name="grouped_down",
-    )(block_expert, h, w_down)
+    (m, f), d = h.shape, w_down.shape[2]
+    return _per_block_call(_down_kernel, "grouped_down", down, block_expert, (h, w_down),
+                           jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, f=f)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
