@@ -1,0 +1,152 @@
+"""Hopper (sm_90) versions of the grouped-experts kernels A and B, for prompts: Pallas on Mosaic GPU.
+
+Same layout and the same functions as `grouped_experts.gate_up` / `down_proj` (blocks of bm rows of the padded,
+expert-sorted x, block b computed with expert block_expert[b]), written for what the Triton backend cannot reach:
+
+- Warp specialisation: one warpgroup only issues TMA copies of the x and weight tiles into a ring of shared-memory
+  stages, two compute warpgroups only issue wgmma (each owns half of the output tile's columns). Triton's grouped
+  kernels stayed at ~57% (A) and ~50-54% (B) of the matmul rate on an H200 at every tiling swept.
+- Persistent: one program per SM walks the (block, output tile) pairs of the used blocks only (a prefix of the
+  blocks: `used` is read on the device, nothing is launched for the padding blocks), in the order of
+  `HopperTiles.minor` / `width` (blocks of one expert next to each other share each weight tile while it is in L2).
+- Kernel A keeps two accumulators per warpgroup (gate and up columns of one tile) and applies SwiGLU before the
+  store: h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation, stored in x's dtype.
+
+Mosaic GPU kernels run only on sm_90 GPUs: `hopper_available()` says whether this process has one. The CPU tests
+lower them for CUDA (the Mosaic GPU custom call is built without a GPU) and the GPU check
+(tools/check_gpu_paths.py) compares them with the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+COMPUTE_WARPGROUPS = 2  # each owns bn of the tile's 2 * bn output columns
+MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the rest go to the accumulators)
+H100_SMS = 132  # programs when lowering without a GPU at hand (H100 / H200 SXM)
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperTiles:
+    """bn: output columns per compute warpgroup (kernel A: of the gate and of the up projection each); bk: the
+    contraction tile; stages: shared-memory stages in flight; minor / width: the walk over (block, tile) pairs,
+    `plgpu.planar_snake`'s minor dimension (0: blocks) and tile width."""
+
+    bn: int = 64
+    bk: int = 64
+    stages: int = 4
+    minor: int = 0
+    width: int = 4
+
+
+def hopper_available() -> bool:
+    """Whether the default device is a CUDA GPU of compute capability 9.x (H100, H200)."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def _num_sms() -> int:
+    dev = jax.devices()[0]
+    return getattr(dev, "core_count", None) or H100_SMS if dev.platform == "gpu" else H100_SMS
+
+
+def _swizzled(cols: int, dtype) -> tuple:
+    """Shared-memory transforms for a tile whose rows hold `cols` elements (the widest swizzle that fits)."""
+    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int, swiglu: bool):
+    """out[rows of block b, tile j] = x[rows] @ w[e][:, tile j] for e = block_expert[b] (kernel B), or SwiGLU of
+    the gate and up products (kernel A: w = (w_gate, w_up)). Runs in each of the 3 warpgroups of a program."""
+    *ws, out = refs
+    cta_n = COMPUTE_WARPGROUPS * t.bn
+    in_tr = _swizzled(t.bk, x.dtype)
+    specs = [plgpu.BlockSpec((bm, t.bk), lambda k: (0, k), transforms=in_tr, memory_space=plgpu.SMEM)]
+    specs += [plgpu.BlockSpec((t.bk, cta_n), lambda k: (k, 0), transforms=_swizzled(cta_n, x.dtype),
+                              memory_space=plgpu.SMEM) for _ in ws]
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_steps,), memory_registers=MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
+            num_compute_wgs=COMPUTE_WARPGROUPS, max_concurrent_steps=t.stages, compute_context=context)
+
+    nothing = lambda *_, **__: None  # the allocations do not depend on the bodies
+    allocs = pipeline(nothing, nothing).get_allocations(x, *(w.at[0] for w in ws))
+
+    @functools.partial(pl.run_scoped, allocs=allocs,
+                       out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, bm, t.bn), out.dtype,
+                                           transforms=_swizzled(t.bn, out.dtype)),
+                       collective_axes="wg")
+    def _scope(allocs, out_smem):
+        wg = lax.axis_index("wg")
+        n_used = used[0]
+
+        @plgpu.nd_loop((n_used * n_tiles,), collective_axes="sm")
+        def _tile(info: plgpu.NDLoopInfo):
+            b, j = plgpu.planar_snake(info.index[0], (n_used, n_tiles), t.minor, t.width)
+            e = block_expert[b]
+            rows = pl.ds(b * bm, bm)
+            wg_cols = pl.ds(wg * t.bn, t.bn)
+
+            def context(run):
+                def accumulate(*accs):
+                    accs = run(accs)
+                    if swiglu:
+                        g, u = accs[0][...], accs[1][...]
+                        y = g * jax.nn.sigmoid(g) * u
+                    else:
+                        y = accs[0][...]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
+                    out_smem[wg] = y.astype(out.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[rows, pl.ds(j * cta_n + wg * t.bn, t.bn)])
+
+                pl.run_scoped(accumulate, *(plgpu.ACC((bm, t.bn), jnp.float32) for _ in ws))
+
+            def mma(_, x_smem, *rest):
+                w_smems, accs = rest[:-1], rest[-1]
+                for acc, w_smem in zip(accs, w_smems):
+                    plgpu.wgmma(acc, x_smem, w_smem.at[:, wg_cols])
+                plgpu.wgmma_wait(0)
+                return accs
+
+            pipeline(mma, context)(x.at[rows, :], *(w.at[e, :, pl.ds(j * cta_n, cta_n)] for w in ws),
+                                   allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool):
+    m, k = x.shape
+    nb = block_expert.shape[0]
+    bm = m // nb
+    cta_n = COMPUTE_WARPGROUPS * t.bn
+    if m % nb or bm % 64 or k % t.bk or n_out % cta_n:
+        raise ValueError(f"grouped Hopper kernel: rows {m} in {nb} blocks (multiples of 64 rows), contraction {k} "
+                         f"by {t.bk}, {n_out} output columns by {cta_n}: shape does not tile")
+    used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
+    kernel = plgpu.kernel(
+        functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // cta_n, k_steps=k // t.bk, swiglu=swiglu),
+        out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=(_num_sms(),), grid_names=("sm",),
+        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return kernel(block_expert, used, x, *ws)
+
+
+def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = HopperTiles()):
+    """Kernel A on Hopper: h = silu(xp W_gate[e]) * (xp W_up[e]) per block of the padded, sorted xp [M, D]
+    (blocks of expert -1, a suffix, are skipped and their rows left unwritten)."""
+    return _grouped_call(xp, block_expert, (w_gate, w_up), w_gate.shape[2], t, swiglu=True)
+
+
+def down_proj(h, block_expert, w_down, t: HopperTiles = HopperTiles(bn=128, stages=3)):
+    """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype."""
+    return _grouped_call(h, block_expert, (w_down,), w_down.shape[2], t, swiglu=False)

@@ -1,0 +1,82 @@
+"""Hopper (Mosaic GPU, warp-specialised wgmma + TMA) expert kernels against the Triton ones, on a GPU: the same
+outputs on every used block, and the time of each (chained R times in one jit) for a few tilings, Qwen3-30B-A3B
+expert shapes. A development tool:
+    python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek]"""
+import argparse, dataclasses, statistics, time
+import jax, jax.numpy as jnp, numpy as np
+from mixjax.kernels import grouped_experts as ge, grouped_experts_hopper as gh
+from mixjax.bench.experts import random_gates, measure_hbm_bandwidth, measure_matmul_rate
+
+ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--quick", action="store_true")
+ap.add_argument("--deepseek", action="store_true")
+a = ap.parse_args()
+E, K, D, F, R = (256, 8, 7168, 2048, 4) if a.deepseek else (128, 8, 2048, 768, 10)
+bw, rate = measure_hbm_bandwidth(), measure_matmul_rate()
+print(f"{jax.devices()[0].device_kind} cc {getattr(jax.devices()[0], 'compute_capability', '?')} "
+      f"SMs {getattr(jax.devices()[0], 'core_count', '?')}; HBM {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TF/s; "
+      f"hopper_available {gh.hopper_available()}", flush=True)
+
+
+def timeit(f, *args, iters=8):
+    jax.block_until_ready(f(*args)); ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter(); jax.block_until_ready(f(*args)); ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / R
+
+
+def chained(kern):
+    @jax.jit
+    def chain(x, *rest):
+        for _ in range(R):
+            y = kern(x, *rest); x = x.at[:, :1].add(y[:, :1])
+        return x
+    return chain
+
+
+key = jax.random.PRNGKey(0)
+wg, wu = (jax.random.normal(kk, (E, D, F), jnp.bfloat16) * 0.02 for kk in jax.random.split(key, 2))
+wd = jax.random.normal(jax.random.PRNGKey(1), (E, F, D), jnp.bfloat16) * 0.02
+rng = np.random.RandomState(0)
+for n in map(int, a.tokens.split(",")):
+    g = jnp.asarray(random_gates(rng, n, E, K)); x = jax.random.normal(key, (n, D), jnp.bfloat16)
+    cur = ge.choose_blocks(n * K, E, D, F)
+    bm = 128
+    lay = ge.group_layout(g, K, bm); nb = lay.block_expert.shape[0]; m = nb * bm
+    be = np.asarray(lay.block_expert); used = int((be >= 0).sum())
+    xp = ge.gather_rows_xla(x, lay)
+    blk = dataclasses.replace(cur, bm=bm) if cur.bm != bm else cur
+    fl_a, fl_b = 2 * 2 * used * bm * D * F, 2 * used * bm * F * D
+    print(f"n={n}: {used}/{nb} blocks of {bm} rows used; triton tiles {blk}", flush=True)
+    # exactness: Hopper vs Triton on the used rows
+    h_t = ge.gate_up(xp, lay.block_expert, wg, wu, blk)
+    y_t = ge.down_proj(h_t, lay.block_expert, wd, blk)
+    rows = used * bm
+    try:
+        h_h = gh.gate_up(xp, lay.block_expert, wg, wu)
+        y_h = gh.down_proj(h_t, lay.block_expert, wd)
+        for name, p, q in (("A", h_h, h_t), ("B", y_h, y_t)):
+            p, q = np.asarray(p[:rows], np.float32), np.asarray(q[:rows], np.float32)
+            print(f"   {name}: max |hopper - triton| {np.abs(p - q).max():.3g} (max |triton| {np.abs(q).max():.3g})", flush=True)
+    except Exception as ex:
+        print(f"   hopper failed: {type(ex).__name__}: {str(ex)[:2000]}", flush=True)
+        continue
+    t = timeit(chained(lambda xx, b, w1, w2: ge.gate_up(xx, b, w1, w2, blk)), xp, lay.block_expert, wg, wu)
+    print(f"   triton A {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul", flush=True)
+    tb = timeit(chained(lambda hh, b, w: ge.down_proj(hh, b, w, blk)), h_t, lay.block_expert, wd)
+    print(f"   triton B {tb * 1e6:7.1f} us {fl_b / tb / rate:5.1%} of matmul", flush=True)
+    cands_a = [gh.HopperTiles(64, 64, s, mn, w) for s in (3, 4) for mn, w in ((0, 1), (0, 4), (1, 1), (0, 8))]
+    cands_b = [gh.HopperTiles(bn, 64, s, mn, w) for bn, s in ((128, 3), (128, 4), (64, 4)) for mn, w in ((0, 1), (0, 4), (1, 1))]
+    if a.quick:
+        cands_a, cands_b = cands_a[:2], cands_b[:2]
+    for c in cands_a:
+        try:
+            t = timeit(chained(lambda xx, b, w1, w2, c=c: gh.gate_up(xx, b, w1, w2, c)), xp, lay.block_expert, wg, wu)
+            print(f"   hopper A {c}: {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul", flush=True)
+        except Exception as ex:
+            print(f"   hopper A {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+    for c in cands_b:
+        try:
+            t = timeit(chained(lambda hh, b, w, c=c: gh.down_proj(hh, b, w, c)), h_t, lay.block_expert, wd)
+            print(f"   hopper B {c}: {t * 1e6:7.1f} us {fl_b / t / rate:5.1%} of matmul", flush=True)
+        except Exception as ex:
+            print(f"   hopper B {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
