@@ -64,8 +64,11 @@ for n in map(int, a.tokens.split(",")):
     print(f"   triton A {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul", flush=True)
     tb = timeit(chained(lambda hh, b, w: ge.down_proj(hh, b, w, blk)), h_t, lay.block_expert, wd)
     print(f"   triton B {tb * 1e6:7.1f} us {fl_b / tb / rate:5.1%} of matmul", flush=True)
-    cands_a = [gh.HopperTiles(64, 64, s, mn, w) for s in (3, 4) for mn, w in ((0, 1), (0, 4), (1, 1), (0, 8))]
-    cands_b = [gh.HopperTiles(bn, 64, s, mn, w) for bn, s in ((128, 3), (128, 4), (64, 4)) for mn, w in ((0, 1), (0, 4), (1, 1))]
+    T = gh.HopperTiles
+    cands_a = [T(64, 64, 3), T(64, 64, 3, release=1), T(64, 64, 4, release=1, epi=32), T(64, 128, 2, release=1, epi=32),
+               T(64, 32, 6, release=1), T(64, 64, 3, release=1, minor=1, width=6), T(64, 64, 3, release=1, width=2)]
+    cands_b = [T(128), T(128, release=1), T(128, 64, 4, release=1, epi=64), T(128, 128, 2, release=1, epi=64),
+               T(64, 64, 4, release=1), T(128, release=1, minor=1, width=8), T(128, 32, 6, release=1, epi=64)]
     if a.quick:
         cands_a, cands_b = cands_a[:2], cands_b[:2]
     for c in cands_a:

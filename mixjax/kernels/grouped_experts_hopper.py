@@ -37,13 +37,17 @@ H100_SMS = 132  # programs when lowering without a GPU at hand (H100 / H200 SXM)
 class HopperTiles:
     """bn: output columns per compute warpgroup (kernel A: of the gate and of the up projection each); bk: the
     contraction tile; stages: shared-memory stages in flight; minor / width: the walk over (block, tile) pairs,
-    `plgpu.planar_snake`'s minor dimension (0: blocks) and tile width."""
+    `plgpu.planar_snake`'s minor dimension (0: blocks) and tile width; release: wgmma groups left in flight when a
+    step ends (its stage is handed back to the TMA warpgroup that many steps later); epi: columns per store of the
+    epilogue (0: bn), which sizes its shared-memory buffer."""
 
     bn: int = 64
     bk: int = 64
-    stages: int = 4
+    stages: int = 3
     minor: int = 0
-    width: int = 4
+    width: int = 1
+    release: int = 0
+    epi: int = 0
 
 
 def hopper_available() -> bool:
@@ -69,9 +73,11 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
     *ws, out = refs
     cta_n = COMPUTE_WARPGROUPS * t.bn
     in_tr = _swizzled(t.bk, x.dtype)
-    specs = [plgpu.BlockSpec((bm, t.bk), lambda k: (0, k), transforms=in_tr, memory_space=plgpu.SMEM)]
+    epi = t.epi or t.bn
+    specs = [plgpu.BlockSpec((bm, t.bk), lambda k: (0, k), transforms=in_tr, memory_space=plgpu.SMEM,
+                             delay_release=t.release)]
     specs += [plgpu.BlockSpec((t.bk, cta_n), lambda k: (k, 0), transforms=_swizzled(cta_n, x.dtype),
-                              memory_space=plgpu.SMEM) for _ in ws]
+                              memory_space=plgpu.SMEM, delay_release=t.release) for _ in ws]
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -82,8 +88,8 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
     allocs = pipeline(nothing, nothing).get_allocations(x, *(w.at[0] for w in ws))
 
     @functools.partial(pl.run_scoped, allocs=allocs,
-                       out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, bm, t.bn), out.dtype,
-                                           transforms=_swizzled(t.bn, out.dtype)),
+                       out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, bm, epi), out.dtype,
+                                           transforms=_swizzled(epi, out.dtype)),
                        collective_axes="wg")
     def _scope(allocs, out_smem):
         wg = lax.axis_index("wg")
@@ -99,15 +105,19 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
             def context(run):
                 def accumulate(*accs):
                     accs = run(accs)
+                    plgpu.wgmma_wait(0)
                     if swiglu:
                         g, u = accs[0][...], accs[1][...]
                         y = g * jax.nn.sigmoid(g) * u
                     else:
                         y = accs[0][...]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
-                    out_smem[wg] = y.astype(out.dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[rows, pl.ds(j * cta_n + wg * t.bn, t.bn)])
+                    y = y.astype(out.dtype)
+                    for c in range(t.bn // epi):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
+                        out_smem[wg] = y[:, c * epi:(c + 1) * epi]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                                out.at[rows, pl.ds(j * cta_n + wg * t.bn + c * epi, epi)])
 
                 pl.run_scoped(accumulate, *(plgpu.ACC((bm, t.bn), jnp.float32) for _ in ws))
 
@@ -115,7 +125,7 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
                 w_smems, accs = rest[:-1], rest[-1]
                 for acc, w_smem in zip(accs, w_smems):
                     plgpu.wgmma(acc, x_smem, w_smem.at[:, wg_cols])
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(t.release)
                 return accs
 
             pipeline(mma, context)(x.at[rows, :], *(w.at[e, :, pl.ds(j * cta_n, cta_n)] for w in ws),
@@ -147,6 +157,6 @@ def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = HopperTiles()):
     return _grouped_call(xp, block_expert, (w_gate, w_up), w_gate.shape[2], t, swiglu=True)
 
 
-def down_proj(h, block_expert, w_down, t: HopperTiles = HopperTiles(bn=128, stages=3)):
+def down_proj(h, block_expert, w_down, t: HopperTiles = HopperTiles(bn=128)):
     """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype."""
     return _grouped_call(h, block_expert, (w_down,), w_down.shape[2], t, swiglu=False)
