@@ -65,10 +65,12 @@ for n in map(int, a.tokens.split(",")):
     tb = timeit(chained(lambda hh, b, w: ge.down_proj(hh, b, w, blk)), h_t, lay.block_expert, wd)
     print(f"   triton B {tb * 1e6:7.1f} us {fl_b / tb / rate:5.1%} of matmul", flush=True)
     T = gh.HopperTiles
-    cands_a = [T(64, 64, 3), T(64, 64, 3, release=1), T(64, 64, 4, release=1, epi=32), T(64, 128, 2, release=1, epi=32),
-               T(64, 32, 6, release=1), T(64, 64, 3, release=1, minor=1, width=6), T(64, 64, 3, release=1, width=2)]
-    cands_b = [T(128), T(128, release=1), T(128, 64, 4, release=1, epi=64), T(128, 128, 2, release=1, epi=64),
-               T(64, 64, 4, release=1), T(128, release=1, minor=1, width=8), T(128, 32, 6, release=1, epi=64)]
+    cands_a = [T(128, 64, "n", 4, release=1, epi=32), T(128, 64, "m", 4, release=1, epi=32),
+               T(128, 64, "m", 3, release=1), T(128, 64, "m", 4, release=1, epi=64), T(256, 64, "m", 2, release=1, epi=64),
+               T(128, 64, "m", 4, release=0, epi=32), T(64, 64, "m", 6, release=1)]
+    cands_b = [T(256, 64, "n", 3, release=1), T(256, 64, "m", 3, release=1), T(256, 64, "m", 4, release=1, epi=64),
+               T(256, 64, "m", 3, release=0), T(128, 64, "m", 4, release=1), T(256, 64, "m", 4, release=1, epi=32),
+               T(128, 64, "m", 6, release=1)]
     if a.quick:
         cands_a, cands_b = cands_a[:2], cands_b[:2]
     for c in cands_a:

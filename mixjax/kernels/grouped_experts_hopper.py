@@ -28,21 +28,24 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-COMPUTE_WARPGROUPS = 2  # each owns bn of the tile's 2 * bn output columns
+COMPUTE_WARPGROUPS = 2  # each owns half of the output tile: half its rows or half its columns (`HopperTiles.split`)
 MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the rest go to the accumulators)
 H100_SMS = 132  # programs when lowering without a GPU at hand (H100 / H200 SXM)
 
 
 @dataclasses.dataclass(frozen=True)
 class HopperTiles:
-    """bn: output columns per compute warpgroup (kernel A: of the gate and of the up projection each); bk: the
-    contraction tile; stages: shared-memory stages in flight; minor / width: the walk over (block, tile) pairs,
+    """bn: output columns per program (kernel A: of the gate and of the up projection each); bk: the contraction
+    tile; split: how the two compute warpgroups share the bm x bn output tile, "m" (each bm/2 rows, all columns)
+    or "n" (all rows, bn/2 columns each); stages: shared-memory stages in flight; minor / width: the walk over
+    (block, tile) pairs,
     `plgpu.planar_snake`'s minor dimension (0: blocks) and tile width; release: wgmma groups left in flight when a
     step ends (its stage is handed back to the TMA warpgroup that many steps later); epi: columns per store of the
     epilogue (0: bn), which sizes its shared-memory buffer."""
 
-    bn: int = 64
+    bn: int = 128
     bk: int = 64
+    split: str = "m"
     stages: int = 3
     minor: int = 0
     width: int = 1
@@ -71,12 +74,13 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
     """out[rows of block b, tile j] = x[rows] @ w[e][:, tile j] for e = block_expert[b] (kernel B), or SwiGLU of
     the gate and up products (kernel A: w = (w_gate, w_up)). Runs in each of the 3 warpgroups of a program."""
     *ws, out = refs
-    cta_n = COMPUTE_WARPGROUPS * t.bn
+    by_rows = t.split == "m"
+    rows_w, cols_w = (bm // COMPUTE_WARPGROUPS, t.bn) if by_rows else (bm, t.bn // COMPUTE_WARPGROUPS)
     in_tr = _swizzled(t.bk, x.dtype)
-    epi = t.epi or t.bn
+    epi = t.epi or cols_w
     specs = [plgpu.BlockSpec((bm, t.bk), lambda k: (0, k), transforms=in_tr, memory_space=plgpu.SMEM,
                              delay_release=t.release)]
-    specs += [plgpu.BlockSpec((t.bk, cta_n), lambda k: (k, 0), transforms=_swizzled(cta_n, x.dtype),
+    specs += [plgpu.BlockSpec((t.bk, t.bn), lambda k: (k, 0), transforms=_swizzled(t.bn, x.dtype),
                               memory_space=plgpu.SMEM, delay_release=t.release) for _ in ws]
 
     def pipeline(body, context):
@@ -88,7 +92,7 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
     allocs = pipeline(nothing, nothing).get_allocations(x, *(w.at[0] for w in ws))
 
     @functools.partial(pl.run_scoped, allocs=allocs,
-                       out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, bm, epi), out.dtype,
+                       out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, rows_w, epi), out.dtype,
                                            transforms=_swizzled(epi, out.dtype)),
                        collective_axes="wg")
     def _scope(allocs, out_smem):
@@ -100,7 +104,8 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
             b, j = plgpu.planar_snake(info.index[0], (n_used, n_tiles), t.minor, t.width)
             e = block_expert[b]
             rows = pl.ds(b * bm, bm)
-            wg_cols = pl.ds(wg * t.bn, t.bn)
+            w_rows = pl.ds(wg * rows_w, rows_w) if by_rows else pl.ds(0, bm)  # of the block
+            w_cols = pl.ds(0, t.bn) if by_rows else pl.ds(wg * cols_w, cols_w)  # of the tile
 
             def context(run):
                 def accumulate(*accs):
@@ -112,23 +117,24 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
                     else:
                         y = accs[0][...]
                     y = y.astype(out.dtype)
-                    for c in range(t.bn // epi):
+                    col0 = j * t.bn + (0 if by_rows else wg * cols_w)
+                    for c in range(cols_w // epi):
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
                         out_smem[wg] = y[:, c * epi:(c + 1) * epi]
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                                out.at[rows, pl.ds(j * cta_n + wg * t.bn + c * epi, epi)])
+                                                out.at[rows, :].at[w_rows, pl.ds(col0 + c * epi, epi)])
 
-                pl.run_scoped(accumulate, *(plgpu.ACC((bm, t.bn), jnp.float32) for _ in ws))
+                pl.run_scoped(accumulate, *(plgpu.ACC((rows_w, cols_w), jnp.float32) for _ in ws))
 
             def mma(_, x_smem, *rest):
                 w_smems, accs = rest[:-1], rest[-1]
                 for acc, w_smem in zip(accs, w_smems):
-                    plgpu.wgmma(acc, x_smem, w_smem.at[:, wg_cols])
+                    plgpu.wgmma(acc, x_smem.at[w_rows], w_smem.at[:, w_cols])
                 plgpu.wgmma_wait(t.release)
                 return accs
 
-            pipeline(mma, context)(x.at[rows, :], *(w.at[e, :, pl.ds(j * cta_n, cta_n)] for w in ws),
+            pipeline(mma, context)(x.at[rows, :], *(w.at[e, :, pl.ds(j * t.bn, t.bn)] for w in ws),
                                    allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -138,25 +144,26 @@ def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool)
     m, k = x.shape
     nb = block_expert.shape[0]
     bm = m // nb
-    cta_n = COMPUTE_WARPGROUPS * t.bn
-    if m % nb or bm % 64 or k % t.bk or n_out % cta_n:
-        raise ValueError(f"grouped Hopper kernel: rows {m} in {nb} blocks (multiples of 64 rows), contraction {k} "
-                         f"by {t.bk}, {n_out} output columns by {cta_n}: shape does not tile")
+    rows_w = bm // COMPUTE_WARPGROUPS if t.split == "m" else bm
+    if m % nb or rows_w % 64 or k % t.bk or n_out % t.bn:
+        raise ValueError(f"grouped Hopper kernel: rows {m} in {nb} blocks ({rows_w} rows per warpgroup, wgmma "
+                         f"needs multiples of 64), contraction {k} by {t.bk}, {n_out} output columns by {t.bn}: "
+                         f"shape does not tile")
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
     kernel = plgpu.kernel(
-        functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // cta_n, k_steps=k // t.bk, swiglu=swiglu),
+        functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu),
         out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=(_num_sms(),), grid_names=("sm",),
         num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return kernel(block_expert, used, x, *ws)
 
 
-def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = HopperTiles()):
+def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = HopperTiles(128, stages=4, release=1, epi=32)):
     """Kernel A on Hopper: h = silu(xp W_gate[e]) * (xp W_up[e]) per block of the padded, sorted xp [M, D]
     (blocks of expert -1, a suffix, are skipped and their rows left unwritten)."""
     return _grouped_call(xp, block_expert, (w_gate, w_up), w_gate.shape[2], t, swiglu=True)
 
 
-def down_proj(h, block_expert, w_down, t: HopperTiles = HopperTiles(bn=128)):
+def down_proj(h, block_expert, w_down, t: HopperTiles = HopperTiles(256, release=1, epi=64)):
     """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype."""
     return _grouped_call(h, block_expert, (w_down,), w_down.shape[2], t, swiglu=False)
