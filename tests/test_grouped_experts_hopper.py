@@ -1,0 +1,88 @@
+"""The Hopper (Mosaic GPU) expert kernels, run in Mosaic GPU's interpreter on CPU (TMA copies, barriers and the
+three warpgroups simulated), compute the same function as numpy; and the dispatch takes them only where they tile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixjax.kernels import grouped_experts as ge
+from mixjax.kernels import grouped_experts_hopper as gh
+
+E, D, F, N, K = 4, 128, 128, 40, 2
+TILES = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, release=1, epi=32)  # 2 output tiles, 2 k-steps, 2 stores
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(N, D), jnp.bfloat16)
+    gates = np.zeros((N, E), np.float32)
+    for i in range(N):
+        gates[i, rng.choice(E - 1, K, replace=False)] = 1.0  # expert E-1 untouched: one unused block
+    lay = ge.group_layout(jnp.asarray(gates), K, 128)
+    wg, wu = (jnp.asarray(rng.randn(E, D, F) * 0.1, jnp.bfloat16) for _ in range(2))
+    wd = jnp.asarray(rng.randn(E, F, D) * 0.1, jnp.bfloat16)
+    return ge.gather_rows_xla(x, lay), lay.block_expert, wg, wu, wd
+
+
+def per_block(xp, block_expert, fn, bm=128):
+    """fn(rows of a block, its expert) for each used block, stacked as the kernels lay out their output."""
+    return np.concatenate([fn(xp[b * bm:(b + 1) * bm], e) for b, e in enumerate(block_expert) if e >= 0])
+
+
+def test_hopper_kernels_equal_numpy(problem):
+    xp, be, wg, wu, wd = problem
+    be_np = np.asarray(be)
+    used = int((be_np >= 0).sum())
+    assert used == 3 and be_np[-1] == -1  # three blocks walked by 2 programs, the unused one skipped
+    f32 = lambda a: np.asarray(a, np.float32)
+
+    def swiglu(rows, e):
+        g, u = f32(rows) @ f32(wg[e]), f32(rows) @ f32(wu[e])
+        return g / (1 + np.exp(-g)) * u
+
+    h = gh.gate_up(xp, be, wg, wu, TILES, interpret=True, programs=2)
+    want_h = per_block(f32(xp), be_np, swiglu)
+    got_h = f32(h[:used * 128])
+    np.testing.assert_allclose(got_h, want_h, rtol=2e-2, atol=2e-2 * np.abs(want_h).max())
+    y = gh.down_proj(h, be, wd, TILES, interpret=True, programs=2)
+    want_y = per_block(got_h, be_np, lambda rows, e: rows @ f32(wd[e]))
+    got_y = f32(y[:used * 128])
+    np.testing.assert_allclose(got_y, want_y, rtol=2e-2, atol=2e-2 * np.abs(want_y).max())
+
+
+def test_hopper_kernels_refuse_shapes_they_do_not_tile(problem):
+    xp, be, wg, wu, wd = problem
+    with pytest.raises(ValueError, match="does not tile"):
+        gh.gate_up(xp, be, wg, wu, gh.HopperTiles(bn=256))  # 128 output columns by 256
+    with pytest.raises(ValueError, match="multiples of 64"):
+        gh.gate_up(xp.reshape(-1, 64, D)[:, :, :].reshape(-1, D)[: 2 * 64 * be.shape[0]], jnp.concatenate([be, be]),
+                   wg, wu, TILES)  # 64-row blocks: 32 rows per warpgroup
+
+
+def test_hopper_kernels_lower_for_cuda():
+    """The production tiles at Qwen3-30B-A3B expert shapes go through Pallas' Mosaic GPU lowering (layouts, shared
+    memory, pipeline) without a GPU."""
+    S = jax.ShapeDtypeStruct
+    nb, d, f = 6, 2048, 768
+    be, xp, h = S((nb,), jnp.int32), S((nb * 128, d), jnp.bfloat16), S((nb * 128, f), jnp.bfloat16)
+    w, wdn = S((8, d, f), jnp.bfloat16), S((8, f, d), jnp.bfloat16)
+    for fn, args in ((gh.gate_up, (xp, be, w, w)), (gh.down_proj, (h, be, wdn))):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+
+
+def test_dispatch_takes_hopper_kernels_only_where_they_apply(monkeypatch):
+    prompt = ge.choose_blocks(4096 * 8, 128, 2048, 768)
+    decode = ge.choose_blocks(32 * 8, 128, 2048, 768)
+    assert prompt.bm == 128 and decode.bm == 16
+    assert not ge.use_hopper(prompt, 2048, 768)  # CPU
+    monkeypatch.setattr(gh, "hopper_available", lambda: True)
+    assert ge.use_hopper(prompt, 2048, 768)
+    assert ge.use_hopper(prompt, 7168, 2048)  # DeepSeek-V3's experts
+    assert not ge.use_hopper(decode, 2048, 768)  # 16-row blocks: below a wgmma tile per warpgroup
+    assert not ge.use_hopper(prompt, 2048, 192)  # an F shard (768 over 4) that 128-column tiles do not divide
+    assert not ge.use_hopper(prompt, 2048, 768, interpret=True)
+    monkeypatch.setenv(ge.HOPPER_ENV, "0")
+    assert not ge.use_hopper(prompt, 2048, 768)
