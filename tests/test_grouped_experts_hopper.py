@@ -11,6 +11,7 @@ from mixjax.kernels import grouped_experts_hopper as gh
 
 E, D, F, N, K = 4, 128, 128, 40, 2
 TILES = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, release=1, epi=32)  # 2 output tiles, 2 k-steps, 2 stores
+CHAINED = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, chain=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,9 @@ def per_block(xp, block_expert, fn, bm=128):
     return np.concatenate([fn(xp[b * bm:(b + 1) * bm], e) for b, e in enumerate(block_expert) if e >= 0])
 
 
-def test_hopper_kernels_equal_numpy(problem):
+@pytest.mark.parametrize("tiles, programs", [(TILES, 2), (CHAINED, 2), (CHAINED, 4)])
+def test_hopper_kernels_equal_numpy(problem, tiles, programs):
+    """2 programs walk 3 tiles each; with 4, two programs have a single tile (chained: the first tile is the last)."""
     xp, be, wg, wu, wd = problem
     be_np = np.asarray(be)
     used = int((be_np >= 0).sum())
@@ -42,11 +45,11 @@ def test_hopper_kernels_equal_numpy(problem):
         g, u = f32(rows) @ f32(wg[e]), f32(rows) @ f32(wu[e])
         return g / (1 + np.exp(-g)) * u
 
-    h = gh.gate_up(xp, be, wg, wu, TILES, interpret=True, programs=2)
+    h = gh.gate_up(xp, be, wg, wu, tiles, interpret=True, programs=programs)
     want_h = per_block(f32(xp), be_np, swiglu)
     got_h = f32(h[:used * 128])
     np.testing.assert_allclose(got_h, want_h, rtol=2e-2, atol=2e-2 * np.abs(want_h).max())
-    y = gh.down_proj(h, be, wd, TILES, interpret=True, programs=2)
+    y = gh.down_proj(h, be, wd, tiles, interpret=True, programs=programs)
     want_y = per_block(got_h, be_np, lambda rows, e: rows @ f32(wd[e]))
     got_y = f32(y[:used * 128])
     np.testing.assert_allclose(got_y, want_y, rtol=2e-2, atol=2e-2 * np.abs(want_y).max())

@@ -65,12 +65,10 @@ for n in map(int, a.tokens.split(",")):
     tb = timeit(chained(lambda hh, b, w: ge.down_proj(hh, b, w, blk)), h_t, lay.block_expert, wd)
     print(f"   triton B {tb * 1e6:7.1f} us {fl_b / tb / rate:5.1%} of matmul", flush=True)
     T = gh.HopperTiles
-    cands_a = [T(128, 64, "n", 4, release=1, epi=32), T(128, 64, "m", 4, release=1, epi=32),
-               T(128, 64, "m", 3, release=1), T(128, 64, "m", 4, release=1, epi=64), T(256, 64, "m", 2, release=1, epi=64),
-               T(128, 64, "m", 4, release=0, epi=32), T(64, 64, "m", 6, release=1)]
-    cands_b = [T(256, 64, "n", 3, release=1), T(256, 64, "m", 3, release=1), T(256, 64, "m", 4, release=1, epi=64),
-               T(256, 64, "m", 3, release=0), T(128, 64, "m", 4, release=1), T(256, 64, "m", 4, release=1, epi=32),
-               T(128, 64, "m", 6, release=1)]
+    cands_a = [gh.GATE_UP_TILES, T(128, 64, "m", 4, epi=64, chain=True), T(128, 64, "m", 2, epi=64, chain=True),
+               T(128, 64, "m", 4, epi=64)]
+    cands_b = [gh.DOWN_TILES, T(256, 64, "m", 4, epi=64, chain=True), T(256, 64, "m", 3, epi=64, chain=True),
+               T(256, 64, "m", 2, chain=True)]
     if a.quick:
         cands_a, cands_b = cands_a[:2], cands_b[:2]
     for c in cands_a:

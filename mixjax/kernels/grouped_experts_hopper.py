@@ -41,7 +41,9 @@ class HopperTiles:
     (block, tile) pairs,
     `plgpu.planar_snake`'s minor dimension (0: blocks) and tile width; release: wgmma groups left in flight when a
     step ends (its stage is handed back to the TMA warpgroup that many steps later); epi: columns per store of the
-    epilogue (0: bn), which sizes its shared-memory buffer."""
+    epilogue (0: bn), which sizes its shared-memory buffer; chain: the TMA warpgroup starts the next tile's loads as
+    soon as this tile's stages are consumed, instead of waiting for the whole tile to be consumed first (the pipeline
+    of pipelines of `plgpu.emit_pipeline_warp_specialized`: needs release 0 and stages dividing the k steps)."""
 
     bn: int = 128
     bk: int = 64
@@ -51,6 +53,7 @@ class HopperTiles:
     width: int = 1
     release: int = 0
     epi: int = 0
+    chain: bool = False
 
 
 def hopper_available() -> bool:
@@ -83,10 +86,11 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
     specs += [plgpu.BlockSpec((t.bk, t.bn), lambda k: (k, 0), transforms=_swizzled(t.bn, x.dtype),
                               memory_space=plgpu.SMEM, delay_release=t.release) for _ in ws]
 
-    def pipeline(body, context):
+    def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_steps,), memory_registers=MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
-            num_compute_wgs=COMPUTE_WARPGROUPS, max_concurrent_steps=t.stages, compute_context=context)
+            num_compute_wgs=COMPUTE_WARPGROUPS, max_concurrent_steps=t.stages, compute_context=context,
+            pipeline_state=state)
 
     nothing = lambda *_, **__: None  # the allocations do not depend on the bodies
     allocs = pipeline(nothing, nothing).get_allocations(x, *(w.at[0] for w in ws))
@@ -134,7 +138,12 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
                 plgpu.wgmma_wait(t.release)
                 return accs
 
-            pipeline(mma, context)(x.at[rows, :], *(w.at[e, :, pl.ds(j * t.bn, t.bn)] for w in ws),
+            state = None
+            if t.chain:  # a program's first tile fills the stages, its last one drains them
+                steady = jnp.where(info.local_index == info.num_local_steps - 1, plgpu.PipelinePipeline.STOP,
+                                   plgpu.PipelinePipeline.STEADY)
+                state = jnp.where(info.local_index == 0, plgpu.PipelinePipeline.START, steady).astype(jnp.int32)
+            pipeline(mma, context, state)(x.at[rows, :], *(w.at[e, :, pl.ds(j * t.bn, t.bn)] for w in ws),
                                    allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
