@@ -169,10 +169,12 @@ def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool,
     return kernel(block_expert, used, x, *ws)
 
 
-# The fastest of tools/probe_hopper_experts.py at 4096 tokens, Qwen3-30B-A3B expert shapes, H200 (2026-12-01): kernel A
-# 454 us against 540 for the Triton kernel in the same run, kernel B 273 against 317 (split "n": 499 / 286 us).
+# The fastest of tools/probe_hopper_experts.py, Qwen3-30B-A3B expert shapes, H200 (2026-12-01), at 2048 / 4096 / 8192
+# tokens: kernel A 306 / 425 / 701 us against 337 / 498 / 859 for the Triton kernel in the same run, kernel B
+# 189 / 252 / 393 against 205 / 287 / 477. Splitting the tile by columns was slower (4096: 499 / 286 us); chaining
+# helps B (12 k-steps a tile, 256 -> 252 and 421 -> 393 us) more than A (32 k-steps a tile, within noise).
 GATE_UP_TILES = HopperTiles(128, 64, "m", stages=4, release=1, epi=64)
-DOWN_TILES = HopperTiles(256, 64, "m", stages=4, release=1, epi=64)
+DOWN_TILES = HopperTiles(256, 64, "m", stages=4, epi=64, chain=True)
 
 
 def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, interpret: bool = False,
