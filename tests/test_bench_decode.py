@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -114,6 +115,28 @@ def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
     assert p["flops"] == prefill_flops(bench_config("deepseek-tiny", 2, 512, dense_layers=1), 8)
     assert p["b2b_time_s"] > 0 and p["b2b_matmul_fraction"] == pytest.approx(p["flops"] / p["b2b_time_s"]
                                                                              / res["matmul_rate"])
+
+
+def test_prompt_that_fails_on_the_device_is_reported_not_raised(tmp_path, monkeypatch):
+    """A prefill that the device cannot run (here: the out-of-memory error XLA raises) becomes a row with its error,
+    and the prompts after it are still measured."""
+    real = decode.time_prefill
+
+    def fails_at_16(model, t, iters):
+        if t == 16:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 56.02GiB")
+        return real(model, t, iters)
+
+    monkeypatch.setattr(decode, "time_prefill", fails_at_16)
+    monkeypatch.setattr(decode, "measure_hbm_bandwidth", lambda: 1e11)
+    monkeypatch.setattr(decode, "measure_matmul_rate", lambda: 1e12)
+    out = tmp_path / "r.json"
+    assert decode.main(["--preset", "deepseek-tiny", "--layers", "1", "--batch", "1", "--ctx", "16", "--impl",
+                        "dense", "--prefill", "16,8", "--iters", "1", "--dtype", "float32", "--json", str(out)]) == 0
+    failed, done = json.loads(out.read_text())["prefill"]
+    assert failed == {"impl": "dense", "tokens": 16, "error": "RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                                                "allocate 56.02GiB"}
+    assert done["tokens"] == 8 and done["time_s"] > 0
 
 
 def test_prefill_roofline_is_the_larger_bound():
