@@ -2,10 +2,10 @@
 outputs on every used block, and the time of each (chained R times in one jit) for a few tilings, Qwen3-30B-A3B
 expert shapes. A development tool:
     python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek]"""
-import argparse, dataclasses, statistics, time
+import argparse, dataclasses
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels import grouped_experts as ge, grouped_experts_hopper as gh
-from mixjax.bench.experts import random_gates, measure_hbm_bandwidth, measure_matmul_rate
+from mixjax.bench.experts import random_expert_weights, random_gates, measure_hbm_bandwidth, measure_matmul_rate, timeit as bench_timeit
 
 ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--quick", action="store_true")
 ap.add_argument("--deepseek", action="store_true")
@@ -17,11 +17,9 @@ print(f"{jax.devices()[0].device_kind} cc {getattr(jax.devices()[0], 'compute_ca
       f"hopper_available {gh.hopper_available()}", flush=True)
 
 
-def timeit(f, *args, iters=8):
-    jax.block_until_ready(f(*args)); ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter(); jax.block_until_ready(f(*args)); ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) / R
+def timeit(f, *args):
+    """Seconds per kernel call: the chained program's median time over R."""
+    return bench_timeit(f, *args, iters=8) / R
 
 
 def chained(kern):
@@ -34,8 +32,7 @@ def chained(kern):
 
 
 key = jax.random.PRNGKey(0)
-wg, wu = (jax.random.normal(kk, (E, D, F), jnp.bfloat16) * 0.02 for kk in jax.random.split(key, 2))
-wd = jax.random.normal(jax.random.PRNGKey(1), (E, F, D), jnp.bfloat16) * 0.02
+wg, wu, wd = random_expert_weights(E, D, F)
 rng = np.random.RandomState(0)
 for n in map(int, a.tokens.split(",")):
     g = jnp.asarray(random_gates(rng, n, E, K)); x = jax.random.normal(key, (n, D), jnp.bfloat16)

@@ -6,7 +6,7 @@ A development tool:
 import argparse, itertools, statistics, time
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels import grouped_experts as ge
-from mixjax.bench.experts import random_gates, measure_hbm_bandwidth, measure_matmul_rate
+from mixjax.bench.experts import random_expert_weights, random_gates, measure_hbm_bandwidth, measure_matmul_rate
 
 ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--quick", action="store_true")
 ap.add_argument("--groups", default="0"); ap.add_argument("--bm", default=""); ap.add_argument("--focus", action="store_true")
@@ -24,8 +24,7 @@ def timeit(f, *args, iters=8):
 
 
 key = jax.random.PRNGKey(0)
-wg, wu = (jax.random.normal(kk, (E, D, F), jnp.bfloat16) * 0.02 for kk in jax.random.split(key, 2))
-wd = jax.random.normal(jax.random.PRNGKey(1), (E, F, D), jnp.bfloat16) * 0.02
+wg, wu, wd = random_expert_weights(E, D, F)
 rng = np.random.RandomState(0)
 for n in map(int, a.tokens.split(",")):
     g = jnp.asarray(random_gates(rng, n, E, K)); x = jax.random.normal(key, (n, D), jnp.bfloat16)

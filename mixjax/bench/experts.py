@@ -95,6 +95,13 @@ def dense_experts(x, gates, wg, wu, wd):
     return jnp.einsum("end,ne->nd", y, gates).astype(x.dtype)
 
 
+def random_expert_weights(e: int, d: int, f: int):
+    """bf16 (w_gate, w_up [e, d, f], w_down [e, f, d]) drawn from N(0, 0.02^2): the benchmarks' and tools' experts."""
+    key = jax.random.PRNGKey(0)
+    wg, wu = (jax.random.normal(kk, (e, d, f), jnp.bfloat16) * 0.02 for kk in jax.random.split(key, 2))
+    return wg, wu, jax.random.normal(jax.random.PRNGKey(1), (e, f, d), jnp.bfloat16) * 0.02
+
+
 def random_gates(rng, n: int, e: int, k: int) -> np.ndarray:
     g = np.zeros((n, e), np.float32)
     for i in range(n):
@@ -117,9 +124,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     e, k, d, f = args.experts, args.top_k, args.d_model, args.d_ff
     rng = np.random.RandomState(0)
-    key = jax.random.PRNGKey(0)
-    wg, wu = (jax.random.normal(kk, (e, d, f), jnp.bfloat16) * 0.02 for kk in jax.random.split(key, 2))
-    wd = jax.random.normal(jax.random.PRNGKey(1), (e, f, d), jnp.bfloat16) * 0.02
+    wg, wu, wd = random_expert_weights(e, d, f)
     bw, rate = measure_hbm_bandwidth(), measure_matmul_rate()
     print(f"{jax.devices()[0].device_kind}: HBM {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
           f"E={e} k={k} D={d} F={f}")
