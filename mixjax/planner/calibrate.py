@@ -346,7 +346,8 @@ def measure_launch(mesh, R: int, reps: int) -> dict:
     return {"op_overhead_s": t / per_body, "kernels_per_body": per_body, "step_overhead_s": max(0.0, t1 - t)}
 
 
-# Qwen3-30B-A3B's expert shapes: the grouped-kernel probe (GPU calibration) measures the Triton kernels there
+# Qwen3-30B-A3B's expert shapes: the grouped-kernel probe (GPU calibration) measures there the kernels that
+# grouped_swiglu runs (Triton; on Hopper GPUs the Mosaic GPU kernels for prompts' 128-row blocks)
 GROUPED_PROBE = dict(d_model=2048, d_ff=768, experts=128, top_k=8, tokens=(64, 1024, 2048, 8192))
 GROUPED_PROBE_QUICK = dict(GROUPED_PROBE, tokens=(64, 2048))
 # forced on a CPU (--grouped on): the kernels run interpreted, so only a small shape is affordable
