@@ -60,8 +60,9 @@ def test_hopper_kernels_refuse_shapes_they_do_not_tile(problem):
     with pytest.raises(ValueError, match="does not tile"):
         gh.gate_up(xp, be, wg, wu, gh.HopperTiles(bn=256))  # 128 output columns by 256
     with pytest.raises(ValueError, match="multiples of 64"):
-        gh.gate_up(xp.reshape(-1, 64, D)[:, :, :].reshape(-1, D)[: 2 * 64 * be.shape[0]], jnp.concatenate([be, be]),
-                   wg, wu, TILES)  # 64-row blocks: 32 rows per warpgroup
+        gh.gate_up(xp, jnp.concatenate([be, be]), wg, wu, TILES)  # twice the blocks: 64 rows, 32 per warpgroup
+    with pytest.raises(ValueError, match="chained tiles need"):
+        gh.gate_up(xp, be, wg, wu, gh.HopperTiles(bn=64, stages=3, chain=True))  # 3 stages, 2 k-steps
 
 
 def test_hopper_kernels_lower_for_cuda():

@@ -4,8 +4,9 @@ Same layout and the same functions as `grouped_experts.gate_up` / `down_proj` (b
 expert-sorted x, block b computed with expert block_expert[b]), written for what the Triton backend cannot reach:
 
 - Warp specialisation: one warpgroup only issues TMA copies of the x and weight tiles into a ring of shared-memory
-  stages, two compute warpgroups only issue wgmma (each owns half of the output tile's columns). Triton's grouped
-  kernels stayed at ~57% (A) and ~50-54% (B) of the matmul rate on an H200 at every tiling swept.
+  stages, two compute warpgroups only issue wgmma, each on 64 of the block's 128 rows and all of the tile's
+  columns. Triton's grouped kernels stayed at ~57% (A) and ~50-54% (B) of the matmul rate on an H200 at every
+  tiling swept; these reach 68% / 57% at 4096 tokens, 75% / 67% at 8192 (docs/BENCHMARKS.md).
 - Persistent: one program per SM walks the (block, output tile) pairs of the used blocks only (a prefix of the
   blocks: `used` is read on the device, nothing is launched for the padding blocks), in the order of
   `HopperTiles.minor` / `width` (blocks of one expert next to each other share each weight tile while it is in L2).
@@ -13,8 +14,8 @@ expert-sorted x, block b computed with expert block_expert[b]), written for what
   store: h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation, stored in x's dtype.
 
 Mosaic GPU kernels run only on sm_90 GPUs: `hopper_available()` says whether this process has one. The CPU tests
-lower them for CUDA (the Mosaic GPU custom call is built without a GPU) and the GPU check
-(tools/check_gpu_paths.py) compares them with the Triton kernels.
+run them in Mosaic GPU's interpreter against numpy and lower the production tilings for CUDA; on a GPU
+tools/probe_hopper_experts.py compares them with the Triton kernels and tools/check_gpu_paths.py runs the model.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ H100_SMS = 132  # programs when lowering without a GPU at hand (H100 / H200 SXM)
 
 @dataclasses.dataclass(frozen=True)
 class HopperTiles:
-    """bn: output columns per program (kernel A: of the gate and of the up projection each); bk: the contraction
-    tile; split: how the two compute warpgroups share the bm x bn output tile, "m" (each bm/2 rows, all columns)
-    or "n" (all rows, bn/2 columns each); stages: shared-memory stages in flight; minor / width: the walk over
-    (block, tile) pairs,
-    `plgpu.planar_snake`'s minor dimension (0: blocks) and tile width; release: wgmma groups left in flight when a
-    step ends (its stage is handed back to the TMA warpgroup that many steps later); epi: columns per store of the
-    epilogue (0: bn), which sizes its shared-memory buffer; chain: the TMA warpgroup starts the next tile's loads as
-    soon as this tile's stages are consumed, instead of waiting for the whole tile to be consumed first (the pipeline
-    of pipelines of `plgpu.emit_pipeline_warp_specialized`: needs release 0 and stages dividing the k steps)."""
+    """Tiles and schedule of one Hopper expert kernel.
+
+    bn: output columns per program (kernel A: of the gate and of the up projection each). bk: the contraction tile.
+    split: how the two compute warpgroups share the bm x bn output tile, "m" (bm/2 rows each, all columns) or "n"
+    (all rows, bn/2 columns each). stages: shared-memory stages in flight. minor / width: the walk over (block,
+    tile) pairs, `plgpu.planar_snake`'s minor dimension (0: blocks) and tile width. release: wgmma groups left in
+    flight when a step ends (its stage goes back to the TMA warpgroup that many steps later). epi: columns per store
+    of the epilogue (0: all), which sizes its shared-memory buffer. chain: the TMA warpgroup starts the next tile's
+    loads as soon as this tile's stages are consumed, instead of waiting for the whole tile first (the pipeline of
+    pipelines of `plgpu.emit_pipeline_warp_specialized`; needs release 0 and stages dividing the k steps)."""
 
     bn: int = 128
     bk: int = 64
@@ -159,6 +161,9 @@ def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool,
         raise ValueError(f"grouped Hopper kernel: rows {m} in {nb} blocks ({rows_w} rows per warpgroup, wgmma "
                          f"needs multiples of 64), contraction {k} by {t.bk}, {n_out} output columns by {t.bn}: "
                          f"shape does not tile")
+    if t.chain and (t.release or (k // t.bk) % t.stages):
+        raise ValueError(f"grouped Hopper kernel: chained tiles need release 0 and {t.stages} stages dividing the "
+                         f"{k // t.bk} k-steps (tiles {t})")
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
     kernel = plgpu.kernel(
         functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu),
