@@ -12,6 +12,7 @@ from mixjax.kernels import grouped_experts_hopper as gh
 E, D, F, N, K = 4, 128, 128, 40, 2
 TILES = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, release=1, epi=32)  # 2 output tiles, 2 k-steps, 2 stores
 CHAINED = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, chain=True)
+BY_COLUMNS = gh.HopperTiles(bn=128, bk=64, split="n", stages=2)  # each warpgroup: all 128 rows, 64 columns
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,10 @@ def per_block(xp, block_expert, fn, bm=128):
     return np.concatenate([fn(xp[b * bm:(b + 1) * bm], e) for b, e in enumerate(block_expert) if e >= 0])
 
 
-@pytest.mark.parametrize("tiles, programs", [(TILES, 2), (CHAINED, 2), (CHAINED, 4)])
+@pytest.mark.parametrize("tiles, programs", [(TILES, 2), (CHAINED, 2), (CHAINED, 4), (BY_COLUMNS, 2)])
 def test_hopper_kernels_equal_numpy(problem, tiles, programs):
-    """2 programs walk 3 tiles each; with 4, two programs have a single tile (chained: the first tile is the last)."""
+    """2 programs walk 3 tiles each (BY_COLUMNS: 3 blocks of one tile, 2 programs); with 4, two programs have a
+    single tile (chained: the first tile is the last)."""
     xp, be, wg, wu, wd = problem
     be_np = np.asarray(be)
     used = int((be_np >= 0).sum())
@@ -87,6 +89,7 @@ def test_dispatch_takes_hopper_kernels_only_where_they_apply(monkeypatch):
     assert ge.use_hopper(prompt, 7168, 2048)  # DeepSeek-V3's experts
     assert not ge.use_hopper(decode, 2048, 768)  # 16-row blocks: below a wgmma tile per warpgroup
     assert not ge.use_hopper(prompt, 2048, 192)  # an F shard (768 over 4) that 128-column tiles do not divide
+    assert not ge.use_hopper(prompt, 2048, 1408)  # kernel B's 22 k-steps: its 4 chained stages do not divide them
     assert not ge.use_hopper(prompt, 2048, 768, interpret=True)
     monkeypatch.setenv(ge.HOPPER_ENV, "0")
     assert not ge.use_hopper(prompt, 2048, 768)

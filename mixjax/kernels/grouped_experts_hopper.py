@@ -66,7 +66,7 @@ def hopper_available() -> bool:
 
 def _num_sms() -> int:
     dev = jax.devices()[0]
-    return getattr(dev, "core_count", None) or H100_SMS if dev.platform == "gpu" else H100_SMS
+    return (getattr(dev, "core_count", None) if dev.platform == "gpu" else None) or H100_SMS
 
 
 def _swizzled(cols: int, dtype) -> tuple:
@@ -151,19 +151,25 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def tiling_error(bm: int, k: int, n_out: int, t: HopperTiles) -> str | None:
+    """Why tiles t cannot run over blocks of bm rows with contraction k and n_out output columns (None: they can)."""
+    rows_w = bm // COMPUTE_WARPGROUPS if t.split == "m" else bm
+    if rows_w % 64 or k % t.bk or n_out % t.bn:
+        return (f"{rows_w} rows per warpgroup (wgmma needs multiples of 64), contraction {k} by {t.bk}, {n_out} "
+                f"output columns by {t.bn}: shape does not tile")
+    if t.chain and (t.release or (k // t.bk) % t.stages):
+        return f"chained tiles need release 0 and {t.stages} stages dividing the {k // t.bk} k-steps"
+    return None
+
+
 def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool, interpret: bool,
                   programs: int | None):
     m, k = x.shape
     nb = block_expert.shape[0]
     bm = m // nb
-    rows_w = bm // COMPUTE_WARPGROUPS if t.split == "m" else bm
-    if m % nb or rows_w % 64 or k % t.bk or n_out % t.bn:
-        raise ValueError(f"grouped Hopper kernel: rows {m} in {nb} blocks ({rows_w} rows per warpgroup, wgmma "
-                         f"needs multiples of 64), contraction {k} by {t.bk}, {n_out} output columns by {t.bn}: "
-                         f"shape does not tile")
-    if t.chain and (t.release or (k // t.bk) % t.stages):
-        raise ValueError(f"grouped Hopper kernel: chained tiles need release 0 and {t.stages} stages dividing the "
-                         f"{k // t.bk} k-steps (tiles {t})")
+    why = f"rows {m} in {nb} blocks" if m % nb else tiling_error(bm, k, n_out, t)
+    if why:
+        raise ValueError(f"grouped Hopper kernel: {why} (tiles {t})")
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
     kernel = plgpu.kernel(
         functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu),
@@ -180,6 +186,12 @@ def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool,
 # helps B (12 k-steps a tile, 256 -> 252 and 421 -> 393 us) more than A (32 k-steps a tile, within noise).
 GATE_UP_TILES = HopperTiles(128, 64, "m", stages=4, release=1, epi=64)
 DOWN_TILES = HopperTiles(256, 64, "m", stages=4, epi=64, chain=True)
+
+
+def fits(bm: int, d_model: int, d_ff: int) -> bool:
+    """Whether kernels A and B, at their default tiles, run experts of this shape in blocks of bm rows."""
+    return (tiling_error(bm, d_model, d_ff, GATE_UP_TILES) is None
+            and tiling_error(bm, d_ff, d_model, DOWN_TILES) is None)
 
 
 def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, interpret: bool = False,
