@@ -1,6 +1,7 @@
 """The prompt path's kernels (Pallas, run interpreted on CPU): the experts' sorted layout without a sort, the row
 copies around the expert kernels, and MLA flash attention, each against a plain reference."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,9 +49,10 @@ def test_group_layout_is_a_stable_sort_by_expert(n, e, k, bm):
 
 
 def test_gather_rows_fills_used_blocks_with_x_rows():
-    """Row r of every used block is x[src_row[r]], or zero for a padding row."""
+    """Row r of every used block is x[src_row[r]], or zero for a padding row in a tile of 16 rows with real rows;
+    tiles of padding rows only are not written (what is there is never read into a real row)."""
     rng = np.random.RandomState(0)
-    n, e, k, d, bm = 45, 8, 3, 64, 16
+    n, e, k, d, bm = 45, 8, 3, 64, 32
     ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
     w = (rng.rand(n, k) + 0.1).astype(np.float32)
     w[3] = 0
@@ -60,8 +62,10 @@ def test_gather_rows_fills_used_blocks_with_x_rows():
     got = np.asarray(ge.gather_rows(jnp.asarray(x), lay, bm, tiles=ge.RowTiles(16, 32), interpret=True))
     used = np.repeat(blocks >= 0, bm)
     assert used.sum() < used.size  # some blocks unused: they are not written, and not read
+    written = used & np.repeat(src[::16] < n, 16)  # tiles whose first row is real
+    assert written.sum() < used.sum()  # some tiles of padding rows only
     want = np.where((src < n)[:, None], x[np.minimum(src, n - 1)], 0)
-    np.testing.assert_array_equal(got[used], want[used])
+    np.testing.assert_array_equal(got[written], want[written])
 
 
 @pytest.mark.parametrize("t,start,s", [(20, 0, 32), (20, 12, 32), (64, 0, 64)])
@@ -101,3 +105,29 @@ def test_deepseek_prompt_with_mla_flash_matches_reference(monkeypatch):
     _, cache = model.forward(jnp.asarray(tokens[:, :half]), jnp.asarray(pos[:, :half]), model.init_cache(b, 32))
     logits, _ = model.forward(jnp.asarray(tokens[:, half:]), jnp.asarray(pos[:, half:]), cache)
     assert rel_err(np.asarray(logits)[..., : model.vocab_size], ref["logits"][:, half:]) < 1e-4
+
+
+@pytest.mark.parametrize("b,t,h,d", [(2, 24, 4, 64), (1, 40, 8, 128), (1, 6, 1, 16)])
+def test_norm_rope_equals_the_xla_path_bit_for_bit(b, t, h, d):
+    """The fused per-head RMSNorm + RoPE kernel rounds as the XLA path does (RMSNorm then apply_rope, bf16)."""
+    from mixjax.kernels.norm_rope import norm_rope
+    from mixjax.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+    rng = np.random.RandomState(t)
+    x = jnp.asarray(rng.randn(b, t, h, d) * 3, jnp.bfloat16)
+    norm = RMSNorm(d, "n", eps=1e-6, dtype=jnp.bfloat16)
+    norm.w[...] = jnp.asarray(rng.randn(d) * 0.5 + 1, jnp.bfloat16)
+    pos = jnp.asarray(np.broadcast_to(np.arange(5, 5 + t), (b, t)), jnp.int32)
+    cos, sin = rope_cos_sin(pos, *rope_inv_freq(d, 1e6, None, 4096))
+    want = jax.jit(lambda x: apply_rope(norm(x), cos, sin))(x)
+    got = norm_rope(x, norm.w[...], cos, sin, eps=1e-6, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_norm_rope_refuses_heads_triton_cannot_tile():
+    from mixjax.kernels.norm_rope import norm_rope, supported
+
+    assert supported(32, 128) and supported(4, 128) and not supported(3, 128) and not supported(4, 96)
+    with pytest.raises(ValueError, match="powers of two"):
+        norm_rope(jnp.zeros((1, 4, 3, 64)), jnp.ones(64), jnp.zeros((1, 4, 32)), jnp.zeros((1, 4, 32)), eps=1e-6,
+                  interpret=True)

@@ -22,6 +22,7 @@ t, b = 512, a.batch
 tok = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)), jnp.int32)
 pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))
 res = {}
+fed = []  # the float32 run's argmax tokens, which every path is fed at its decode steps
 w32 = jax.tree.map(lambda a: a.astype(jnp.float32), w)
 for impl, dt, ws in (("f32", jnp.float32, w32), ("dense", jnp.bfloat16, w), ("grouped", jnp.bfloat16, w)):
     m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=dt,
@@ -33,7 +34,9 @@ for impl, dt, ws in (("f32", jnp.float32, w32), ("dense", jnp.bfloat16, w), ("gr
     steps = []
     nxt = second[:, -1].argmax(-1).astype(jnp.int32)
     for s in range(8 if b == 1 else 4):
-        lg, cache = m.forward(nxt[:, None], jnp.full((b, 1), t + s, jnp.int32), cache)
+        if impl == "f32":
+            fed.append(nxt)
+        lg, cache = m.forward(fed[s][:, None], jnp.full((b, 1), t + s, jnp.int32), cache)
         steps.append(lg[:, 0]); nxt = lg[:, 0].argmax(-1).astype(jnp.int32)
     res[impl] = (np.asarray(whole, np.float32), np.asarray(second, np.float32), np.stack([np.asarray(x, np.float32) for x in steps]))
 for name, r, a, g in zip(("whole prompt", "second chunk", "decode steps"), res["f32"], res["dense"], res["grouped"]):

@@ -1,6 +1,7 @@
 """Hopper (Mosaic GPU, warp-specialised wgmma + TMA) expert kernels against the Triton ones, on a GPU: the same
 outputs on every used block, and the time of each (chained R times in one jit) for a few tilings, Qwen3-30B-A3B
-expert shapes. A development tool:
+expert shapes; each tiling also with the blocks' row counts (`block_rows`: a warpgroup whose rows are all padding
+skips its products). A development tool:
     python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek]"""
 import argparse, dataclasses
 import jax, jax.numpy as jnp, numpy as np
@@ -43,7 +44,9 @@ for n in map(int, a.tokens.split(",")):
     xp = ge.gather_rows_xla(x, lay)
     blk = dataclasses.replace(cur, bm=bm) if cur.bm != bm else cur
     fl_a, fl_b = 2 * 2 * used * bm * D * F, 2 * used * bm * F * D
-    print(f"n={n}: {used}/{nb} blocks of {bm} rows used; triton tiles {blk}", flush=True)
+    br = np.asarray(lay.block_rows)[:used]
+    print(f"n={n}: {used}/{nb} blocks of {bm} rows used, {br.sum() / (used * bm):.1%} of their rows hold pairs, "
+          f"{(br <= bm // 2).mean():.1%} of them at most half full; triton tiles {blk}", flush=True)
     # exactness: Hopper vs Triton on the used rows
     h_t = ge.gate_up(xp, lay.block_expert, wg, wu, blk)
     y_t = ge.down_proj(h_t, lay.block_expert, wd, blk)
@@ -51,9 +54,13 @@ for n in map(int, a.tokens.split(",")):
     try:
         h_h = gh.gate_up(xp, lay.block_expert, wg, wu)
         y_h = gh.down_proj(h_t, lay.block_expert, wd)
-        for name, p, q in (("A", h_h, h_t), ("B", y_h, y_t)):
-            p, q = np.asarray(p[:rows], np.float32), np.asarray(q[:rows], np.float32)
-            print(f"   {name}: max |hopper - triton| {np.abs(p - q).max():.3g} (max |triton| {np.abs(q).max():.3g})", flush=True)
+        h_s = gh.gate_up(xp, lay.block_expert, wg, wu, block_rows=lay.block_rows)
+        y_s = gh.down_proj(h_t, lay.block_expert, wd, block_rows=lay.block_rows)
+        real = np.concatenate([np.arange(b * bm, b * bm + r) for b, r in enumerate(br)])
+        for name, p, q in (("A", h_h, h_t), ("B", y_h, y_t), ("A skipping", h_s, h_t), ("B skipping", y_s, y_t)):
+            p, q = np.asarray(p[:rows], np.float32)[real], np.asarray(q[:rows], np.float32)[real]
+            print(f"   {name}: max |hopper - triton| {np.abs(p - q).max():.3g} on the rows holding pairs "
+                  f"(max |triton| {np.abs(q).max():.3g})", flush=True)
     except Exception as ex:
         print(f"   hopper failed: {type(ex).__name__}: {str(ex)[:2000]}", flush=True)
         continue
@@ -69,14 +76,22 @@ for n in map(int, a.tokens.split(",")):
     if a.quick:
         cands_a, cands_b = cands_a[:2], cands_b[:2]
     for c in cands_a:
-        try:
-            t = timeit(chained(lambda xx, b, w1, w2, c=c: gh.gate_up(xx, b, w1, w2, c)), xp, lay.block_expert, wg, wu)
-            print(f"   hopper A {c}: {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul", flush=True)
-        except Exception as ex:
-            print(f"   hopper A {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+        for skip in (False, True):
+            r = lay.block_rows if skip else None
+            try:
+                t = timeit(chained(lambda xx, b, w1, w2, c=c, r=r: gh.gate_up(xx, b, w1, w2, c, block_rows=r)),
+                           xp, lay.block_expert, wg, wu)
+                print(f"   hopper A {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul",
+                      flush=True)
+            except Exception as ex:
+                print(f"   hopper A {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
     for c in cands_b:
-        try:
-            t = timeit(chained(lambda hh, b, w, c=c: gh.down_proj(hh, b, w, c)), h_t, lay.block_expert, wd)
-            print(f"   hopper B {c}: {t * 1e6:7.1f} us {fl_b / t / rate:5.1%} of matmul", flush=True)
-        except Exception as ex:
-            print(f"   hopper B {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+        for skip in (False, True):
+            r = lay.block_rows if skip else None
+            try:
+                t = timeit(chained(lambda hh, b, w, c=c, r=r: gh.down_proj(hh, b, w, c, block_rows=r)),
+                           h_t, lay.block_expert, wd)
+                print(f"   hopper B {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_b / t / rate:5.1%} of matmul",
+                      flush=True)
+            except Exception as ex:
+                print(f"   hopper B {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)

@@ -135,3 +135,7 @@ for b in map(int, a.batch.split(",")):
             print(f"  {g:8.1f} us  #{i:4d}  after {before[:50]}  before {after[:50]}")
     if DUMP:
         explain(tot, a.top)
+        if os.environ.get("PROFILE_HLO_OUT"):  # keep the forward's optimized HLO (the largest module) for reading
+            import shutil
+            mods = sorted(glob.glob(os.path.join(DUMP, "*after_optimizations.txt")), key=os.path.getsize)
+            shutil.copy(mods[-1], os.environ["PROFILE_HLO_OUT"])

@@ -136,6 +136,7 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
 class Layout:
     src_row: jax.Array  # [M] input row that fills each padded row (n: a zero row)
     block_expert: jax.Array  # [NB] expert of each block, -1 for unused blocks
+    block_rows: jax.Array  # [NB] rows of each block that hold a pair (the rest are padding; 0 for unused blocks)
     dest: jax.Array  # [n, k] padded row of each pair (M: no pair)
     weight: jax.Array  # [n, k] float32 gate weight of each pair (0: no pair)
 
@@ -167,7 +168,8 @@ def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
     src_row = jnp.where(slot % bm == 0, slot // bm // k, n)
     block_expert = jnp.where(valid, ids, -1).reshape(p).astype(jnp.int32)
     dest = jnp.where(valid, (jnp.arange(p, dtype=jnp.int32) * bm).reshape(n, k), m)
-    return Layout(src_row, block_expert, dest, jnp.where(valid, w, 0.0))
+    block_rows = valid.reshape(p).astype(jnp.int32)
+    return Layout(src_row, block_expert, block_rows, dest, jnp.where(valid, w, 0.0))
 
 
 RANK_CHUNK = 256  # pairs per chunk of group_layout's prefix counts: counts up to 256 are exact in bf16
@@ -213,8 +215,11 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
                                                       unique_indices=True)
     b = jnp.arange(nb, dtype=jnp.int32)
     block_expert = jnp.sum(block_end[None, :] <= b[:, None], axis=1).astype(jnp.int32)
+    first = block_start[jnp.minimum(block_expert, e - 1)]  # the expert's first block
+    block_rows = jnp.where(block_expert < e,
+                           jnp.clip(counts[jnp.minimum(block_expert, e - 1)] - (b - first) * bm, 0, bm), 0)
     block_expert = jnp.where(block_expert < e, block_expert, -1)
-    return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
+    return Layout(src_row, block_expert, block_rows.astype(jnp.int32), dest.reshape(n, k), jnp.where(valid, w, 0.0))
 
 
 def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int, nb: int, nt: int):
@@ -268,8 +273,10 @@ class RowTiles:
 def _gather_rows_kernel(block_expert_ref, src_ref, x_ref, out_ref, *, t: RowTiles, bm: int, n: int):
     i, j = pl.program_id(0), pl.program_id(1)
 
-    # Rows of unused blocks are never read (the expert kernels skip them; the combine reads only real pairs' rows).
-    @pl.when(block_expert_ref[i * t.rows // bm] >= 0)
+    # Rows of unused blocks are never read (the expert kernels skip them; the combine reads only real pairs' rows),
+    # and padding rows' contents never reach a real row: each output row of a product depends on its own input row
+    # only. So a tile of padding rows (an expert's rows fill a prefix of its blocks) is not written either.
+    @pl.when((block_expert_ref[i * t.rows // bm] >= 0) & (src_ref[i * t.rows] < n))
     def _():
         rows, cols = pl.ds(i * t.rows, t.rows), pl.ds(j * t.cols, t.cols)
         src = src_ref[rows]
@@ -278,8 +285,8 @@ def _gather_rows_kernel(block_expert_ref, src_ref, x_ref, out_ref, *, t: RowTile
 
 
 def gather_rows(x, lay: Layout, bm: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
-    """The padded, expert-sorted copy of x that the expert kernels read: row r is x[src_row[r]] (zero for padding
-    rows); rows of unused blocks are left unwritten. On an H200 (tools/probe_rows.py) 93 us at 8192 tokens against
+    """The padded, expert-sorted copy of x that the expert kernels read: row r is x[src_row[r]], or zero for a padding
+    row in a tile with real rows; tiles of padding rows only and rows of unused blocks are left unwritten. On an H200 (tools/probe_rows.py) 93 us at 8192 tokens against
     211 us for XLA's gather of the same rows, 25 against 61 us at 2048. (A Pallas kernel for the combine, each
     row's weighted sum of its expert outputs, was slower than XLA's gather-and-sum at every tiling tried: 76-224
     against 71 us at 8192 tokens.)"""
@@ -359,8 +366,8 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
     if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
-        h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up)
-        y = hopper.down_proj(h, lay.block_expert, w_down)
+        h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, block_rows=lay.block_rows)
+        y = hopper.down_proj(h, lay.block_expert, w_down, block_rows=lay.block_rows)
     else:
         h = gate_up(xp, lay.block_expert, w_gate, w_up, blk, interpret=interpret)
         y = down_proj(h, lay.block_expert, w_down, blk, interpret=interpret)

@@ -75,7 +75,7 @@ def _swizzled(cols: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int, swiglu: bool):
+def _grouped_kernel(block_expert, block_rows, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int, swiglu: bool):
     """out[rows of block b, tile j] = x[rows] @ w[e][:, tile j] for e = block_expert[b] (kernel B), or SwiGLU of
     the gate and up products (kernel A: w = (w_gate, w_up)). Runs in each of the 3 warpgroups of a program."""
     *ws, out = refs
@@ -112,6 +112,9 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
             rows = pl.ds(b * bm, bm)
             w_rows = pl.ds(wg * rows_w, rows_w) if by_rows else pl.ds(0, bm)  # of the block
             w_cols = pl.ds(0, t.bn) if by_rows else pl.ds(wg * cols_w, cols_w)  # of the tile
+            # A warpgroup whose rows are all padding (an expert's last block, filled to at most half) skips its
+            # products and its store: the tile then costs the tensor cores half as much.
+            has_rows = wg * rows_w < block_rows[b] if by_rows else True
 
             def context(run):
                 def accumulate(*accs):
@@ -124,19 +127,26 @@ def _grouped_kernel(block_expert, used, x, *refs, bm: int, t: HopperTiles, n_til
                         y = accs[0][...]
                     y = y.astype(out.dtype)
                     col0 = j * t.bn + (0 if by_rows else wg * cols_w)
-                    for c in range(cols_w // epi):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
-                        out_smem[wg] = y[:, c * epi:(c + 1) * epi]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                                out.at[rows, :].at[w_rows, pl.ds(col0 + c * epi, epi)])
+
+                    @pl.when(has_rows)
+                    def _store():
+                        for c in range(cols_w // epi):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
+                            out_smem[wg] = y[:, c * epi:(c + 1) * epi]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                                    out.at[rows, :].at[w_rows, pl.ds(col0 + c * epi, epi)])
 
                 pl.run_scoped(accumulate, *(plgpu.ACC((rows_w, cols_w), jnp.float32) for _ in ws))
 
             def mma(_, x_smem, *rest):
                 w_smems, accs = rest[:-1], rest[-1]
-                for acc, w_smem in zip(accs, w_smems):
-                    plgpu.wgmma(acc, x_smem.at[w_rows], w_smem.at[:, w_cols])
+
+                @pl.when(has_rows)
+                def _issue():
+                    for acc, w_smem in zip(accs, w_smems):
+                        plgpu.wgmma(acc, x_smem.at[w_rows], w_smem.at[:, w_cols])
+
                 plgpu.wgmma_wait(t.release)
                 return accs
 
@@ -162,7 +172,7 @@ def tiling_error(bm: int, k: int, n_out: int, t: HopperTiles) -> str | None:
     return None
 
 
-def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool, interpret: bool,
+def _grouped_call(x, block_expert, block_rows, ws, n_out: int, t: HopperTiles, swiglu: bool, interpret: bool,
                   programs: int | None):
     m, k = x.shape
     nb = block_expert.shape[0]
@@ -171,13 +181,15 @@ def _grouped_call(x, block_expert, ws, n_out: int, t: HopperTiles, swiglu: bool,
     if why:
         raise ValueError(f"grouped Hopper kernel: {why} (tiles {t})")
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
+    if block_rows is None:
+        block_rows = jnp.full(nb, bm, jnp.int32)
     kernel = plgpu.kernel(
         functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu),
         out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=(programs or _num_sms(),), grid_names=("sm",),
         num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    return kernel(block_expert, used, x, *ws)
+    return kernel(block_expert, block_rows.astype(jnp.int32), used, x, *ws)
 
 
 # The fastest of tools/probe_hopper_experts.py, Qwen3-30B-A3B expert shapes, H200 (2026-12-01), at 2048 / 4096 / 8192
@@ -194,17 +206,20 @@ def fits(bm: int, d_model: int, d_ff: int) -> bool:
             and tiling_error(bm, d_ff, d_model, DOWN_TILES) is None)
 
 
-def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, interpret: bool = False,
-            programs: int | None = None):
+def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, block_rows=None,
+            interpret: bool = False, programs: int | None = None):
     """Kernel A on Hopper: h = silu(xp W_gate[e]) * (xp W_up[e]) per block of the padded, sorted xp [M, D]
-    (blocks of expert -1, a suffix, are skipped and their rows left unwritten). interpret: run in Mosaic GPU's
-    interpreter (any backend, slow); programs: persistent programs (default: one per SM)."""
-    return _grouped_call(xp, block_expert, (w_gate, w_up), w_gate.shape[2], t, swiglu=True, interpret=interpret,
+    (blocks of expert -1, a suffix, are skipped and their rows left unwritten). block_rows: each block's rows that
+    hold pairs (`Layout.block_rows`; default all); a warpgroup's share of rows past them is not computed and its
+    output rows are left unwritten. interpret: run in Mosaic GPU's interpreter (any backend, slow); programs:
+    persistent programs (default: one per SM)."""
+    return _grouped_call(xp, block_expert, block_rows, (w_gate, w_up), w_gate.shape[2], t, swiglu=True, interpret=interpret,
                          programs=programs)
 
 
-def down_proj(h, block_expert, w_down, t: HopperTiles = DOWN_TILES, *, interpret: bool = False,
+def down_proj(h, block_expert, w_down, t: HopperTiles = DOWN_TILES, *, block_rows=None, interpret: bool = False,
               programs: int | None = None):
-    """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype."""
-    return _grouped_call(h, block_expert, (w_down,), w_down.shape[2], t, swiglu=False, interpret=interpret,
+    """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype (block_rows: as for
+    `gate_up`)."""
+    return _grouped_call(h, block_expert, block_rows, (w_down,), w_down.shape[2], t, swiglu=False, interpret=interpret,
                          programs=programs)

@@ -19,6 +19,7 @@ from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, att
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
 from mixjax.kernels import router as router_kernel
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
+from mixjax.kernels.norm_rope import norm_rope, supported as norm_rope_supported
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -117,7 +118,12 @@ class Qwen3Attention(nnx.Module):
                                            eps=self.q_norm.eps)
             cache = {"k": kc, "v": vc}
         else:
-            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+            if par.pallas and norm_rope_supported(q.shape[2], hd) and norm_rope_supported(k.shape[2], hd):
+                # a prompt: each head's norm and rotation in one pass over q (XLA reads and writes it twice)
+                q, k = (norm_rope(a, nrm.w[...], cos, sin, eps=nrm.eps, interpret=par.pallas == "interpret")
+                        for a, nrm in ((q, self.q_norm), (k, self.k_norm)))
+            else:
+                q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
             heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, K, D] -> the cache's [B, K, T, D]
             cache = {"k": write_cache(cache["k"], heads_major(k), starts, seq_axis=2),
                      "v": write_cache(cache["v"], heads_major(v), starts, seq_axis=2)}
