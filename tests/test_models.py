@@ -61,3 +61,20 @@ def test_mla_latent_and_expanded_attention_match_reference(name, monkeypatch):
             lg, cache = m.forward(jnp.asarray(ids[:, i: i + 1], jnp.int32), jnp.full((b, 1), i, jnp.int32), cache)
             steps.append(np.asarray(lg)[:, 0, : m.vocab_size])
         assert rel_err(np.stack(steps, axis=1), ref["logits"]) < 1e-4
+
+
+def test_products_of_one_long_input_do_not_share_it():
+    """From UNSHARED_ROWS rows, q/k/v-style products each get their own handle on x (an optimisation barrier), so
+    that XLA's GPU dot merger cannot merge them by concatenating their weights; fewer rows keep one x. Same values."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from mixjax.models.layers import UNSHARED_ROWS, Linear, project
+
+    lins = [Linear(32, o, (None, None), f"w{o}", dtype=jnp.float32, rngs=nnx.Rngs(o), out_major=True) for o in (64, 16)]
+    for rows, apart in ((UNSHARED_ROWS, True), (UNSHARED_ROWS // 4, False)):
+        x = jnp.asarray(np.random.RandomState(rows).randn(rows, 32), jnp.float32)
+        f = jax.jit(lambda x: project(x, lins))
+        assert ("optimization_barrier" in f.lower(x).as_text()) == apart  # what XLA is given
+        for y, lin in zip(f(x), lins):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ np.asarray(lin.w[...]).T, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ runs it anywhere).
 Qwen3 normalises each head of q and k (q_norm, k_norm) before rotating it. XLA makes two kernels of the pair: the
 norm is a reduction, the rotation a concatenate, and XLA does not fuse a reduction into a concatenate. So q is read
 and written twice: on an H200, 34 us per layer of a 4096-token Qwen3-30B-A3B prompt for ~15 us of bytes. Here one
-program per tile of rows reads each head once, computes its statistics and rotates it.
+program per tile of rows reads each head once, computes its statistics and rotates it: 19 us (docs/BENCHMARKS.md).
 
 The arithmetic is the XLA path's, rounding included (models.layers.RMSNorm then apply_rope, in x's dtype): the
 statistics in float32, the normalised row rounded to x's dtype before the weight multiplies it, cos and sin rounded
@@ -22,7 +22,9 @@ from jax.experimental import pallas as pl
 
 from mixjax.kernels import triton_params
 
-ELEMENTS_PER_PROGRAM = 4096  # rows x heads x head_dim per program: one row of q (32 heads of 128), 8 rows of k
+# rows x heads x head_dim per program: one row of q (32 heads of 128), 8 rows of k. With 8 warps, the fastest of 12
+# tilings on an H200 at 4096 tokens (tools/check_norm_rope.py); 16384 elements with 4 warps took 27 us per layer.
+ELEMENTS_PER_PROGRAM = 4096
 
 
 def _pow2(n: int) -> bool:
