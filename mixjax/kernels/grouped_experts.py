@@ -134,7 +134,7 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    src_row: jax.Array  # [M] input row that fills each padded row (n: a zero row)
+    src_row: jax.Array  # [M] input row that fills each padded row (n: padding; see gather_rows)
     block_expert: jax.Array  # [NB] expert of each block, -1 for unused blocks
     block_rows: jax.Array  # [NB] rows of each block that hold a pair (the rest are padding; 0 for unused blocks)
     dest: jax.Array  # [n, k] padded row of each pair (M: no pair)
@@ -286,10 +286,11 @@ def _gather_rows_kernel(block_expert_ref, src_ref, x_ref, out_ref, *, t: RowTile
 
 def gather_rows(x, lay: Layout, bm: int, *, tiles: RowTiles = RowTiles(), interpret: bool = False):
     """The padded, expert-sorted copy of x that the expert kernels read: row r is x[src_row[r]], or zero for a padding
-    row in a tile with real rows; tiles of padding rows only and rows of unused blocks are left unwritten. On an H200 (tools/probe_rows.py) 93 us at 8192 tokens against
-    211 us for XLA's gather of the same rows, 25 against 61 us at 2048. (A Pallas kernel for the combine, each
-    row's weighted sum of its expert outputs, was slower than XLA's gather-and-sum at every tiling tried: 76-224
-    against 71 us at 8192 tokens.)"""
+    row in a tile with real rows; tiles of padding rows only and rows of unused blocks are left unwritten. On an
+    H200 (tools/probe_rows.py) 93 us at 8192 tokens against 211 us for XLA's gather of the same rows, 25 against 61
+    us at 2048; leaving the padding-only tiles unwritten took 107 -> 82 us per 4-layer step at 2048 tokens. (A
+    Pallas kernel for the combine, each row's weighted sum of its expert outputs, was slower than XLA's
+    gather-and-sum at every tiling tried: 76-224 against 71 us at 8192 tokens.)"""
     n, d = x.shape
     m = lay.src_row.shape[0]
     r, c = min(tiles.rows, bm), _pow2_divisor(d, tiles.cols)

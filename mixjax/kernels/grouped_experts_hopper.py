@@ -75,7 +75,8 @@ def _swizzled(cols: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _grouped_kernel(block_expert, block_rows, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int, swiglu: bool):
+def _grouped_kernel(block_expert, block_rows, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int,
+                    swiglu: bool):
     """out[rows of block b, tile j] = x[rows] @ w[e][:, tile j] for e = block_expert[b] (kernel B), or SwiGLU of
     the gate and up products (kernel A: w = (w_gate, w_up)). Runs in each of the 3 warpgroups of a program."""
     *ws, out = refs
@@ -213,13 +214,13 @@ def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, b
     hold pairs (`Layout.block_rows`; default all); a warpgroup's share of rows past them is not computed and its
     output rows are left unwritten. interpret: run in Mosaic GPU's interpreter (any backend, slow); programs:
     persistent programs (default: one per SM)."""
-    return _grouped_call(xp, block_expert, block_rows, (w_gate, w_up), w_gate.shape[2], t, swiglu=True, interpret=interpret,
-                         programs=programs)
+    return _grouped_call(xp, block_expert, block_rows, (w_gate, w_up), w_gate.shape[2], t, swiglu=True,
+                         interpret=interpret, programs=programs)
 
 
 def down_proj(h, block_expert, w_down, t: HopperTiles = DOWN_TILES, *, block_rows=None, interpret: bool = False,
               programs: int | None = None):
     """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype (block_rows: as for
     `gate_up`)."""
-    return _grouped_call(h, block_expert, block_rows, (w_down,), w_down.shape[2], t, swiglu=False, interpret=interpret,
-                         programs=programs)
+    return _grouped_call(h, block_expert, block_rows, (w_down,), w_down.shape[2], t, swiglu=False,
+                         interpret=interpret, programs=programs)
