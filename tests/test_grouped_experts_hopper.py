@@ -22,10 +22,11 @@ def problem():
     gates = np.zeros((N, E), np.float32)
     gates[:70, [0, 1]] = gates[70:, [1, 2]] = 1.0  # 70 / 80 / 10 rows of experts 0-2; expert 3 untouched
     lay = ge.group_layout(jnp.asarray(gates), K, 128)
-    assert np.asarray(lay.block_rows).tolist() == [70, 80, 10, 0, 0, 0]  # block 2: all of warpgroup 1's rows padding
+    real = (np.asarray(lay.src_row) < N).reshape(-1, 128).sum(1)
+    assert real.tolist() == [70, 80, 10, 0, 0, 0]  # rows holding pairs per block; block 2: warpgroup 1's all padding
     wg, wu = (jnp.asarray(rng.randn(E, D, F) * 0.1, jnp.bfloat16) for _ in range(2))
     wd = jnp.asarray(rng.randn(E, F, D) * 0.1, jnp.bfloat16)
-    return ge.gather_rows_xla(x, lay), lay.block_expert, lay.block_rows, wg, wu, wd
+    return ge.gather_rows_xla(x, lay), lay.block_expert, lay.src_row, wg, wu, wd
 
 
 def per_block(xp, block_expert, fn, bm=128):
@@ -37,27 +38,26 @@ def per_block(xp, block_expert, fn, bm=128):
                                                    (BY_COLUMNS, 2, False), (TILES, 2, True), (CHAINED, 4, True)])
 def test_hopper_kernels_equal_numpy(problem, tiles, programs, skip):
     """2 programs walk 3 tiles each (BY_COLUMNS: 3 blocks of one tile, 2 programs); with 4, two programs have a
-    single tile (chained: the first tile is the last). skip: the kernels are given the blocks' row counts, and a
+    single tile (chained: the first tile is the last). skip: the kernels are given the layout's source rows, and a
     warpgroup whose 64 rows are all padding (block 2's second) computes nothing: the rows that hold pairs must be
     the same."""
-    xp, be, block_rows, wg, wu, wd = problem
+    xp, be, src_row, wg, wu, wd = problem
     be_np = np.asarray(be)
     used = int((be_np >= 0).sum())
     assert used == 3 and be_np[-1] == -1  # three blocks walked by 2 programs, the unused one skipped
     f32 = lambda a: np.asarray(a, np.float32)
-    rows = block_rows if skip else None
-    real = np.concatenate([np.arange(b * 128, b * 128 + (int(n) if skip else 128))
-                           for b, n in enumerate(np.asarray(block_rows)[:used])])  # the rows compared
+    pad = dict(src_row=src_row, n_x=N) if skip else {}
+    real = np.flatnonzero(np.asarray(src_row)[:used * 128] < N) if skip else np.arange(used * 128)  # rows compared
 
     def swiglu(rows, e):
         g, u = f32(rows) @ f32(wg[e]), f32(rows) @ f32(wu[e])
         return g / (1 + np.exp(-g)) * u
 
-    h = gh.gate_up(xp, be, wg, wu, tiles, block_rows=rows, interpret=True, programs=programs)
+    h = gh.gate_up(xp, be, wg, wu, tiles, **pad, interpret=True, programs=programs)
     want_h = per_block(f32(xp), be_np, swiglu)
     got_h = f32(h[:used * 128])
     np.testing.assert_allclose(got_h[real], want_h[real], rtol=2e-2, atol=2e-2 * np.abs(want_h).max())
-    y = gh.down_proj(h, be, wd, tiles, block_rows=rows, interpret=True, programs=programs)
+    y = gh.down_proj(h, be, wd, tiles, **pad, interpret=True, programs=programs)
     want_y = per_block(np.where(np.isfinite(got_h), got_h, 0), be_np, lambda rows, e: rows @ f32(wd[e]))
     got_y = f32(y[:used * 128])
     np.testing.assert_allclose(got_y[real], want_y[real], rtol=2e-2, atol=2e-2 * np.abs(want_y).max())
@@ -71,6 +71,8 @@ def test_hopper_kernels_refuse_shapes_they_do_not_tile(problem):
         gh.gate_up(xp, jnp.concatenate([be, be]), wg, wu, TILES)  # twice the blocks: 64 rows, 32 per warpgroup
     with pytest.raises(ValueError, match="chained tiles need"):
         gh.gate_up(xp, be, wg, wu, gh.HopperTiles(bn=64, stages=3, chain=True))  # 3 stages, 2 k-steps
+    with pytest.raises(ValueError, match="together"):
+        gh.gate_up(xp, be, wg, wu, TILES, n_x=N)  # the padding rule needs the source rows too
 
 
 def test_hopper_kernels_lower_for_cuda():
@@ -80,9 +82,12 @@ def test_hopper_kernels_lower_for_cuda():
     nb, d, f = 6, 2048, 768
     be, xp, h = S((nb,), jnp.int32), S((nb * 128, d), jnp.bfloat16), S((nb * 128, f), jnp.bfloat16)
     w, wdn = S((8, d, f), jnp.bfloat16), S((8, f, d), jnp.bfloat16)
+    src = S((nb * 128,), jnp.int32)
     for fn, args in ((gh.gate_up, (xp, be, w, w)), (gh.down_proj, (h, be, wdn))):
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
+        for skip in (False, True):  # every row computed; warpgroups of padding rows skipped (x had 1000 rows)
+            f = (lambda *a, fn=fn: fn(*a[:-1], src_row=a[-1], n_x=1000)) if skip else fn
+            text = jax.jit(f).trace(*args, *((src,) if skip else ())).lower(lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text
 
 
 def test_dispatch_takes_hopper_kernels_only_where_they_apply(monkeypatch):

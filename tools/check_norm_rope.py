@@ -16,7 +16,7 @@ for h in (32, 4):
     w = norm.w[...]
     pos = jnp.asarray(np.arange(t)[None], jnp.int32)
     cos, sin = rope_cos_sin(pos, *rope_inv_freq(128, 1e6, None, 40960))
-    xla = jax.jit(lambda x, w, c, s: apply_rope(RMSNorm.__call__(norm, x), c, s))
+    xla = jax.jit(lambda x, w, c, s: apply_rope(norm(x), c, s))  # norm holds w
     fused = jax.jit(lambda x, w, c, s: norm_rope(x, w, c, s, eps=1e-6))
     a, b = np.asarray(xla(x, w, cos, sin), np.float32), np.asarray(fused(x, w, cos, sin), np.float32)
     d = np.abs(a - b)

@@ -1,6 +1,6 @@
 """Hopper (Mosaic GPU, warp-specialised wgmma + TMA) expert kernels against the Triton ones, on a GPU: the same
 outputs on every used block, and the time of each (chained R times in one jit) for a few tilings, Qwen3-30B-A3B
-expert shapes; each tiling also with the blocks' row counts (`block_rows`: a warpgroup whose rows are all padding
+expert shapes; each tiling also given the layout's source rows (`src_row`: a warpgroup whose rows are all padding
 skips its products). A development tool:
     python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek]"""
 import argparse, dataclasses
@@ -44,7 +44,8 @@ for n in map(int, a.tokens.split(",")):
     xp = ge.gather_rows_xla(x, lay)
     blk = dataclasses.replace(cur, bm=bm) if cur.bm != bm else cur
     fl_a, fl_b = 2 * 2 * used * bm * D * F, 2 * used * bm * F * D
-    br = np.asarray(lay.block_rows)[:used]
+    br = (np.asarray(lay.src_row) < n).reshape(nb, bm).sum(1)[:used]  # rows holding pairs per used block
+    pad = dict(src_row=lay.src_row, n_x=n)
     print(f"n={n}: {used}/{nb} blocks of {bm} rows used, {br.sum() / (used * bm):.1%} of their rows hold pairs, "
           f"{(br <= bm // 2).mean():.1%} of them at most half full; triton tiles {blk}", flush=True)
     # exactness: Hopper vs Triton on the used rows
@@ -54,8 +55,8 @@ for n in map(int, a.tokens.split(",")):
     try:
         h_h = gh.gate_up(xp, lay.block_expert, wg, wu)
         y_h = gh.down_proj(h_t, lay.block_expert, wd)
-        h_s = gh.gate_up(xp, lay.block_expert, wg, wu, block_rows=lay.block_rows)
-        y_s = gh.down_proj(h_t, lay.block_expert, wd, block_rows=lay.block_rows)
+        h_s = gh.gate_up(xp, lay.block_expert, wg, wu, **pad)
+        y_s = gh.down_proj(h_t, lay.block_expert, wd, **pad)
         real = np.concatenate([np.arange(b * bm, b * bm + r) for b, r in enumerate(br)])
         for name, p, q in (("A", h_h, h_t), ("B", y_h, y_t), ("A skipping", h_s, h_t), ("B skipping", y_s, y_t)):
             p, q = np.asarray(p[:rows], np.float32)[real], np.asarray(q[:rows], np.float32)[real]
@@ -77,9 +78,9 @@ for n in map(int, a.tokens.split(",")):
         cands_a, cands_b = cands_a[:2], cands_b[:2]
     for c in cands_a:
         for skip in (False, True):
-            r = lay.block_rows if skip else None
+            r = pad if skip else {}
             try:
-                t = timeit(chained(lambda xx, b, w1, w2, c=c, r=r: gh.gate_up(xx, b, w1, w2, c, block_rows=r)),
+                t = timeit(chained(lambda xx, b, w1, w2, c=c, r=r: gh.gate_up(xx, b, w1, w2, c, **r)),
                            xp, lay.block_expert, wg, wu)
                 print(f"   hopper A {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul",
                       flush=True)
@@ -87,9 +88,9 @@ for n in map(int, a.tokens.split(",")):
                 print(f"   hopper A {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
     for c in cands_b:
         for skip in (False, True):
-            r = lay.block_rows if skip else None
+            r = pad if skip else {}
             try:
-                t = timeit(chained(lambda hh, b, w, c=c, r=r: gh.down_proj(hh, b, w, c, block_rows=r)),
+                t = timeit(chained(lambda hh, b, w, c=c, r=r: gh.down_proj(hh, b, w, c, **r)),
                            h_t, lay.block_expert, wd)
                 print(f"   hopper B {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_b / t / rate:5.1%} of matmul",
                       flush=True)

@@ -1,8 +1,9 @@
 """Per-kernel GPU time of one bench decode step (or prefill), from a JAX profiler trace (perfetto JSON).
-A development tool: python tools/profile_step.py BATCH[,BATCH..] [--prefill T] [--impl grouped] [--explain].
+A development tool: python tools/profile_step.py BATCH[,BATCH..] [--prefill T] [--impl grouped] [--explain]
+[--hlo-out PATH].
 --explain dumps the optimized HLO and names, under each kernel, the JAX operations (source lines) it was fused from."""
 import argparse, collections, functools, glob, os, re, sys, tempfile
-DUMP = tempfile.mkdtemp() if "--explain" in sys.argv else None
+DUMP = tempfile.mkdtemp() if "--explain" in sys.argv or "--hlo-out" in sys.argv else None
 if DUMP:  # before jax is imported
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
 import jax, jax.numpy as jnp, numpy as np
@@ -18,6 +19,7 @@ ap.add_argument("--impl", default="grouped"); ap.add_argument("--layers", type=i
 ap.add_argument("--ctx", type=int, default=1024); ap.add_argument("--top", type=int, default=25)
 ap.add_argument("--gaps", type=int, default=0, help="list the N longest idle gaps between GPU events");
 ap.add_argument("--explain", action="store_true"); ap.add_argument("--preset", default="qwen3-30b-a3b")
+ap.add_argument("--hlo-out", help="also keep the forward's optimized HLO in this file")
 ap.add_argument("--sample", type=float, default=None,
                 help="decode: also sample each row at this temperature as the engine does (seeded draw, logprob)")
 a = ap.parse_args()
@@ -133,9 +135,9 @@ for b in map(int, a.batch.split(",")):
               f"(event index of {len(evs)}) --")
         for g, i, before, after in gaps[:a.gaps]:
             print(f"  {g:8.1f} us  #{i:4d}  after {before[:50]}  before {after[:50]}")
-    if DUMP:
+    if a.explain:
         explain(tot, a.top)
-        if os.environ.get("PROFILE_HLO_OUT"):  # keep the forward's optimized HLO (the largest module) for reading
-            import shutil
-            mods = sorted(glob.glob(os.path.join(DUMP, "*after_optimizations.txt")), key=os.path.getsize)
-            shutil.copy(mods[-1], os.environ["PROFILE_HLO_OUT"])
+    if a.hlo_out:  # the forward's optimized HLO: the largest module
+        import shutil
+        mods = sorted(glob.glob(os.path.join(DUMP, "*after_optimizations.txt")), key=os.path.getsize)
+        shutil.copy(mods[-1], a.hlo_out)

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mixjax.kernels import grouped_experts_hopper as hopper
-from mixjax.kernels import triton_params
+from mixjax.kernels import pow2_divisor, triton_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +85,6 @@ def _block_and_tile(blk: Blocks, nb: int, nt: int):
     return base + r % size, r // size
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
-        b *= 2
-    return b
-
-
 def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Blocks | None:
     """Tile sizes for this shape, or None when the shape does not tile (the caller then uses the dense path).
 
@@ -123,8 +116,8 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
         a, b = (64, 256, 8, 3), (64, 256, 4, 4)
     else:
         a, b = (64, 128, 8, 4), (64, 256, 8, 4)
-    bk, bf = _pow2_divisor(d_model, a[0]), _pow2_divisor(d_ff, a[1])
-    b_bk, bd = _pow2_divisor(d_ff, b[0]), _pow2_divisor(d_model, b[1])
+    bk, bf = pow2_divisor(d_model, a[0]), pow2_divisor(d_ff, a[1])
+    b_bk, bd = pow2_divisor(d_ff, b[0]), pow2_divisor(d_model, b[1])
     if min(bk, bf, b_bk, bd) < 16:
         return None
     return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=a[2], stages=a[3], b_bk=b_bk, b_warps=b[2], b_stages=b[3],
@@ -136,7 +129,6 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
 class Layout:
     src_row: jax.Array  # [M] input row that fills each padded row (n: padding; see gather_rows)
     block_expert: jax.Array  # [NB] expert of each block, -1 for unused blocks
-    block_rows: jax.Array  # [NB] rows of each block that hold a pair (the rest are padding; 0 for unused blocks)
     dest: jax.Array  # [n, k] padded row of each pair (M: no pair)
     weight: jax.Array  # [n, k] float32 gate weight of each pair (0: no pair)
 
@@ -168,8 +160,7 @@ def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
     src_row = jnp.where(slot % bm == 0, slot // bm // k, n)
     block_expert = jnp.where(valid, ids, -1).reshape(p).astype(jnp.int32)
     dest = jnp.where(valid, (jnp.arange(p, dtype=jnp.int32) * bm).reshape(n, k), m)
-    block_rows = valid.reshape(p).astype(jnp.int32)
-    return Layout(src_row, block_expert, block_rows, dest, jnp.where(valid, w, 0.0))
+    return Layout(src_row, block_expert, dest, jnp.where(valid, w, 0.0))
 
 
 RANK_CHUNK = 256  # pairs per chunk of group_layout's prefix counts: counts up to 256 are exact in bf16
@@ -215,11 +206,8 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
                                                       unique_indices=True)
     b = jnp.arange(nb, dtype=jnp.int32)
     block_expert = jnp.sum(block_end[None, :] <= b[:, None], axis=1).astype(jnp.int32)
-    first = block_start[jnp.minimum(block_expert, e - 1)]  # the expert's first block
-    block_rows = jnp.where(block_expert < e,
-                           jnp.clip(counts[jnp.minimum(block_expert, e - 1)] - (b - first) * bm, 0, bm), 0)
     block_expert = jnp.where(block_expert < e, block_expert, -1)
-    return Layout(src_row, block_expert, block_rows.astype(jnp.int32), dest.reshape(n, k), jnp.where(valid, w, 0.0))
+    return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
 
 
 def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int, nb: int, nt: int):
@@ -293,7 +281,7 @@ def gather_rows(x, lay: Layout, bm: int, *, tiles: RowTiles = RowTiles(), interp
     gather-and-sum at every tiling tried: 76-224 against 71 us at 8192 tokens.)"""
     n, d = x.shape
     m = lay.src_row.shape[0]
-    r, c = min(tiles.rows, bm), _pow2_divisor(d, tiles.cols)
+    r, c = min(tiles.rows, bm), pow2_divisor(d, tiles.cols)
     params = triton_params(tiles.warps, 1, interpret)
     return pl.pallas_call(
         functools.partial(_gather_rows_kernel, t=RowTiles(r, c, tiles.warps), bm=bm, n=n),
@@ -367,8 +355,8 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
     if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
-        h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, block_rows=lay.block_rows)
-        y = hopper.down_proj(h, lay.block_expert, w_down, block_rows=lay.block_rows)
+        h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, src_row=lay.src_row, n_x=n)
+        y = hopper.down_proj(h, lay.block_expert, w_down, src_row=lay.src_row, n_x=n)
     else:
         h = gate_up(xp, lay.block_expert, w_gate, w_up, blk, interpret=interpret)
         y = down_proj(h, lay.block_expert, w_down, blk, interpret=interpret)

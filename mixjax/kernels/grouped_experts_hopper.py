@@ -75,8 +75,8 @@ def _swizzled(cols: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _grouped_kernel(block_expert, block_rows, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int,
-                    swiglu: bool):
+def _grouped_kernel(block_expert, src_row, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int,
+                    swiglu: bool, n_x: int | None):
     """out[rows of block b, tile j] = x[rows] @ w[e][:, tile j] for e = block_expert[b] (kernel B), or SwiGLU of
     the gate and up products (kernel A: w = (w_gate, w_up)). Runs in each of the 3 warpgroups of a program."""
     *ws, out = refs
@@ -114,8 +114,9 @@ def _grouped_kernel(block_expert, block_rows, used, x, *refs, bm: int, t: Hopper
             w_rows = pl.ds(wg * rows_w, rows_w) if by_rows else pl.ds(0, bm)  # of the block
             w_cols = pl.ds(0, t.bn) if by_rows else pl.ds(wg * cols_w, cols_w)  # of the tile
             # A warpgroup whose rows are all padding (an expert's last block, filled to at most half) skips its
-            # products and its store: the tile then costs the tensor cores half as much.
-            has_rows = wg * rows_w < block_rows[b] if by_rows else True
+            # products and its store: the tile then costs the tensor cores half as much. An expert's rows fill a
+            # prefix of its blocks, so the warpgroup's first row tells (the rule gather_rows skips tiles by).
+            has_rows = src_row[b * bm + wg * rows_w] < n_x if by_rows and n_x is not None else True
 
             def context(run):
                 def accumulate(*accs):
@@ -173,7 +174,7 @@ def tiling_error(bm: int, k: int, n_out: int, t: HopperTiles) -> str | None:
     return None
 
 
-def _grouped_call(x, block_expert, block_rows, ws, n_out: int, t: HopperTiles, swiglu: bool, interpret: bool,
+def _grouped_call(x, block_expert, src_row, n_x, ws, n_out: int, t: HopperTiles, swiglu: bool, interpret: bool,
                   programs: int | None):
     m, k = x.shape
     nb = block_expert.shape[0]
@@ -182,15 +183,17 @@ def _grouped_call(x, block_expert, block_rows, ws, n_out: int, t: HopperTiles, s
     if why:
         raise ValueError(f"grouped Hopper kernel: {why} (tiles {t})")
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
-    if block_rows is None:
-        block_rows = jnp.full(nb, bm, jnp.int32)
+    if (src_row is None) != (n_x is None):
+        raise ValueError("grouped Hopper kernel: give src_row and n_x together (or neither)")
     kernel = plgpu.kernel(
-        functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu),
+        functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu,
+                          n_x=n_x),
         out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=(programs or _num_sms(),), grid_names=("sm",),
         num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    return kernel(block_expert, block_rows.astype(jnp.int32), used, x, *ws)
+    src_row = jnp.zeros(1, jnp.int32) if src_row is None else src_row  # not read without n_x
+    return kernel(block_expert, src_row.astype(jnp.int32), used, x, *ws)
 
 
 # The fastest of tools/probe_hopper_experts.py, Qwen3-30B-A3B expert shapes, H200 (2026-12-01), at 2048 / 4096 / 8192
@@ -207,20 +210,20 @@ def fits(bm: int, d_model: int, d_ff: int) -> bool:
             and tiling_error(bm, d_ff, d_model, DOWN_TILES) is None)
 
 
-def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, block_rows=None,
+def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, src_row=None, n_x: int | None = None,
             interpret: bool = False, programs: int | None = None):
     """Kernel A on Hopper: h = silu(xp W_gate[e]) * (xp W_up[e]) per block of the padded, sorted xp [M, D]
-    (blocks of expert -1, a suffix, are skipped and their rows left unwritten). block_rows: each block's rows that
-    hold pairs (`Layout.block_rows`; default all); a warpgroup's share of rows past them is not computed and its
-    output rows are left unwritten. interpret: run in Mosaic GPU's interpreter (any backend, slow); programs:
+    (blocks of expert -1, a suffix, are skipped and their rows left unwritten). src_row, n_x: `Layout.src_row` and
+    the row count of the x it was made for (padding rows are those whose src_row is n_x): a warpgroup whose rows are
+    all padding is not computed and its output rows are left unwritten (default: every row computed). interpret: run in Mosaic GPU's interpreter (any backend, slow); programs:
     persistent programs (default: one per SM)."""
-    return _grouped_call(xp, block_expert, block_rows, (w_gate, w_up), w_gate.shape[2], t, swiglu=True,
+    return _grouped_call(xp, block_expert, src_row, n_x, (w_gate, w_up), w_gate.shape[2], t, swiglu=True,
                          interpret=interpret, programs=programs)
 
 
-def down_proj(h, block_expert, w_down, t: HopperTiles = DOWN_TILES, *, block_rows=None, interpret: bool = False,
-              programs: int | None = None):
-    """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype (block_rows: as for
-    `gate_up`)."""
-    return _grouped_call(h, block_expert, block_rows, (w_down,), w_down.shape[2], t, swiglu=False,
+def down_proj(h, block_expert, w_down, t: HopperTiles = DOWN_TILES, *, src_row=None, n_x: int | None = None,
+              interpret: bool = False, programs: int | None = None):
+    """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype (src_row, n_x: as
+    for `gate_up`)."""
+    return _grouped_call(h, block_expert, src_row, n_x, (w_down,), w_down.shape[2], t, swiglu=False,
                          interpret=interpret, programs=programs)

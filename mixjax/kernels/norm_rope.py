@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mixjax.kernels import triton_params
+from mixjax.kernels import pow2_divisor, triton_params
 
 # rows x heads x head_dim per program: one row of q (32 heads of 128), 8 rows of k. With 8 warps, the fastest of 12
 # tilings on an H200 at 4096 tokens (tools/check_norm_rope.py); 16384 elements with 4 warps took 27 us per layer.
@@ -62,9 +62,7 @@ def norm_rope(x, w, cos, sin, *, eps: float, interpret: bool = False, warps: int
     if not supported(h, d):
         raise ValueError(f"norm_rope: {h} heads of {d} (needs powers of two: heads and head_dim / 2)")
     n = b * t
-    rows = 1
-    while rows * 2 * h * d <= elements and n % (rows * 2) == 0:
-        rows *= 2
+    rows = pow2_divisor(n, max(1, elements // (h * d)))
     out = pl.pallas_call(
         functools.partial(_kernel, eps=eps, half=half),
         out_shape=jax.ShapeDtypeStruct((n, h, d), x.dtype),

@@ -17,7 +17,7 @@ from flax import nnx
 from mixjax.kernels.flash_attention import mla_cudnn_supported, mla_flash_attention, mla_supported, mla_tiles_for
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE
 from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, Source, apply_rope, attend, causal_mask, matmul,
-                                  rope_cos_sin, rope_inv_freq, unshared, write_cache, yarn_mscale, zeros_param)
+                                  project, rope_cos_sin, rope_inv_freq, write_cache, yarn_mscale, zeros_param)
 from mixjax.models.qwen3_moe import _rope_scaling
 from mixjax.sharding.strategies import ParallelContext
 
@@ -130,11 +130,10 @@ class MLA(nnx.Module):
         x = x if norm is None else norm(x)
         b, t, _ = x.shape
         lora, nope, rope_d, v_d = self.dims
-        x_q, x_kv = unshared(x, 2)  # two products of x: without this XLA concatenates their weights every call
-        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_q))) if self.has_q_lora else self.q_proj(x_q)
+        q, kv_a = project(x, (self.q_a_proj if self.has_q_lora else self.q_proj, self.kv_a_proj))
+        q = self.q_b_proj(self.q_a_norm(q)) if self.has_q_lora else q
         q = q.reshape(b, t, -1, nope + rope_d)
         q_nope, q_pe = q[..., :nope], q[..., nope:]
-        kv_a = self.kv_a_proj(x_kv)
         c_kv, k_pe = self.kv_a_norm(kv_a[..., :lora]), kv_a[..., None, lora:]
         inv_freq, factor = rope_inv_freq(*self.rope)
         cos, sin = rope_cos_sin(positions, inv_freq, factor)

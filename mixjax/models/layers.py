@@ -98,14 +98,14 @@ def project(x, linears, norm: "RMSNorm | None" = None, pallas: str | None = None
         return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]
     if norm is not None:
         x = norm(x)
-    xs = unshared(x, len(ws))
+    xs = _unshared(x, len(ws))
     return [matmul(xi, w.T) if lin.out_major else matmul(xi, w) for xi, lin, w in zip(xs, linears, ws)]
 
 
-UNSHARED_ROWS = 2048  # rows from which products of one operand are kept apart (`unshared`)
+UNSHARED_ROWS = 2048  # rows from which products of one operand are kept apart (`_unshared`)
 
 
-def unshared(x, n: int) -> tuple:
+def _unshared(x, n: int) -> tuple:
     """n handles on x that XLA does not see as one value, for a long prompt (at least UNSHARED_ROWS rows). XLA's GPU
     dot merger merges products that share an operand (q, k and v of x) into one, and to do it concatenates their
     weights on every call (a 21 MB copy per Qwen3-30B-A3B layer, 13 us on an H200). Kept apart, a 2048-token
