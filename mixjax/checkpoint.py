@@ -159,9 +159,33 @@ def _hf_view(ckpt: Checkpoint, name: str, src: Source, want: tuple[int, ...]) ->
     return arr
 
 
+def _fused_block(ckpt: Checkpoint, src: Source, shape: tuple[int, ...], index) -> np.ndarray:
+    """The block `index` of a fused weight (`Source.parts`): only the rows of the parts that the block covers are
+    read. Along the output axis, shard piece s holds each part's s-th block of width/shards in turn."""
+    ax = 1 if src.transpose else 0  # the output axis in mixjax's layout
+    if sum(p.width for p in src.parts) != shape[ax]:
+        raise ValueError(f"{src.name}: parts of widths {[p.width for p in src.parts]} for a weight of shape {shape}")
+    start, stop, step = index[ax].indices(shape[ax])
+    assert step == 1, index
+    pieces, pos = [], 0
+    for s in range(src.shards):
+        for part in src.parts:
+            n = part.width // src.shards
+            lo, hi = max(start, pos), min(stop, pos + n)
+            if lo < hi:
+                view = _hf_view(ckpt, part.name, part, tuple(part.width if a == ax else d for a, d in enumerate(shape)))
+                idx = list(index)
+                idx[ax] = slice(s * n + lo - pos, s * n + hi - pos)
+                pieces.append(np.asarray(view[tuple(idx)]))
+            pos += n
+    return np.concatenate(pieces, axis=ax)
+
+
 def read_slice(ckpt: Checkpoint, src: Source, shape: tuple[int, ...], index, dtype) -> np.ndarray:
     """The block `index` (a tuple of slices of the global `shape`) of the parameter described by `src`."""
-    if src.experts is not None:
+    if src.parts:
+        out = _fused_block(ckpt, src, shape, index).astype(dtype)
+    elif src.experts is not None:
         experts = range(src.experts)[index[0]]
         parts = [np.asarray(_hf_view(ckpt, src.name.format(e=e), src, shape[1:])[index[1:]]) for e in experts]
         out = np.stack(parts).astype(dtype)

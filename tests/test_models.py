@@ -63,18 +63,23 @@ def test_mla_latent_and_expanded_attention_match_reference(name, monkeypatch):
         assert rel_err(np.stack(steps, axis=1), ref["logits"]) < 1e-4
 
 
-def test_products_of_one_long_input_do_not_share_it():
-    """From UNSHARED_ROWS rows, q/k/v-style products each get their own handle on x (an optimisation barrier), so
-    that XLA's GPU dot merger cannot merge them by concatenating their weights; fewer rows keep one x. Same values."""
+def test_fused_products_of_a_long_input_are_apart():
+    """FusedLinear.products: from UNSHARED_ROWS rows each group of parts is its own product with its own handle on
+    x (an optimisation barrier, so that XLA's dot merger does not merge them back); fewer rows get the one fused
+    product. The values are x times each part's weight either way."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from mixjax.models.layers import UNSHARED_ROWS, Linear, project
+    from mixjax.models.layers import UNSHARED_ROWS, FusedLinear
 
-    lins = [Linear(32, o, (None, None), f"w{o}", dtype=jnp.float32, rngs=nnx.Rngs(o), out_major=True) for o in (64, 16)]
+    lin = FusedLinear(32, (64, 16, 16), (None, None), ["q", "k", "v"], "qkv", dtype=jnp.float32, rngs=nnx.Rngs(0),
+                      out_major=True)
+    w = np.asarray(lin.w[...])
     for rows, apart in ((UNSHARED_ROWS, True), (UNSHARED_ROWS // 4, False)):
         x = jnp.asarray(np.random.RandomState(rows).randn(rows, 32), jnp.float32)
-        f = jax.jit(lambda x: project(x, lins))
+        f = jax.jit(lambda x: lin.products(x, ((0,), (1, 2))))
         assert ("optimization_barrier" in f.lower(x).as_text()) == apart  # what XLA is given
-        for y, lin in zip(f(x), lins):
-            np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ np.asarray(lin.w[...]).T, rtol=1e-5, atol=1e-5)
+        got = np.concatenate([np.asarray(y) for y in f(x)], axis=-1)
+        assert len(f(x)) == (2 if apart else 1)
+        np.testing.assert_allclose(got, np.asarray(x) @ w.T, rtol=1e-5, atol=1e-5)
+

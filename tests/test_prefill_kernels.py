@@ -124,6 +124,23 @@ def test_norm_rope_equals_the_xla_path_bit_for_bit(b, t, h, d):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def test_norm_rope_reads_q_and_k_heads_of_a_fused_output():
+    """heads/first pick q's and k's heads out of a fused [q | k | v] output: the same values as on their own."""
+    from mixjax.kernels.norm_rope import norm_rope
+    from mixjax.models.layers import rope_cos_sin, rope_inv_freq
+
+    rng = np.random.RandomState(0)
+    qkv = jnp.asarray(rng.randn(1, 8, 8 + 2 + 2, 32), jnp.bfloat16)
+    w = jnp.asarray(rng.randn(32) + 1, jnp.bfloat16)
+    cos, sin = rope_cos_sin(jnp.arange(8)[None], *rope_inv_freq(32, 1e4, None, 64))
+    for h, first in ((8, 0), (2, 8)):
+        got = norm_rope(qkv, w, cos, sin, eps=1e-6, heads=h, first=first, interpret=True)
+        alone = norm_rope(qkv[:, :, first:first + h], w, cos, sin, eps=1e-6, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(alone, np.float32))
+    with pytest.raises(ValueError, match="multiple of heads"):
+        norm_rope(qkv, w, cos, sin, eps=1e-6, heads=4, first=10, interpret=True)
+
+
 def test_norm_rope_refuses_heads_triton_cannot_tile():
     from mixjax.kernels.norm_rope import norm_rope, supported
 

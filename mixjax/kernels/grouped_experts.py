@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mixjax.kernels import grouped_experts_hopper as hopper
+from mixjax.kernels.expert_layout import sorted_layout
 from mixjax.kernels import pow2_divisor, triton_params
 
 
@@ -166,7 +167,7 @@ def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
 RANK_CHUNK = 256  # pairs per chunk of group_layout's prefix counts: counts up to 256 are exact in bf16
 
 
-def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
+def group_layout(gates, k: int, bm: int, routed=None, *, kernel: bool = False, interpret: bool = False) -> Layout:
     """Sort the (row, expert) pairs of a dense gate matrix [n, E] (at most k non-zeros per row) by expert: pair p
     = row * k + j goes to its expert's blocks at its rank among the expert's pairs (pairs in order of p, as a
     stable sort by expert would place them).
@@ -176,7 +177,9 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     counts each pair's earlier same-expert pairs (0/1 products, sums <= 256: exact in bf16 inputs with float32
     accumulation); a strictly lower-triangular product in float32 adds the chunks before. Per layer of an
     8192-token prompt on an H200 the argsort this replaced took 29 us (cub's radix sort), with a scatter of 21 us
-    and a cumulative sum of 12 us; the product takes 22 us and the small fusions around it ~25 us."""
+    and a cumulative sum of 12 us; the product takes 22 us and the small fusions around it ~25 us.
+    kernel: the same layout from the two Pallas kernels of `kernels.expert_layout` (interpret: in the
+    interpreter), the form the GPU runs for prompts."""
     n, e = gates.shape
     k = min(k, e)
     w, ids = _pairs(gates, k, routed)
@@ -185,6 +188,9 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     nb = -(-p // bm) + min(e, p)
     m = nb * bm
     ex = jnp.where(valid, ids, e).reshape(p).astype(jnp.int32)  # e = "no expert": a zero one-hot row
+    if kernel:
+        src_row, block_expert, dest = sorted_layout(ex, n=n, e=e, k=k, bm=bm, interpret=interpret)
+        return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
     c = min(RANK_CHUNK, p)
     g = -(-p // c)
     ex_g = jnp.pad(ex, (0, g * c - p), constant_values=e).reshape(g, c, 1)

@@ -52,24 +52,28 @@ def _kernel(x_ref, w_ref, cos_ref, sin_ref, o_ref, *, eps: float, half: int):
     o_ref[:, :, half:] = (rnd(y2 * c) + rnd(y1 * s)).astype(dt)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "warps", "elements"))
-def norm_rope(x, w, cos, sin, *, eps: float, interpret: bool = False, warps: int = 8,
-              elements: int = ELEMENTS_PER_PROGRAM):
-    """apply_rope(RMSNorm(w, eps)(x), cos, sin) for x [B, T, H, D] (half-split rotation), w [D], cos and sin
-    [B, T, D/2] float32; the result in x's dtype."""
-    b, t, h, d = x.shape
+@functools.partial(jax.jit, static_argnames=("eps", "heads", "first", "interpret", "warps", "elements"))
+def norm_rope(x, w, cos, sin, *, eps: float, heads: int | None = None, first: int = 0, interpret: bool = False,
+              warps: int = 8, elements: int = ELEMENTS_PER_PROGRAM):
+    """apply_rope(RMSNorm(w, eps)(x[:, :, first:first + heads]), cos, sin) for x [B, T, H, D] (half-split rotation),
+    w [D], cos and sin [B, T, D/2] float32; the result [B, T, heads, D] in x's dtype. heads (default: all H) and
+    first pick q's or k's heads out of a fused q/k/v output without a copy; first must be a multiple of heads."""
+    b, t, h_all, d = x.shape
+    h = heads or h_all
     half = d // 2
     if not supported(h, d):
         raise ValueError(f"norm_rope: {h} heads of {d} (needs powers of two: heads and head_dim / 2)")
+    if first % h or first + h > h_all:
+        raise ValueError(f"norm_rope: heads {first}..{first + h} of {h_all} (first must be a multiple of heads)")
     n = b * t
     rows = pow2_divisor(n, max(1, elements // (h * d)))
     out = pl.pallas_call(
         functools.partial(_kernel, eps=eps, half=half),
         out_shape=jax.ShapeDtypeStruct((n, h, d), x.dtype),
         grid=(n // rows,),
-        in_specs=[pl.BlockSpec((rows, h, d), lambda i: (i, 0, 0)), pl.BlockSpec((d,), lambda i: (0,)),
+        in_specs=[pl.BlockSpec((rows, h, d), lambda i: (i, first // h, 0)), pl.BlockSpec((d,), lambda i: (0,)),
                   pl.BlockSpec((rows, half), lambda i: (i, 0)), pl.BlockSpec((rows, half), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((rows, h, d), lambda i: (i, 0, 0)),
         compiler_params=triton_params(warps, 1, interpret), interpret=interpret, name="norm_rope",
-    )(x.reshape(n, h, d), w, cos.reshape(n, half).astype(jnp.float32), sin.reshape(n, half).astype(jnp.float32))
+    )(x.reshape(n, h_all, d), w, cos.reshape(n, half).astype(jnp.float32), sin.reshape(n, half).astype(jnp.float32))
     return out.reshape(b, t, h, d)

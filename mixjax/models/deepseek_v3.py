@@ -16,8 +16,8 @@ from flax import nnx
 
 from mixjax.kernels.flash_attention import mla_cudnn_supported, mla_flash_attention, mla_supported, mla_tiles_for
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE
-from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, Source, apply_rope, attend, causal_mask, matmul,
-                                  project, rope_cos_sin, rope_inv_freq, write_cache, yarn_mscale, zeros_param)
+from mixjax.models.layers import (MLP, Experts, FusedLinear, Linear, RMSNorm, Source, apply_rope, attend,
+                                  causal_mask, matmul, project, rope_cos_sin, rope_inv_freq, write_cache, yarn_mscale, zeros_param)
 from mixjax.models.qwen3_moe import _rope_scaling
 from mixjax.sharding.strategies import ParallelContext
 
@@ -94,17 +94,20 @@ class MLA(nnx.Module):
     def __init__(self, cfg: DeepseekV3Config, prefix: str, *, dtype, rngs):
         d, h = cfg.hidden_size, cfg.num_attention_heads
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        kv_a = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        kv_a_name = f"{prefix}.kv_a_proj_with_mqa.weight"
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(d, h * qk, (None, "heads"), f"{prefix}.q_proj.weight", dtype=dtype, rngs=rngs)
+            self.kv_a_proj = Linear(d, kv_a, (None, None), kv_a_name, dtype=dtype, rngs=rngs)
         else:
-            self.q_a_proj = Linear(d, cfg.q_lora_rank, (None, None), f"{prefix}.q_a_proj.weight",
-                                   dtype=dtype, rngs=rngs)
+            # both down-projections of x in one weight (replicated): one product reads x once
+            self.qkv_a_proj = FusedLinear(d, (cfg.q_lora_rank, kv_a), (None, None),
+                                          [f"{prefix}.q_a_proj.weight", kv_a_name],
+                                          f"{prefix}.{{q_a_proj,kv_a_proj_with_mqa}}.weight", dtype=dtype, rngs=rngs)
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, f"{prefix}.q_a_layernorm.weight", eps=1e-6,
                                     dtype=dtype)
             self.q_b_proj = Linear(cfg.q_lora_rank, h * qk, (None, "heads"), f"{prefix}.q_b_proj.weight",
                                    dtype=dtype, rngs=rngs)
-        self.kv_a_proj = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, (None, None),
-                                f"{prefix}.kv_a_proj_with_mqa.weight", dtype=dtype, rngs=rngs)
         self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, f"{prefix}.kv_a_layernorm.weight", eps=1e-6,
                                  dtype=dtype)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), (None, "heads"),
@@ -130,7 +133,10 @@ class MLA(nnx.Module):
         x = x if norm is None else norm(x)
         b, t, _ = x.shape
         lora, nope, rope_d, v_d = self.dims
-        q, kv_a = project(x, (self.q_a_proj if self.has_q_lora else self.q_proj, self.kv_a_proj))
+        if self.has_q_lora:
+            q, kv_a = self.qkv_a_proj.split(self.qkv_a_proj(x))
+        else:
+            q, kv_a = project(x, (self.q_proj, self.kv_a_proj))
         q = self.q_b_proj(self.q_a_norm(q)) if self.has_q_lora else q
         q = q.reshape(b, t, -1, nope + rope_d)
         q_nope, q_pe = q[..., :nope], q[..., nope:]

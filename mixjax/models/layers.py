@@ -10,6 +10,7 @@ with two pieces of metadata:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 
@@ -33,12 +34,20 @@ class Source:
     experts: stack this many per-expert tensors along a new leading axis.
     repeat_heads: (head_dim, reps): repeat each head block of the output dimension (HF's first axis) reps times, so
         that a tensor-parallel degree larger than the number of KV heads gives every device a whole KV head.
+    parts, shards: a fused weight (`FusedLinear`): the parts' tensors side by side along the output dimension, in
+        `shards` pieces that each hold their share of every part (piece s = [part 0's block s | part 1's block s |
+        ...]), so that a TP group of `shards` devices splitting the output dimension gives each device its heads of
+        every part. `name` then only names the weight in messages.
+    width: a part's extent along the output dimension (in mixjax's layout, after repeat_heads).
     """
 
     name: str
     transpose: bool = False
     experts: int | None = None
     repeat_heads: tuple[int, int] | None = None
+    parts: tuple["Source", ...] = ()
+    shards: int = 1
+    width: int = 0
 
 
 def _init(rngs: nnx.Rngs | None, shape, dtype, scale: float | None):
@@ -85,6 +94,63 @@ class Linear(nnx.Module):
     def __call__(self, x, norm: "RMSNorm | None" = None, pallas: str | None = None):
         """(norm(x) if norm else x) @ W; `pallas` (ParallelContext.pallas) lets one row take the gemv kernel."""
         return project(x, (self,), norm, pallas)[0]
+
+
+class FusedLinear(nnx.Module):
+    """Linear maps of one input stored as one weight: x [W_0 | W_1 | ...], the parts read from their own Hugging Face
+    tensors (`Source.parts`), so that a product reads x once and issues one matrix product. Left to XLA, separate
+    products of one x either stay apart (the small k and v products of a Qwen3 prompt ran at half the matmul rate,
+    with split-K reductions after them) or are merged by its GPU dot merger, which then concatenates their weights
+    on every call (a 21 MB copy per Qwen3-30B-A3B layer). vLLM's QKVParallelLinear stores q, k and v the same way.
+
+    Under TP (`shards` devices splitting the output dimension) each device's block holds its share of every part:
+    `split` cuts a local output into the parts by their global proportions. `axes` in [in, out] order as for
+    Linear; repeat_heads: one per part (or None)."""
+
+    def __init__(self, d_in, d_outs, axes, names, name: str, *, dtype, rngs, shards: int = 1, repeat_heads=None,
+                 out_major: bool = False):
+        if any(o % shards for o in d_outs):
+            raise ValueError(f"{name}: output widths {d_outs} do not split over {shards} tensor-parallel shards")
+        d_out = sum(d_outs)
+        shape, axes = ((d_out, d_in), tuple(reversed(axes))) if out_major else ((d_in, d_out), axes)
+        parts = tuple(Source(n, transpose=not out_major, repeat_heads=r, width=o)
+                      for n, o, r in zip(names, d_outs, repeat_heads or (None,) * len(names)))
+        self.w = param(shape, axes, Source(name, transpose=not out_major, parts=parts, shards=shards), dtype, rngs)
+        self.out_major = out_major
+        self.widths = tuple(d_outs)
+
+    def __call__(self, x, norm: "RMSNorm | None" = None, pallas: str | None = None):
+        """(norm(x) if norm else x) @ [W_0 | W_1 | ...]: this device's block of the fused output (see `split`)."""
+        return project(x, (self,), norm, pallas)[0]
+
+    def products(self, x, groups, norm: "RMSNorm | None" = None, pallas: str | None = None) -> list:
+        """A long input's (UNSHARED_ROWS rows and more) products per group of consecutive parts, each its own matrix
+        product of x with a slice of the weight; a shorter one's single fused output ([y], cut it with `split`).
+        Per Qwen3-30B-A3B layer of a 2048-token prompt on an H200, XLA's one product of 2048 x 5120 outputs was
+        55 us but went to cuBLAS with its float32 result converted after (16 us more), at 4096 tokens a Triton
+        product at 63% of the matmul rate: q alone (a Triton product, 85%) and k with v do better."""
+        if len(groups) == 1 or math.prod(x.shape[:-1]) < UNSHARED_ROWS:
+            return [self(x, norm, pallas)]
+        x = norm(x) if norm is not None else x
+        w = self.w[...]
+        ax = 0 if self.out_major else 1
+        ends = list(itertools.accumulate(self.local_widths(w.shape[ax])))
+        starts = [0] + ends[:-1]
+        out = []
+        for xi, g in zip(_unshared(x, len(groups)), groups):
+            wg = lax.slice_in_dim(w, starts[g[0]], ends[g[-1]], axis=ax)
+            out.append(matmul(xi, wg.T) if self.out_major else matmul(xi, wg))
+        return out
+
+    def local_widths(self, local_out: int) -> list[int]:
+        """The parts' widths in a local output of `local_out` columns (each device holds one piece per shard)."""
+        total = sum(self.widths)
+        return [local_out * w // total for w in self.widths]
+
+    def split(self, y) -> list:
+        """A local fused output cut into the parts (x W_0, x W_1, ...) along its last axis."""
+        ends = list(itertools.accumulate(self.local_widths(y.shape[-1])))
+        return [y[..., a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
 def project(x, linears, norm: "RMSNorm | None" = None, pallas: str | None = None) -> list:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
-from mixjax.models.layers import (MLP, Experts, Linear, RMSNorm, apply_rope, attend, causal_mask, project,
+from mixjax.models.layers import (MLP, Experts, FusedLinear, Linear, RMSNorm, apply_rope, attend, causal_mask,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
 from mixjax.kernels import router as router_kernel
@@ -81,13 +81,11 @@ class Qwen3Attention(nnx.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         kv = kv_heads_stored(cfg.num_key_value_heads, cfg.num_attention_heads, tp)
         rep = (hd, kv // cfg.num_key_value_heads) if kv != cfg.num_key_value_heads else None
-        # out-major ([out, in], as HF stores them): a batch-1 decode step runs each as one gemv kernel
-        self.q_proj = Linear(d, cfg.num_attention_heads * hd, (None, "heads"), f"{prefix}.q_proj.weight",
-                             dtype=dtype, rngs=rngs, out_major=True)
-        self.k_proj = Linear(d, kv * hd, (None, "kv_heads"), f"{prefix}.k_proj.weight", dtype=dtype, rngs=rngs,
-                             repeat_heads=rep, out_major=True)
-        self.v_proj = Linear(d, kv * hd, (None, "kv_heads"), f"{prefix}.v_proj.weight", dtype=dtype, rngs=rngs,
-                             repeat_heads=rep, out_major=True)
+        # q, k and v in one weight (each TP device's block holds its q, k and v heads), out-major ([out, in], as HF
+        # stores them): one product per prompt or decode step, one gemv kernel for a batch-1 decode step
+        self.qkv_proj = FusedLinear(d, (cfg.num_attention_heads * hd, kv * hd, kv * hd), (None, "heads"),
+                                    [f"{prefix}.{p}_proj.weight" for p in "qkv"], f"{prefix}.{{q,k,v}}_proj.weight",
+                                    shards=tp, repeat_heads=(None, rep, rep), dtype=dtype, rngs=rngs, out_major=True)
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, ("heads", None), f"{prefix}.o_proj.weight",
                              dtype=dtype, rngs=rngs, out_major=True)
         self.q_norm = RMSNorm(hd, f"{prefix}.q_norm.weight", eps=cfg.rms_norm_eps, dtype=dtype)
@@ -104,9 +102,12 @@ class Qwen3Attention(nnx.Module):
         """x: the residual stream, normed here by `norm` (the layer's input norm) when given."""
         b, t, _ = x.shape
         hd = self.head_dim
-        # one row on the Pallas path: q, k and v in one gemv kernel that also computes the norm
-        q, k, v = (y.reshape(b, t, -1, hd) for y in project(x, (self.q_proj, self.k_proj, self.v_proj), norm,
-                                                              par.pallas))
+        # this device's q, k and v heads: one product ([q | k | v]; one row on the Pallas path: a gemv kernel that
+        # also computes the norm), or for a long prompt q and [k | v] as two
+        ys = [y.reshape(b, t, -1, hd) for y in self.qkv_proj.products(x, ((0,), (1, 2)), norm, par.pallas)]
+        hq, hk, _ = (w // hd for w in self.qkv_proj.local_widths(sum(y.shape[2] for y in ys) * hd))
+        (qa, q0), (ka, k0) = ((ys[0], 0), (ys[0], hq)) if len(ys) == 1 else ((ys[0], 0), (ys[1], 0))
+        q, k, v = qa[:, :, q0:q0 + hq], ka[:, :, k0:k0 + hk], ka[:, :, k0 + hk:k0 + 2 * hk]
         inv_freq, factor = rope_inv_freq(*self.rope)
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
         starts = positions[:, 0]
@@ -118,10 +119,12 @@ class Qwen3Attention(nnx.Module):
                                            eps=self.q_norm.eps)
             cache = {"k": kc, "v": vc}
         else:
-            if par.pallas and norm_rope_supported(q.shape[2], hd) and norm_rope_supported(k.shape[2], hd):
-                # a prompt: each head's norm and rotation in one pass over q (XLA reads and writes it twice)
-                q, k = (norm_rope(a, nrm.w[...], cos, sin, eps=nrm.eps, interpret=par.pallas == "interpret")
-                        for a, nrm in ((q, self.q_norm), (k, self.k_norm)))
+            if par.pallas and norm_rope_supported(hq, hd) and norm_rope_supported(hk, hd) and hq % hk == 0:
+                # a prompt: each head's norm and rotation in one pass over q (XLA reads and writes it twice), the
+                # heads read straight from the fused output
+                q, k = (norm_rope(a, nrm.w[...], cos, sin, eps=nrm.eps, heads=h, first=first,
+                                  interpret=par.pallas == "interpret")
+                        for a, nrm, h, first in ((qa, self.q_norm, hq, q0), (ka, self.k_norm, hk, k0)))
             else:
                 q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
             heads_major = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, K, D] -> the cache's [B, K, T, D]
