@@ -36,7 +36,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mixjax.kernels import grouped_experts_hopper as hopper
-from mixjax.kernels.expert_layout import sorted_layout
 from mixjax.kernels import pow2_divisor, triton_params
 
 
@@ -167,7 +166,7 @@ def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
 RANK_CHUNK = 256  # pairs per chunk of group_layout's prefix counts: counts up to 256 are exact in bf16
 
 
-def group_layout(gates, k: int, bm: int, routed=None, *, kernel: bool = False, interpret: bool = False) -> Layout:
+def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     """Sort the (row, expert) pairs of a dense gate matrix [n, E] (at most k non-zeros per row) by expert: pair p
     = row * k + j goes to its expert's blocks at its rank among the expert's pairs (pairs in order of p, as a
     stable sort by expert would place them).
@@ -177,9 +176,7 @@ def group_layout(gates, k: int, bm: int, routed=None, *, kernel: bool = False, i
     counts each pair's earlier same-expert pairs (0/1 products, sums <= 256: exact in bf16 inputs with float32
     accumulation); a strictly lower-triangular product in float32 adds the chunks before. Per layer of an
     8192-token prompt on an H200 the argsort this replaced took 29 us (cub's radix sort), with a scatter of 21 us
-    and a cumulative sum of 12 us; the product takes 22 us and the small fusions around it ~25 us.
-    kernel: the same layout from the two Pallas kernels of `kernels.expert_layout` (interpret: in the
-    interpreter), the form the GPU runs for prompts."""
+    and a cumulative sum of 12 us; the product takes 22 us and the small fusions around it ~25 us."""
     n, e = gates.shape
     k = min(k, e)
     w, ids = _pairs(gates, k, routed)
@@ -188,9 +185,6 @@ def group_layout(gates, k: int, bm: int, routed=None, *, kernel: bool = False, i
     nb = -(-p // bm) + min(e, p)
     m = nb * bm
     ex = jnp.where(valid, ids, e).reshape(p).astype(jnp.int32)  # e = "no expert": a zero one-hot row
-    if kernel:
-        src_row, block_expert, dest = sorted_layout(ex, n=n, e=e, k=k, bm=bm, interpret=interpret)
-        return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
     c = min(RANK_CHUNK, p)
     g = -(-p // c)
     ex_g = jnp.pad(ex, (0, g * c - p), constant_values=e).reshape(g, c, 1)
@@ -348,6 +342,15 @@ def use_hopper(blk: Blocks, d_model: int, d_ff: int, interpret: bool = False) ->
             and hopper.hopper_available())
 
 
+def skips_padding(pairs: int, num_experts: int, bm: int, d_model: int) -> bool:
+    """Whether the Hopper kernels skip warpgroups of padding rows (`src_row`). It pays where many are padding (under
+    two blocks of rows per expert: an expert's last block is often less than half full) and costs where few are: the
+    test and branch come with every k-step of every tile. On an H200 (2026-12-01, `tools/profile_step.py`):
+    Qwen3-30B-A3B experts at 2048 tokens (128 rows per expert, d_model 2048) 2,768 -> 2,729 us per 4-layer step with
+    it; DeepSeek-V3 experts at 8192 tokens (256 rows per expert, d_model 7168) 53.8 -> 57.7 ms per 2-layer step."""
+    return pairs < 2 * bm * num_experts and d_model <= 2048
+
+
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
 def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
@@ -361,8 +364,9 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
     if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
-        h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, src_row=lay.src_row, n_x=n)
-        y = hopper.down_proj(h, lay.block_expert, w_down, src_row=lay.src_row, n_x=n)
+        skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(n * k, gates.shape[1], blk.bm, d) else {}
+        h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, **skip)
+        y = hopper.down_proj(h, lay.block_expert, w_down, **skip)
     else:
         h = gate_up(xp, lay.block_expert, w_gate, w_up, blk, interpret=interpret)
         y = down_proj(h, lay.block_expert, w_down, blk, interpret=interpret)

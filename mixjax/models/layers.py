@@ -172,12 +172,12 @@ UNSHARED_ROWS = 2048  # rows from which products of one operand are kept apart (
 
 
 def _unshared(x, n: int) -> tuple:
-    """n handles on x that XLA does not see as one value, for a long prompt (at least UNSHARED_ROWS rows). XLA's GPU
-    dot merger merges products that share an operand (q, k and v of x) into one, and to do it concatenates their
-    weights on every call (a 21 MB copy per Qwen3-30B-A3B layer, 13 us on an H200). Kept apart, a 2048-token
-    prompt's GPU time went from 2,918 to 2,845 us per step (4 layers); a 512-token prompt's went up, 1,635 to
-    1,661 us (the separate k and v products of 512 rows are slow), and a batch-8 decode step, which makes no copy,
-    from 875 to 891 us (docs/evidence/dot-merge-ab-*). MIXJAX_DOT_MERGE=1 leaves the merge to XLA (comparisons)."""
+    """n handles on x that XLA does not see as one value, for a long prompt (at least UNSHARED_ROWS rows), so that
+    its products stay apart (`FusedLinear.products`; `project` of several weights). XLA's GPU dot merger merges
+    products that share an operand into one: of separate weights by concatenating them on every call (a 21 MB copy
+    per Qwen3-30B-A3B layer, 13 us on an H200), of slices of one weight back into the product of the whole (see
+    `FusedLinear.products` for why that is slower for a prompt). MIXJAX_DOT_MERGE=1 leaves the merge to XLA
+    (comparisons)."""
     if n == 1 or math.prod(x.shape[:-1]) < UNSHARED_ROWS or os.environ.get("MIXJAX_DOT_MERGE") == "1":
         return (x,) * n
     return lax.optimization_barrier((x,) * n)
