@@ -342,13 +342,13 @@ def use_hopper(blk: Blocks, d_model: int, d_ff: int, interpret: bool = False) ->
             and hopper.hopper_available())
 
 
-def skips_padding(pairs: int, num_experts: int, bm: int, d_model: int) -> bool:
-    """Whether the Hopper kernels skip warpgroups of padding rows (`src_row`). It pays where many are padding (under
-    two blocks of rows per expert: an expert's last block is often less than half full) and costs where few are: the
-    test and branch come with every k-step of every tile. On an H200 (2026-12-01, `tools/profile_step.py`):
-    Qwen3-30B-A3B experts at 2048 tokens (128 rows per expert, d_model 2048) 2,768 -> 2,729 us per 4-layer step with
-    it; DeepSeek-V3 experts at 8192 tokens (256 rows per expert, d_model 7168) 53.8 -> 57.7 ms per 2-layer step."""
-    return pairs < 2 * bm * num_experts and d_model <= 2048
+def skips_padding(d_model: int) -> bool:
+    """Whether the Hopper kernels skip warpgroups of padding rows (`src_row`) for experts of this width. The test and
+    branch come with every k-step of every tile. On an H200 (2026-12-01, GPU time per step, `tools/profile_step.py`)
+    the skip paid for Qwen3-30B-A3B experts (d_model 2048): 2,768 -> 2,729 us at 2048 tokens, 4,968 -> 4,937 at
+    4096, 11,005 -> 10,868 at 8192 (4 layers). It cost DeepSeek-V3's (d_model 7168): 19.56 -> 19.61 ms at 2048 tokens,
+    53.8 -> 57.7 ms at 8192 (2 layers; the expert kernels 20% slower). Wider experts than measured go without."""
+    return d_model <= 2048
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
@@ -364,7 +364,7 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
     if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
-        skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(n * k, gates.shape[1], blk.bm, d) else {}
+        skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(d) else {}
         h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, **skip)
         y = hopper.down_proj(h, lay.block_expert, w_down, **skip)
     else:
