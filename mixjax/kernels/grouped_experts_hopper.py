@@ -215,8 +215,9 @@ def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, s
     """Kernel A on Hopper: h = silu(xp W_gate[e]) * (xp W_up[e]) per block of the padded, sorted xp [M, D]
     (blocks of expert -1, a suffix, are skipped and their rows left unwritten). src_row, n_x: `Layout.src_row` and
     the row count of the x it was made for (padding rows are those whose src_row is n_x): a warpgroup whose rows are
-    all padding is not computed and its output rows are left unwritten (default: every row computed). interpret: run in Mosaic GPU's interpreter (any backend, slow); programs:
-    persistent programs (default: one per SM)."""
+    all padding is not computed and its output rows are left unwritten (default: every row computed;
+    `grouped_experts.skips_padding` says where skipping pays). interpret: run in Mosaic GPU's interpreter (any
+    backend, slow); programs: persistent programs (default: one per SM)."""
     return _grouped_call(xp, block_expert, src_row, n_x, (w_gate, w_up), w_gate.shape[2], t, swiglu=True,
                          interpret=interpret, programs=programs)
 

@@ -17,7 +17,8 @@ from flax import nnx
 from mixjax.kernels.flash_attention import mla_cudnn_supported, mla_flash_attention, mla_supported, mla_tiles_for
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE
 from mixjax.models.layers import (MLP, Experts, FusedLinear, Linear, RMSNorm, Source, apply_rope, attend,
-                                  causal_mask, matmul, project, rope_cos_sin, rope_inv_freq, write_cache, yarn_mscale, zeros_param)
+                                  causal_mask, matmul, project, rope_cos_sin, rope_inv_freq, write_cache, yarn_mscale,
+                                  zeros_param)
 from mixjax.models.qwen3_moe import _rope_scaling
 from mixjax.sharding.strategies import ParallelContext
 
