@@ -135,10 +135,10 @@ class MLA(nnx.Module):
         b, t, _ = x.shape
         lora, nope, rope_d, v_d = self.dims
         if self.has_q_lora:
-            q, kv_a = self.qkv_a_proj.split(self.qkv_a_proj(x))
+            q_a, kv_a = self.qkv_a_proj.split(self.qkv_a_proj(x))
+            q = self.q_b_proj(self.q_a_norm(q_a))
         else:
             q, kv_a = project(x, (self.q_proj, self.kv_a_proj))
-        q = self.q_b_proj(self.q_a_norm(q)) if self.has_q_lora else q
         q = q.reshape(b, t, -1, nope + rope_d)
         q_nope, q_pe = q[..., :nope], q[..., nope:]
         c_kv, k_pe = self.kv_a_norm(kv_a[..., :lora]), kv_a[..., None, lora:]

@@ -134,11 +134,10 @@ class FusedLinear(nnx.Module):
         x = norm(x) if norm is not None else x
         w = self.w[...]
         ax = 0 if self.out_major else 1
-        ends = list(itertools.accumulate(self.local_widths(w.shape[ax])))
-        starts = [0] + ends[:-1]
+        bounds = self._bounds(w.shape[ax])
         out = []
         for xi, g in zip(_unshared(x, len(groups)), groups):
-            wg = lax.slice_in_dim(w, starts[g[0]], ends[g[-1]], axis=ax)
+            wg = lax.slice_in_dim(w, bounds[g[0]][0], bounds[g[-1]][1], axis=ax)
             out.append(matmul(xi, wg.T) if self.out_major else matmul(xi, wg))
         return out
 
@@ -147,10 +146,14 @@ class FusedLinear(nnx.Module):
         total = sum(self.widths)
         return [local_out * w // total for w in self.widths]
 
+    def _bounds(self, local_out: int) -> list[tuple[int, int]]:
+        """(start, end) of each part in a local output of `local_out` columns."""
+        ends = list(itertools.accumulate(self.local_widths(local_out)))
+        return list(zip([0] + ends[:-1], ends))
+
     def split(self, y) -> list:
         """A local fused output cut into the parts (x W_0, x W_1, ...) along its last axis."""
-        ends = list(itertools.accumulate(self.local_widths(y.shape[-1])))
-        return [y[..., a:b] for a, b in zip([0] + ends[:-1], ends)]
+        return [y[..., a:b] for a, b in self._bounds(y.shape[-1])]
 
 
 def project(x, linears, norm: "RMSNorm | None" = None, pallas: str | None = None) -> list:
