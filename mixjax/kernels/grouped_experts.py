@@ -206,6 +206,10 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     b = jnp.arange(nb, dtype=jnp.int32)
     block_expert = jnp.sum(block_end[None, :] <= b[:, None], axis=1).astype(jnp.int32)
     block_expert = jnp.where(block_expert < e, block_expert, -1)
+    # Written out once: left to itself XLA fuses the counts into their consumers, and the combine, one of them,
+    # then recounted each pair's rank for every element of its row (H200: a 4096-token prompt's combine took 1.6 ms
+    # per layer instead of ~35 us, a batch-256 decode step's 111 us instead of ~4).
+    src_row, block_expert, dest = lax.optimization_barrier((src_row, block_expert, dest))
     return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
 
 
