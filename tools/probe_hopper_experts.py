@@ -2,16 +2,19 @@
 outputs on every used block, and the time of each (chained R times in one jit) for a few tilings, Qwen3-30B-A3B
 expert shapes; each tiling also given the layout's source rows (`src_row`: a warpgroup whose rows are all padding
 skips its products). A development tool:
-    python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek]"""
+    python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek | --shape E,K,D,F]
+(--shape: other experts, e.g. Qwen3-235B-A22B's 128,8,4096,1536)"""
 import argparse, dataclasses
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels import grouped_experts as ge, grouped_experts_hopper as gh
 from mixjax.bench.experts import random_expert_weights, random_gates, measure_hbm_bandwidth, measure_matmul_rate, timeit as bench_timeit
 
 ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--quick", action="store_true")
-ap.add_argument("--deepseek", action="store_true")
+ap.add_argument("--deepseek", action="store_true"); ap.add_argument("--shape", help="E,K,D,F")
 a = ap.parse_args()
 E, K, D, F, R = (256, 8, 7168, 2048, 4) if a.deepseek else (128, 8, 2048, 768, 10)
+if a.shape:
+    E, K, D, F = map(int, a.shape.split(",")); R = 10 if D <= 2048 else 4
 bw, rate = measure_hbm_bandwidth(), measure_matmul_rate()
 print(f"{jax.devices()[0].device_kind} cc {getattr(jax.devices()[0], 'compute_capability', '?')} "
       f"SMs {getattr(jax.devices()[0], 'core_count', '?')}; HBM {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TF/s; "
