@@ -48,6 +48,14 @@ def test_group_layout_is_a_stable_sort_by_expert(n, e, k, bm):
             assert blocks[d // bm] == ex
 
 
+def test_group_layout_is_written_out_behind_a_barrier():
+    """The layout's outputs leave group_layout through an optimisation barrier: without one XLA fused the rank counts
+    into the combine on an H200, which recounted them for every element of a row (1.6 ms per layer at 4096 tokens)."""
+    ids = jnp.zeros((8, 2), jnp.int32)
+    hlo = jax.jit(lambda i: ge.group_layout(jnp.zeros((8, 4)), 2, 16, routed=(i, jnp.ones((8, 2))))).lower(ids)
+    assert "optimization_barrier" in hlo.as_text()
+
+
 def test_gather_rows_fills_used_blocks_with_x_rows():
     """Row r of every used block is x[src_row[r]], or zero for a padding row in a tile of 16 rows with real rows;
     tiles of padding rows only are not written (what is there is never read into a real row)."""
