@@ -93,3 +93,16 @@ def test_multi_step_loop_equals_step_by_step(model, jobs_and_reference, pipeline
 def test_decode_steps_must_be_positive(model):
     with pytest.raises(ValueError, match="decode_steps must be >= 1"):
         Engine(model, None, max_batch=1, max_seq_len=32, decode_steps=0)
+
+
+def test_default_prefill_buckets():
+    """Short buckets below the context limit everywhere; on an accelerator also the long one (a long prompt's single
+    pass instead of chunks of 512), capped at the context limit."""
+    from mixjax.serve.engine import default_buckets
+
+    assert default_buckets(2048, accelerator=False) == [32, 128, 512]
+    assert default_buckets(2048, accelerator=True) == [32, 128, 512, 2048]
+    assert default_buckets(1024, accelerator=True) == [32, 128, 512, 1024]
+    assert default_buckets(8192, accelerator=True) == [32, 128, 512, 2048]
+    assert default_buckets(300, accelerator=True) == [32, 128]
+    assert default_buckets(16, accelerator=True) == [16]

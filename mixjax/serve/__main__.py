@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=2048, help="context limit: prompt + completion tokens")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--prefill-buckets", default=None,
-                   help="comma-separated prefill lengths (default: 32,128,512 below --max-seq-len)")
+                   help="comma-separated prefill lengths (default: 32,128,512 below --max-seq-len; on GPUs also "
+                        "2048, capped at --max-seq-len)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
