@@ -22,11 +22,15 @@ def model():
     return load_sharded(MODEL, make_mesh("1x1"), STRATEGIES["tp"], progress=False)
 
 
-def run(model, pipeline: bool, jobs, decode_steps: int = 1):
+def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 4, groups: list | None = None):
+    """The jobs' results; all submitted before the loop starts, so the first admission takes three at once.
+    groups: collects the shape of each grouped prefill call's tokens."""
     eng = Engine(model, None, max_batch=3, max_seq_len=96, prefill_buckets=[16], pipeline=pipeline,
-                 decode_steps=decode_steps)
+                 decode_steps=decode_steps, prefill_rows=prefill_rows)
     eng.warmup()
-    eng.start()
+    if groups is not None:
+        grouped = eng._prefill_group
+        eng._prefill_group = lambda *a: groups.append(a[1].shape) or grouped(*a)
     done, results = threading.Event(), {}
 
     def sink_for(i):
@@ -42,8 +46,9 @@ def run(model, pipeline: bool, jobs, decode_steps: int = 1):
                     done.set()
         return sink
 
-    for i, (prompt, params) in enumerate(jobs):  # 5 requests, 3 slots: two join as others leave
+    for i, (prompt, params) in enumerate(jobs):  # 6 requests, 3 slots: three join as others leave
         eng.submit(Request(prompt, params, sink_for(i)))
+    eng.start()
     assert done.wait(120)
     eng.stop()
     return [results[i] for i in range(len(jobs))]
@@ -90,9 +95,30 @@ def test_multi_step_loop_equals_step_by_step(model, jobs_and_reference, pipeline
     same(run(model, pipeline, jobs, decode_steps=4), step_by_step)
 
 
+def test_prompts_prefilled_one_by_one_equal_grouped(model, jobs_and_reference):
+    """The first three prompts (5, 9 and 3 tokens: one bucket) are admitted in one prefill call of 4 rows; one
+    prompt per call gives the same tokens. The 80-token prompt is prefilled alone, in chunks, either way."""
+    jobs, step_by_step = jobs_and_reference
+    groups = []
+    same(run(model, False, jobs, groups=groups), step_by_step)
+    assert groups and groups[0] == (4, 16)
+    same(run(model, False, jobs, prefill_rows=1), step_by_step)
+
+
+def test_prefill_groups_by_bucket():
+    """Prompts that fit one bucket are grouped by bucket, prefill_rows at most; longer ones go alone."""
+    eng = Engine.__new__(Engine)
+    eng.buckets, eng.prefill_rows = [16, 64], 2
+    assert eng._groups([5, 70, 20, 9, 16, 3, 64]) == [[0, 3], [4, 5], [2, 6], [1]]
+    eng.prefill_rows = 1
+    assert eng._groups([5, 70, 20]) == [[0], [1], [2]]
+
+
 def test_decode_steps_must_be_positive(model):
     with pytest.raises(ValueError, match="decode_steps must be >= 1"):
         Engine(model, None, max_batch=1, max_seq_len=32, decode_steps=0)
+    with pytest.raises(ValueError, match="prefill_rows must be >= 1"):
+        Engine(model, None, max_batch=1, max_seq_len=32, prefill_rows=0)
 
 
 def test_default_prefill_buckets():

@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill-buckets", default=None,
                    help="comma-separated prefill lengths (default: 32,128,512 below --max-seq-len; on GPUs also "
                         "2048, capped at --max-seq-len)")
+    p.add_argument("--prefill-rows", type=int, default=None,
+                   help="waiting prompts of one bucket prefilled in one call, at most (default: 4, "
+                        "mixjax.serve.engine.PREFILL_ROWS)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -114,7 +117,7 @@ def _serve(args, cluster):
 
     from mixjax import distributed
     from mixjax.models import load_config
-    from mixjax.serve.engine import Engine
+    from mixjax.serve.engine import PREFILL_ROWS, Engine
     from mixjax.serve.plan_choice import choose_plan
     from mixjax.sharding.mesh import LayoutError, make_mesh
     from mixjax.sharding.runner import ShardedModel
@@ -140,11 +143,15 @@ def _serve(args, cluster):
     print(f"mixjax{me} plan: mesh {mesh_shape}, strategy {strategy} ({reason}); {args.decode_steps} decode step(s) "
           f"per dispatch", flush=True)
     buckets = [int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None
+    args.prefill_rows = PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows
+    if args.prefill_rows < 1:
+        sys.exit(f"error: --prefill-rows must be >= 1, got {args.prefill_rows}")
     if cluster is not None:  # every process must build the same engine, or their compiled steps would not match
         cluster.agree("serving", {
             "config.json": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16],
             "mesh": mesh_shape, "strategy": strategy, "dtype": args.dtype, "max_batch": args.max_batch,
-            "max_seq_len": args.max_seq_len, "prefill_buckets": buckets, "decode_steps": args.decode_steps})
+            "max_seq_len": args.max_seq_len, "prefill_buckets": buckets, "decode_steps": args.decode_steps,
+            "prefill_rows": args.prefill_rows})
         hosts = {p: sorted(d.id for d in mesh.devices[p]) for p in range(mesh.devices.shape[0])}
         print(f"mixjax{me}: node {cluster.process_id} of the mesh = this process, devices {hosts[cluster.process_id]}",
               flush=True)
@@ -156,7 +163,7 @@ def _serve(args, cluster):
     tok = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     engine = Engine(sm, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
                     max_queue=args.max_queue, cluster=cluster, pipeline=not args.no_pipeline,
-                    decode_steps=args.decode_steps)
+                    decode_steps=args.decode_steps, prefill_rows=args.prefill_rows)
     if cluster is not None:
         cluster.watchdog.on_failure.append(engine.mark_failed)
         engine.metrics.processes = cluster.num_processes

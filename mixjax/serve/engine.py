@@ -2,8 +2,8 @@
 and a decode step over all slots, and continuous batching driven by one background thread.
 
 Every step of the loop: drop cancelled requests (their slots are free at once), admit waiting requests into free
-slots (prefill into a small separate cache, then copy that row into the slot of the big cache), then run one
-decode step for all slots together. Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device;
+slots (prefill into a small separate cache, then copy that row into the slot of the big cache; up to prefill_rows
+waiting prompts that fit one bucket in one prefill call), then run one decode step for all slots together. Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device;
 stop tokens, stop strings and max_tokens are checked on the host after each step.
 
 Multi-step decode (`decode_steps=K > 1`): one dispatch runs K decode steps in a device-side loop, each feeding its
@@ -106,6 +106,7 @@ class _Inflight:
     k: int = 1
 
 
+PREFILL_ROWS = 4  # waiting prompts of one bucket prefilled together, at most (Engine's prefill_rows)
 SHORT_BUCKETS = (32, 128, 512)  # prefill lengths compiled by default
 LONG_BUCKET = 2048  # also compiled on accelerators (see default_buckets)
 
@@ -130,10 +131,14 @@ class Engine:
 
     def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
                  prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None,
-                 cluster=None, pipeline: bool = True, decode_steps: int = 1):
+                 cluster=None, pipeline: bool = True, decode_steps: int = 1, prefill_rows: int = PREFILL_ROWS):
         self.sm = sm
         if int(decode_steps) < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        if int(prefill_rows) < 1:
+            raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
+        # Waiting prompts that fit one bucket are prefilled up to prefill_rows in one call (`_groups`)
+        self.prefill_rows = int(prefill_rows)
         self.decode_steps = int(decode_steps)
         # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
         # step n's tokens are read on the host, so the host's dispatch work overlaps the device's step.
@@ -173,6 +178,7 @@ class Engine:
         self._build()
         self.cache = sm.init_cache(self.slots, self.max_seq_len)
         self.small = sm.init_cache(dp, self.max_seq_len + self.buckets[-1])
+        self.small_group = self._group_cache() if self.prefill_rows > 1 else None
         self.cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
         self._copy = jax.jit(self._copy_fn, donate_argnums=0, out_shardings=self.cache_shardings)
 
@@ -200,6 +206,12 @@ class Engine:
             zero = jnp.zeros((1,), jnp.int32)
             return pick(last, seed[None], zero, temp[None], topk[None], topp[None]), cache
 
+        def prefill_group(state, tokens, positions, cache, last_idx, seeds, temp, topk, topp, *, fwd_last, rows):
+            """`rows` prompts from position 0 in one call: prompt i in row i of each data-parallel shard's block of
+            rows (rows i, rows + i, ...), its first token sampled from shard 0's row i."""
+            logits, cache = fwd_last(state, tokens, positions, cache, last_idx)
+            return pick(logits[:rows, 0, :V], seeds, jnp.zeros((rows,), jnp.int32), temp, topk, topp), cache
+
         def decode(state, prev_ids, use_prev, tokens, positions, cache):
             tokens = jnp.where(use_prev != 0, prev_ids, tokens)  # rows continuing from the previous step's sample
             logits, cache = fwd(state, tokens[:, None], positions[:, None], cache)
@@ -221,6 +233,8 @@ class Engine:
         self._prefill = jax.jit(functools.partial(prefill, fwd_last=self.sm._forward_last), donate_argnums=(3,))
         self._prefill_fresh = self._prefill if self.sm._forward_last_fresh is self.sm._forward_last else jax.jit(
             functools.partial(prefill, fwd_last=self.sm._forward_last_fresh), donate_argnums=(3,))
+        self._prefill_group = jax.jit(functools.partial(prefill_group, fwd_last=self.sm._forward_last_fresh,
+                                                        rows=self.prefill_rows), donate_argnums=(3,))
         self._decode = jax.jit(decode, donate_argnums=(5,))
         # Sampling is a separate small program per (draw, filter, want_top), chosen on the host for the batch: no
         # lax.cond inside the step (the GPU runtime would read its predicate back to the host mid-step).
@@ -232,10 +246,17 @@ class Engine:
             for f in PICK_VARIANTS}
 
     @staticmethod
-    def _copy_fn(big, small, slot):
+    def _copy_fn(big, small, slot, row):
+        """Row `row` of the small cache into slot `slot` of the big one."""
         return jax.tree.map(
-            lambda b, s: jax.lax.dynamic_update_slice_in_dim(b, jax.lax.slice(s, (0,) * s.ndim, (1,) + b.shape[1:]),
-                                                             slot, axis=0), big, small)
+            lambda b, s: jax.lax.dynamic_update_slice_in_dim(
+                b, jax.lax.dynamic_slice(s, (row,) + (0,) * (s.ndim - 1), (1,) + b.shape[1:]), slot, axis=0),
+            big, small)
+
+    def _group_cache(self):
+        """The small cache of grouped prefills: prefill_rows rows per data-parallel shard, the context's positions
+        (a grouped prompt fits one bucket: no chunks)."""
+        return self.sm.init_cache(self.sm.dp_size * self.prefill_rows, max(self.max_seq_len, self.buckets[-1]))
 
     def warmup(self, variants=None):
         """Compile every shape the loop uses (each prefill bucket, the slot copy, the decode step, and the K-step
@@ -251,7 +272,12 @@ class Engine:
                     np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)), self.small, np.int32(0), np.uint32(0),
                     np.float32(1.0), np.int32(0), np.float32(1.0))
                 np.asarray(ids)
-        self.cache = self._copy(self.cache, self.small, np.int32(0))
+            if self.prefill_rows > 1:
+                (ids, *_), self.small_group = self._prefill_group(self.sm.leaves, *self._group_inputs([], b))
+                np.asarray(ids)
+        self.cache = self._copy(self.cache, self.small, np.int32(0), np.int32(0))
+        if self.prefill_rows > 1:
+            self.cache = self._copy(self.cache, self.small_group, np.int32(0), np.int32(0))
         z = np.zeros(self.slots, np.int32)  # (not _step: on a cluster every process warms up by itself)
         self._last_ids = z
         for _ in range(2):  # the second call sees the first one's device-resident ids, as every later step does
@@ -429,30 +455,81 @@ class Engine:
                 "temp": np.array([r.params.temperature for r, _ in batch], np.float32),
                 "topk": np.array([r.params.top_k for r, _ in batch], np.int32),
                 "topp": np.array([r.params.top_p for r, _ in batch], np.float32)})
-        for req, slot in batch:
-            p = req.params
-            seed, temp = np.uint32(req.seed), np.float32(p.temperature)
-            topk, topp = np.int32(p.top_k), np.float32(p.top_p)
+        for group in self._groups([len(r.prompt_ids) for r, _ in batch]):
+            items = [batch[i] for i in group]
             try:
-                tok, lp, top_ids, top_lp = self._run_admit(req.prompt_ids, slot, seed, temp, topk, topp)
-            except Exception as e:  # a bad request fails alone
+                outs = self._run_admit_group([(r.prompt_ids, slot, np.uint32(r.seed), np.float32(r.params.temperature),
+                                               np.int32(r.params.top_k), np.float32(r.params.top_p))
+                                              for r, slot in items])
+            except Exception as e:  # a bad request fails alone (or with the prompts prefilled beside it)
                 if self.cluster is not None:
                     raise  # the other processes cannot follow a recovery: the loop stops the cluster
-                log.error("prefill failed for request %d: %s\n%s", req.id, e, traceback.format_exc())
-                self._finish(req, error=f"prefill failed: {e}")
-                # the small cache was donated: make a new one
+                for req, _ in items:
+                    log.error("prefill failed for request %d: %s\n%s", req.id, e, traceback.format_exc())
+                    self._finish(req, error=f"prefill failed: {e}")
+                # the small caches were donated: make new ones
                 self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
+                if self.prefill_rows > 1:
+                    self.small_group = self._group_cache()
                 continue
-            req.slot = slot
-            self._active[slot] = req
-            self._h_temp[slot], self._h_topk[slot], self._h_topp[slot], self._h_seed[slot] = temp, topk, topp, seed
-            L = len(req.prompt_ids)
-            req.pos = L
-            now = time.monotonic()
-            self.metrics.ttft.observe(now - req.t_submit)
-            self.metrics.prompt_tokens += L
-            req.t_last = now
-            self._on_token(req, int(tok), float(lp), top_ids, top_lp)
+            for (req, slot), (tok, lp, top_ids, top_lp) in zip(items, outs):
+                req.slot = slot
+                self._active[slot] = req
+                p = req.params
+                self._h_temp[slot], self._h_topk[slot] = np.float32(p.temperature), np.int32(p.top_k)
+                self._h_topp[slot], self._h_seed[slot] = np.float32(p.top_p), np.uint32(req.seed)
+                L = len(req.prompt_ids)
+                req.pos = L
+                now = time.monotonic()
+                self.metrics.ttft.observe(now - req.t_submit)
+                self.metrics.prompt_tokens += L
+                req.t_last = now
+                self._on_token(req, int(tok), float(lp), top_ids, top_lp)
+
+    def _groups(self, lengths: list[int]) -> list[list[int]]:
+        """The admission order of prompts of these lengths, as groups of indices prefilled in one call each: prompts
+        that fit one bucket, by bucket, up to prefill_rows per group; longer ones (prefilled in chunks) alone. A
+        function of the lengths only: every process of a cluster forms the same groups."""
+        bmax = self.buckets[-1]
+        by_bucket: dict[int, list[int]] = {}
+        alone = []
+        for i, n in enumerate(lengths):
+            if self.prefill_rows > 1 and n <= bmax:
+                by_bucket.setdefault(next(b for b in self.buckets if b >= n), []).append(i)
+            else:
+                alone.append([i])
+        r = self.prefill_rows
+        return [idx[j:j + r] for idx in by_bucket.values() for j in range(0, len(idx), r)] + alone
+
+    def _group_inputs(self, items, b: int):
+        """The grouped prefill's host inputs for up to prefill_rows prompts of at most b tokens (unused rows: a
+        one-token prompt of token 0, whose row nothing reads)."""
+        r, dp = self.prefill_rows, self.sm.dp_size
+        tokens = np.zeros((dp * r, b), np.int32)
+        last = np.zeros(dp * r, np.int32)
+        seeds, temp = np.zeros(r, np.uint32), np.ones(r, np.float32)
+        topk, topp = np.zeros(r, np.int32), np.ones(r, np.float32)
+        for i, (ids, _slot, seed, t, k, p) in enumerate(items):
+            tokens[i::r, : len(ids)] = ids  # row i of every data-parallel shard's block of r rows
+            last[i::r] = len(ids) - 1
+            seeds[i], temp[i], topk[i], topp[i] = seed, t, k, p
+        positions = np.broadcast_to(np.arange(b, dtype=np.int32), (dp * r, b))
+        return tokens, positions, self.small_group, last, seeds, temp, topk, topp
+
+    def _run_admit_group(self, items, fetch: bool = True):
+        """Admit the prompts of one group (`_groups`): items are (ids, slot, seed, temperature, top_k, top_p). Returns
+        each one's first token (id, logprob, top ids, top logprobs), or None when not fetched."""
+        if len(items) == 1:
+            out = self._run_admit(*items[0], fetch=fetch)
+            return [out] if fetch else None
+        b = next(x for x in self.buckets if x >= max(len(it[0]) for it in items))
+        out, self.small_group = self._prefill_group(self.sm.leaves, *self._group_inputs(items, b))
+        for i, it in enumerate(items):
+            self.cache = self._copy(self.cache, self.small_group, np.int32(it[1]), np.int32(i))
+        if not fetch:
+            return None
+        out = [np.asarray(x) for x in out]
+        return [tuple(x[i] for x in out) for i in range(len(items))]
 
     def _run_admit(self, ids, slot: int, seed, temp, topk, topp, fetch: bool = True):
         """The compiled calls of one admission: bucketed (chunked) prefill into the small cache, then the copy of
@@ -473,7 +550,7 @@ class Engine:
             if rem <= bmax:
                 break
             p0 += bmax
-        self.cache = self._copy(self.cache, self.small, np.int32(slot))
+        self.cache = self._copy(self.cache, self.small, np.int32(slot), np.int32(0))
         return tuple(np.asarray(x)[0] for x in out) if fetch else None
 
     def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, flags, k: int = 1):
@@ -577,12 +654,12 @@ class Engine:
             if kind == "stop":
                 return
             if kind == "admit":
-                off = 0
-                for i, slot in enumerate(a["slots"].tolist()):
-                    n = int(a["lengths"][i])
-                    self._run_admit(a["ids"][off: off + n], slot, a["seeds"][i], a["temp"][i], a["topk"][i],
-                                    a["topp"][i], fetch=False)
-                    off += n
+                lengths = a["lengths"].tolist()
+                starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+                items = [(a["ids"][starts[i]: starts[i + 1]], slot, a["seeds"][i], a["temp"][i], a["topk"][i],
+                          a["topp"][i]) for i, slot in enumerate(a["slots"].tolist())]
+                for group in self._groups(lengths):  # the groups process 0 forms from the same lengths
+                    self._run_admit_group([items[i] for i in group], fetch=False)
             elif kind == "decode":
                 self._run_decode(a["use_prev"], a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"],
                                  a["topk"], a["topp"], a["flags"], int(a["k"][0]))
