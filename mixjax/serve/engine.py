@@ -3,8 +3,8 @@ and a decode step over all slots, and continuous batching driven by one backgrou
 
 Every step of the loop: drop cancelled requests (their slots are free at once), admit waiting requests into free
 slots (prefill into a small separate cache, then copy that row into the slot of the big cache; up to prefill_rows
-waiting prompts that fit one bucket in one prefill call), then run one decode step for all slots together. Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device;
-stop tokens, stop strings and max_tokens are checked on the host after each step.
+waiting prompts that fit one bucket in one prefill call), then run one decode step for all slots together.
+Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device; stop tokens, stop strings and max_tokens are checked on the host after each step.
 
 Multi-step decode (`decode_steps=K > 1`): one dispatch runs K decode steps in a device-side loop, each feeding its
 sampled tokens to the next, and the host reads K tokens per row at once. The host's per-step work (dispatch, reading
@@ -247,16 +247,18 @@ class Engine:
 
     @staticmethod
     def _copy_fn(big, small, slot, row):
-        """Row `row` of the small cache into slot `slot` of the big one."""
-        return jax.tree.map(
-            lambda b, s: jax.lax.dynamic_update_slice_in_dim(
-                b, jax.lax.dynamic_slice(s, (row,) + (0,) * (s.ndim - 1), (1,) + b.shape[1:]), slot, axis=0),
-            big, small)
+        """Row `row` of the small cache into slot `slot` of the big one: its first positions where the small cache
+        holds fewer (the grouped prefill's, one bucket long; later positions are written before they are read)."""
+        def one(b, s):
+            size = (1,) + tuple(min(bs, ss) for bs, ss in zip(b.shape[1:], s.shape[1:]))
+            piece = jax.lax.dynamic_slice(s, (row,) + (0,) * (s.ndim - 1), size)
+            return jax.lax.dynamic_update_slice(b, piece, (slot,) + (0,) * (b.ndim - 1))
+        return jax.tree.map(one, big, small)
 
     def _group_cache(self):
-        """The small cache of grouped prefills: prefill_rows rows per data-parallel shard, the context's positions
-        (a grouped prompt fits one bucket: no chunks)."""
-        return self.sm.init_cache(self.sm.dp_size * self.prefill_rows, max(self.max_seq_len, self.buckets[-1]))
+        """The small cache of grouped prefills: prefill_rows rows per data-parallel shard, as many positions as the
+        largest bucket (a grouped prompt fits one bucket: no chunks)."""
+        return self.sm.init_cache(self.sm.dp_size * self.prefill_rows, self.buckets[-1])
 
     def warmup(self, variants=None):
         """Compile every shape the loop uses (each prefill bucket, the slot copy, the decode step, and the K-step
