@@ -4,7 +4,8 @@ and a decode step over all slots, and continuous batching driven by one backgrou
 Every step of the loop: drop cancelled requests (their slots are free at once), admit waiting requests into free
 slots (prefill into a small separate cache, then copy that row into the slot of the big cache; up to prefill_rows
 waiting prompts that fit one bucket in one prefill call), then run one decode step for all slots together.
-Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device; stop tokens, stop strings and max_tokens are checked on the host after each step.
+Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device; stop tokens, stop strings and
+max_tokens are checked on the host after each step.
 
 Multi-step decode (`decode_steps=K > 1`): one dispatch runs K decode steps in a device-side loop, each feeding its
 sampled tokens to the next, and the host reads K tokens per row at once. The host's per-step work (dispatch, reading
@@ -275,7 +276,9 @@ class Engine:
                     np.float32(1.0), np.int32(0), np.float32(1.0))
                 np.asarray(ids)
             if self.prefill_rows > 1:
-                (ids, *_), self.small_group = self._prefill_group(self.sm.leaves, *self._group_inputs([], b))
+                tokens, positions, *sampling = self._group_inputs([], b)
+                (ids, *_), self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group,
+                                                                  *sampling)
                 np.asarray(ids)
         self.cache = self._copy(self.cache, self.small, np.int32(0), np.int32(0))
         if self.prefill_rows > 1:
@@ -459,10 +462,11 @@ class Engine:
                 "topp": np.array([r.params.top_p for r, _ in batch], np.float32)})
         for group in self._groups([len(r.prompt_ids) for r, _ in batch]):
             items = [batch[i] for i in group]
+            # (ids, slot, seed, temperature, top_k, top_p) of each: the prefill's sampling and then the slot's
+            args = [(r.prompt_ids, slot, np.uint32(r.seed), np.float32(r.params.temperature), np.int32(r.params.top_k),
+                     np.float32(r.params.top_p)) for r, slot in items]
             try:
-                outs = self._run_admit_group([(r.prompt_ids, slot, np.uint32(r.seed), np.float32(r.params.temperature),
-                                               np.int32(r.params.top_k), np.float32(r.params.top_p))
-                                              for r, slot in items])
+                outs = self._run_admit_group(args)
             except Exception as e:  # a bad request fails alone (or with the prompts prefilled beside it)
                 if self.cluster is not None:
                     raise  # the other processes cannot follow a recovery: the loop stops the cluster
@@ -474,12 +478,10 @@ class Engine:
                 if self.prefill_rows > 1:
                     self.small_group = self._group_cache()
                 continue
-            for (req, slot), (tok, lp, top_ids, top_lp) in zip(items, outs):
+            for (req, _), (_, slot, seed, temp, topk, topp), (tok, lp, top_ids, top_lp) in zip(items, args, outs):
                 req.slot = slot
                 self._active[slot] = req
-                p = req.params
-                self._h_temp[slot], self._h_topk[slot] = np.float32(p.temperature), np.int32(p.top_k)
-                self._h_topp[slot], self._h_seed[slot] = np.float32(p.top_p), np.uint32(req.seed)
+                self._h_temp[slot], self._h_topk[slot], self._h_topp[slot], self._h_seed[slot] = temp, topk, topp, seed
                 L = len(req.prompt_ids)
                 req.pos = L
                 now = time.monotonic()
@@ -516,7 +518,7 @@ class Engine:
             last[i::r] = len(ids) - 1
             seeds[i], temp[i], topk[i], topp[i] = seed, t, k, p
         positions = np.broadcast_to(np.arange(b, dtype=np.int32), (dp * r, b))
-        return tokens, positions, self.small_group, last, seeds, temp, topk, topp
+        return tokens, positions, last, seeds, temp, topk, topp
 
     def _run_admit_group(self, items, fetch: bool = True):
         """Admit the prompts of one group (`_groups`): items are (ids, slot, seed, temperature, top_k, top_p). Returns
@@ -525,7 +527,8 @@ class Engine:
             out = self._run_admit(*items[0], fetch=fetch)
             return [out] if fetch else None
         b = next(x for x in self.buckets if x >= max(len(it[0]) for it in items))
-        out, self.small_group = self._prefill_group(self.sm.leaves, *self._group_inputs(items, b))
+        tokens, positions, *sampling = self._group_inputs(items, b)
+        out, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group, *sampling)
         for i, it in enumerate(items):
             self.cache = self._copy(self.cache, self.small_group, np.int32(it[1]), np.int32(i))
         if not fetch:

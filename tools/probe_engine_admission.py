@@ -1,0 +1,57 @@
+"""The serving engine's admission of prompts on a GPU (prefill, first token sampled and read, row copied into its
+slot), 4 layers of Qwen3-30B-A3B's shapes with random bf16 weights, timed on the host after warm-up.
+A development tool:
+    python tools/probe_engine_admission.py buckets   # one 2000-token prompt: buckets 32,128,512 against the defaults
+    python tools/probe_engine_admission.py grouped   # four prompts of 100 / 500 / 2000 tokens: one call each
+                                                     # (Engine._run_admit) against one grouped call (_run_admit_group)
+docs/evidence/engine-buckets-h200-2026-12-01.txt and engine-grouped-prefill-h200-2026-12-01.txt are these loops' output
+(the buckets run predates grouped prefill: its warm-up then compiled no grouped programs)."""
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from mixjax.bench.decode import bench_config, decode_vocab
+from mixjax.models import model_class
+from mixjax.serve.engine import Engine
+from mixjax.sharding.mesh import make_mesh
+from mixjax.sharding.runner import ShardedModel
+from mixjax.sharding.strategies import STRATEGIES
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "grouped"
+cfg = bench_config("qwen3-30b-a3b", 4, decode_vocab("qwen3-30b-a3b", None))
+m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="grouped")
+m.set_state(nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+print(jax.devices()[0].device_kind, flush=True)
+
+if mode == "buckets":
+    n = 2000
+    ids = [int(v) for v in np.random.RandomState(0).randint(0, cfg.vocab_size, n)]
+    for buckets in ([32, 128, 512], None):
+        eng = Engine(m, None, max_batch=1, max_seq_len=4096, prefill_buckets=buckets)
+        w = eng.warmup()
+        times = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            eng._run_admit(ids, 0, np.uint32(0), np.float32(1), np.int32(0), np.float32(1))
+            times.append(time.perf_counter() - t0)
+        print(f"buckets {eng.buckets}: warm-up {w:.1f} s; admission of a {n}-token prompt (prefill, first token "
+              f"sampled and read, row copied to its slot): median {np.median(times) * 1e3:.2f} ms, min "
+              f"{min(times) * 1e3:.2f} ms over 9", flush=True)
+        del eng
+else:
+    eng = Engine(m, None, max_batch=4, max_seq_len=4096, prefill_rows=4)
+    print("buckets", eng.buckets, "warm-up", round(eng.warmup(), 1), "s", flush=True)
+    rng = np.random.RandomState(0)
+    for n in (100, 500, 2000):
+        items = [([int(v) for v in rng.randint(0, cfg.vocab_size, n)], slot, np.uint32(slot), np.float32(0),
+                  np.int32(0), np.float32(1)) for slot in range(4)]
+        alone, grouped = [], []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            outs_a = [eng._run_admit(*it) for it in items]
+            alone.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            outs_g = eng._run_admit_group(items)
+            grouped.append(time.perf_counter() - t0)
+        same = [int(a[0]) for a in outs_a] == [int(g[0]) for g in outs_g]
+        print(f"4 prompts of {n} tokens: one call each {np.median(alone) * 1e3:.2f} ms, one grouped call "
+              f"{np.median(grouped) * 1e3:.2f} ms (medians of 7; first tokens equal: {same})", flush=True)
