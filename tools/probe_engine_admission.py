@@ -3,7 +3,8 @@ slot), 4 layers of Qwen3-30B-A3B's shapes with random bf16 weights, timed on the
 A development tool:
     python tools/probe_engine_admission.py buckets   # one 2000-token prompt: buckets 32,128,512 against the defaults
     python tools/probe_engine_admission.py grouped   # four prompts of 100 / 500 / 2000 tokens: one call each
-                                                     # (Engine._run_admit) against one grouped call (_run_admit_group)
+                                                     # (Engine._run_admit) against one grouped call (_run_admit_group),
+                                                     # its rows copied to their slots in one call or one call per row
 docs/evidence/engine-buckets-h200-2026-12-01.txt and engine-grouped-prefill-h200-2026-12-01.txt are these loops' output
 (the buckets run predates grouped prefill: its warm-up then compiled no grouped programs)."""
 import sys, time
@@ -41,10 +42,27 @@ else:
     eng = Engine(m, None, max_batch=4, max_seq_len=4096, prefill_rows=4)
     print("buckets", eng.buckets, "warm-up", round(eng.warmup(), 1), "s", flush=True)
     rng = np.random.RandomState(0)
+    copy_all = eng._copy
+
+    def grouped_rows_apart(items):
+        """_run_admit_group with its rows copied into their slots one call each (the engine before the eighth
+        session, 2026-12-01)."""
+        def per_row(cache, small, slots, rows):
+            for s, r in zip(slots, rows):
+                if s < eng.slots:
+                    cache = copy_all(cache, small, np.array([s], np.int32), np.array([r], np.int32))
+            return cache
+        eng._copy = per_row
+        try:
+            return eng._run_admit_group(items)
+        finally:
+            eng._copy = copy_all
+
     for n in (100, 500, 2000):
         items = [([int(v) for v in rng.randint(0, cfg.vocab_size, n)], slot, np.uint32(slot), np.float32(0),
                   np.int32(0), np.float32(1)) for slot in range(4)]
-        alone, grouped = [], []
+        alone, grouped, row_copies = [], [], []
+        grouped_rows_apart(items)  # compiles the one-row copy from the grouped cache
         for _ in range(7):
             t0 = time.perf_counter()
             outs_a = [eng._run_admit(*it) for it in items]
@@ -52,6 +70,10 @@ else:
             t0 = time.perf_counter()
             outs_g = eng._run_admit_group(items)
             grouped.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            grouped_rows_apart(items)
+            row_copies.append(time.perf_counter() - t0)
         same = [int(a[0]) for a in outs_a] == [int(g[0]) for g in outs_g]
         print(f"4 prompts of {n} tokens: one call each {np.median(alone) * 1e3:.2f} ms, one grouped call "
-              f"{np.median(grouped) * 1e3:.2f} ms (medians of 7; first tokens equal: {same})", flush=True)
+              f"{np.median(grouped) * 1e3:.2f} ms, the same with one copy call per row {np.median(row_copies) * 1e3:.2f}"
+              f" ms (medians of 7; first tokens equal: {same})", flush=True)

@@ -247,14 +247,23 @@ class Engine:
             for f in PICK_VARIANTS}
 
     @staticmethod
-    def _copy_fn(big, small, slot, row):
-        """Row `row` of the small cache into slot `slot` of the big one: its first positions where the small cache
-        holds fewer (the grouped prefill's, one bucket long; later positions are written before they are read)."""
+    def _copy_fn(big, small, slots, rows):
+        """Rows `rows` of the small cache into slots `slots` of the big one, in one program (a grouped prefill's rows
+        all at once); a slot past the big cache's last is not written. Only the first positions are copied where the
+        small cache holds fewer (the grouped prefill's, one bucket long; later positions are written before they are
+        read)."""
         def one(b, s):
-            size = (1,) + tuple(min(bs, ss) for bs, ss in zip(b.shape[1:], s.shape[1:]))
-            piece = jax.lax.dynamic_slice(s, (row,) + (0,) * (s.ndim - 1), size)
-            return jax.lax.dynamic_update_slice(b, piece, (slot,) + (0,) * (b.ndim - 1))
+            keep = tuple(slice(0, min(bs, ss)) for bs, ss in zip(b.shape[1:], s.shape[1:]))
+            return b.at[(slots,) + keep].set(s[(rows,) + keep], mode="drop", unique_indices=True)
         return jax.tree.map(one, big, small)
+
+    def _group_slots(self, slots: list[int]):
+        """The slot and row arguments of `_copy` for a grouped prefill whose rows 0, 1, .. go to these slots (the
+        group's unused rows to distinct slots past the last, which the copy drops)."""
+        r = self.prefill_rows
+        to = np.arange(self.slots, self.slots + r, dtype=np.int32)
+        to[: len(slots)] = slots
+        return to, np.arange(r, dtype=np.int32)
 
     def _group_cache(self):
         """The small cache of grouped prefills: prefill_rows rows per data-parallel shard, as many positions as the
@@ -280,9 +289,9 @@ class Engine:
                 (ids, *_), self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group,
                                                                   *sampling)
                 np.asarray(ids)
-        self.cache = self._copy(self.cache, self.small, np.int32(0), np.int32(0))
+        self.cache = self._copy(self.cache, self.small, np.zeros(1, np.int32), np.zeros(1, np.int32))
         if self.prefill_rows > 1:
-            self.cache = self._copy(self.cache, self.small_group, np.int32(0), np.int32(0))
+            self.cache = self._copy(self.cache, self.small_group, *self._group_slots([]))
         z = np.zeros(self.slots, np.int32)  # (not _step: on a cluster every process warms up by itself)
         self._last_ids = z
         for _ in range(2):  # the second call sees the first one's device-resident ids, as every later step does
@@ -529,8 +538,7 @@ class Engine:
         b = next(x for x in self.buckets if x >= max(len(it[0]) for it in items))
         tokens, positions, *sampling = self._group_inputs(items, b)
         out, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group, *sampling)
-        for i, it in enumerate(items):
-            self.cache = self._copy(self.cache, self.small_group, np.int32(it[1]), np.int32(i))
+        self.cache = self._copy(self.cache, self.small_group, *self._group_slots([it[1] for it in items]))
         if not fetch:
             return None
         out = [np.asarray(x) for x in out]
@@ -555,7 +563,7 @@ class Engine:
             if rem <= bmax:
                 break
             p0 += bmax
-        self.cache = self._copy(self.cache, self.small, np.int32(slot), np.int32(0))
+        self.cache = self._copy(self.cache, self.small, np.full(1, slot, np.int32), np.zeros(1, np.int32))
         return tuple(np.asarray(x)[0] for x in out) if fetch else None
 
     def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, flags, k: int = 1):
