@@ -26,7 +26,7 @@ def problem():
     assert real.tolist() == [70, 80, 10, 0, 0, 0]  # rows holding pairs per block; block 2: warpgroup 1's all padding
     wg, wu = (jnp.asarray(rng.randn(E, D, F) * 0.1, jnp.bfloat16) for _ in range(2))
     wd = jnp.asarray(rng.randn(E, F, D) * 0.1, jnp.bfloat16)
-    return ge.gather_rows_xla(x, lay), lay.block_expert, lay.src_row, wg, wu, wd
+    return ge.gather_rows_xla(x, lay), lay.block_expert, lay.src_row, wg, wu, wd, x
 
 
 def per_block(xp, block_expert, fn, bm=128):
@@ -41,7 +41,7 @@ def test_hopper_kernels_equal_numpy(problem, tiles, programs, skip):
     single tile (chained: the first tile is the last). skip: the kernels are given the layout's source rows, and a
     warpgroup whose 64 rows are all padding (block 2's second) computes nothing: the rows that hold pairs must be
     the same."""
-    xp, be, src_row, wg, wu, wd = problem
+    xp, be, src_row, wg, wu, wd, _ = problem
     be_np = np.asarray(be)
     used = int((be_np >= 0).sum())
     assert used == 3 and be_np[-1] == -1  # three blocks walked by 2 programs, the unused one skipped
@@ -63,8 +63,27 @@ def test_hopper_kernels_equal_numpy(problem, tiles, programs, skip):
     np.testing.assert_allclose(got_y[real], want_y[real], rtol=2e-2, atol=2e-2 * np.abs(want_y).max())
 
 
+@pytest.mark.parametrize("stages, programs, skip", [(3, 2, False), (4, 1, True)])
+def test_kernel_a_reading_rows_by_index_equals_kernel_a_on_the_sorted_copy(problem, stages, programs, skip):
+    """Kernel A fetching x's rows itself (`gate_up_gathered`; in the interpreter one copy per row, each stage's rows
+    signalled stages - 2 steps late, as the GPU's cp.async groups are) gives kernel A's h on the padded, sorted copy
+    of x bit for bit, on every row that holds a pair. 2 programs walk 3 tiles of 2 k-steps each, 1 program all 6:
+    the ring of stages runs on across tiles."""
+    xp, be, src_row, wg, wu, _, x = problem
+    tiles = gh.HopperTiles(bn=64, bk=64, split="m", stages=stages, epi=32)
+    pad = dict(src_row=src_row, n_x=N) if skip else {}
+    want = np.asarray(gh.gate_up(xp, be, wg, wu, tiles, **pad, interpret=True, programs=2), np.float32)
+    got = np.asarray(gh.gate_up_gathered(x, src_row, be, wg, wu, tiles, skip=skip, interpret=True,
+                                         programs=programs), np.float32)
+    real = np.flatnonzero(np.asarray(src_row) < N)
+    assert len(real) == 160
+    np.testing.assert_array_equal(got[real], want[real])
+    with pytest.raises(ValueError, match="3 stages or more"):
+        gh.gate_up_gathered(x, src_row, be, wg, wu, gh.HopperTiles(bn=64, bk=64, stages=2))
+
+
 def test_hopper_kernels_refuse_shapes_they_do_not_tile(problem):
-    xp, be, _, wg, wu, wd = problem
+    xp, be, _, wg, wu, wd, _ = problem
     with pytest.raises(ValueError, match="does not tile"):
         gh.gate_up(xp, be, wg, wu, gh.HopperTiles(bn=256))  # 128 output columns by 256
     with pytest.raises(ValueError, match="multiples of 64"):
@@ -88,6 +107,10 @@ def test_hopper_kernels_lower_for_cuda():
             f = (lambda *a, fn=fn: fn(*a[:-1], src_row=a[-1], n_x=1000)) if skip else fn
             text = jax.jit(f).trace(*args, *((src,) if skip else ())).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text
+    x = S((1000, d), jnp.bfloat16)  # kernel A reading x's rows by index: its cp.async row copies lowered too
+    gathered = lambda *a: gh.gate_up_gathered(*a, skip=True)
+    text = jax.jit(gathered).trace(x, src, be, w, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_dispatch_takes_hopper_kernels_only_where_they_apply(monkeypatch):

@@ -5,6 +5,7 @@ A development tool:
     python tools/probe_engine_admission.py grouped   # four prompts of 100 / 500 / 2000 tokens: one call each
                                                      # (Engine._run_admit) against one grouped call (_run_admit_group),
                                                      # its rows copied to their slots in one call or one call per row
+    python tools/probe_engine_admission.py copies    # the same two copies on the embedded default model (any backend)
 docs/evidence/engine-buckets-h200-2026-12-01.txt and engine-grouped-prefill-h200-2026-12-01.txt are these loops' output
 (the buckets run predates grouped prefill: its warm-up then compiled no grouped programs)."""
 import sys, time
@@ -18,6 +19,47 @@ from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "grouped"
+
+
+def copies_apart(eng):
+    """A stand-in for Engine._copy that copies a grouped prefill's rows one call each (the engine before the eighth
+    session, 2026-12-01)."""
+    copy_all = eng._copy
+
+    def per_row(cache, small, slots, rows):
+        for s, r in zip(slots, rows):
+            if s < eng.slots:
+                cache = copy_all(cache, small, np.array([s], np.int32), np.array([r], np.int32))
+        return cache
+    return per_row
+
+
+if mode == "copies":
+    from pathlib import Path
+    import mixjax
+    from mixjax.sharding.runner import load_sharded
+    m = load_sharded(Path(mixjax.__file__).parent / "default_model", make_mesh("1x1"), STRATEGIES["tp"], progress=False)
+    eng = Engine(m, None, max_batch=4, max_seq_len=512, prefill_buckets=[32, 128], prefill_rows=4)
+    eng.warmup()
+    rng = np.random.RandomState(0)
+    items = [([int(v) for v in rng.randint(3, 500, 100)], s, np.uint32(s), np.float32(0), np.int32(0), np.float32(1))
+             for s in range(4)]
+    print(jax.devices()[0].device_kind, "embedded default model, 4 slots, 4 prompts of 100 tokens", flush=True)
+    for name, fn in (("one copy call", eng._copy), ("one call per row", copies_apart(eng))):
+        eng._copy = fn
+        eng._run_admit_group(items)
+        admit, copy = [], []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            eng._run_admit_group(items)
+            admit.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            eng.cache = jax.block_until_ready(fn(eng.cache, eng.small_group, *eng._group_slots([0, 1, 2, 3])))
+            copy.append(time.perf_counter() - t0)
+        print(f"{name}: grouped admission {np.median(admit) * 1e3:.2f} ms, the copies alone {np.median(copy) * 1e3:.3f}"
+              f" ms (medians of 15)", flush=True)
+    sys.exit()
+
 cfg = bench_config("qwen3-30b-a3b", 4, decode_vocab("qwen3-30b-a3b", None))
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="grouped")
 m.set_state(nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
@@ -42,16 +84,9 @@ else:
     eng = Engine(m, None, max_batch=4, max_seq_len=4096, prefill_rows=4)
     print("buckets", eng.buckets, "warm-up", round(eng.warmup(), 1), "s", flush=True)
     rng = np.random.RandomState(0)
-    copy_all = eng._copy
+    copy_all, per_row = eng._copy, copies_apart(eng)
 
     def grouped_rows_apart(items):
-        """_run_admit_group with its rows copied into their slots one call each (the engine before the eighth
-        session, 2026-12-01)."""
-        def per_row(cache, small, slots, rows):
-            for s, r in zip(slots, rows):
-                if s < eng.slots:
-                    cache = copy_all(cache, small, np.array([s], np.int32), np.array([r], np.int32))
-            return cache
         eng._copy = per_row
         try:
             return eng._run_admit_group(items)

@@ -334,6 +334,10 @@ def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
                            jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, f=f)
 
 
+# "1": on Hopper GPUs, kernel A reads x's rows by index (`grouped_experts_hopper.gate_up_gathered`) instead of the
+# padded, sorted copy. Off by default: written and checked in the interpreter and the CUDA lowering on 2026-12-01, not
+# yet run on a GPU (tools/probe_gathered_gate_up.py measures it against the copy and kernel A).
+GATHERED_ENV = "MIXJAX_GATHERED_A"
 HOPPER_ENV = "MIXJAX_HOPPER_EXPERTS"  # "0": keep the Triton kernels on Hopper GPUs too (for comparisons)
 
 
@@ -366,9 +370,15 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     n, d = x.shape
     paired = n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX
     lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
+    hopper_kernels = not paired and use_hopper(blk, d, w_gate.shape[2], interpret)
+    if hopper_kernels and os.environ.get(GATHERED_ENV, "0") == "1":
+        skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(d) else {}
+        h = hopper.gate_up_gathered(x, lay.src_row, lay.block_expert, w_gate, w_up, skip=skips_padding(d))
+        y = hopper.down_proj(h, lay.block_expert, w_down, **skip)
+        return combine(y, lay, x.dtype)
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
-    if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
+    if hopper_kernels:
         skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(d) else {}
         h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, **skip)
         y = hopper.down_proj(h, lay.block_expert, w_down, **skip)

@@ -13,6 +13,10 @@ expert-sorted x, block b computed with expert block_expert[b]), written for what
 - Kernel A keeps two accumulators per warpgroup (gate and up columns of one tile) and applies SwiGLU before the
   store: h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation, stored in x's dtype.
 
+An experimental kernel A reads x's rows by index instead of the padded, sorted copy (`gate_up_gathered`: the memory
+warpgroup's threads fetch one row each with cp.async). It would save the copy (~21 us a layer at 2048 tokens on an
+H200) and kernel A's read of it. Not yet run on a GPU: off unless $MIXJAX_GATHERED_A is 1.
+
 Mosaic GPU kernels run only on sm_90 GPUs: `hopper_available()` says whether this process has one. The CPU tests
 run them in Mosaic GPU's interpreter against numpy and lower the production tilings for CUDA; on a GPU
 tools/probe_hopper_experts.py compares them with the Triton kernels and tools/check_gpu_paths.py runs the model.
@@ -228,3 +232,218 @@ def down_proj(h, block_expert, w_down, t: HopperTiles = DOWN_TILES, *, src_row=N
     for `gate_up`)."""
     return _grouped_call(h, block_expert, src_row, n_x, (w_down,), w_down.shape[2], t, swiglu=False,
                          interpret=interpret, programs=programs)
+
+
+def _copy_rows_cp_async(bm: int, bk: int):
+    """Mosaic GPU code run by the memory warpgroup (128 threads, one row each): thread t copies row rows[t] of x
+    (bk columns) into row t of a shared-memory stage laid out as wgmma reads it (tiles of 8 rows x 128 bytes, 16-byte
+    pieces swizzled by the row's place in its tile), in 16-byte cp.async copies; rows past x's last are filled with
+    zeros. Then commits them as one cp.async group."""
+    if bm != 128 or bk * 2 != 128:
+        raise ValueError(f"row copies take 128-row stages of 64 bf16 columns (got {bm} x {bk})")
+    swizzle = _swizzled(bk, jnp.bfloat16)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_STRIDED((bm,), vec_size=1),
+                                  plgpu.RefType(transforms=swizzle)))
+    def copy(ctx, x_ref, rows, stage):
+        from jax._src.lib.mlir import ir  # noqa: PLC0415 (Mosaic GPU's MLIR bindings, only when lowering)
+        from jax._src.lib.mlir.dialects import arith, llvm, vector  # noqa: PLC0415
+        from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+        i8, i32, i64 = (ir.IntegerType.get_signless(w) for w in (8, 32, 64))
+        c32 = lambda v: arith.constant(i32, v)
+        x_ty = ir.MemRefType(x_ref.type)
+        n, stride = x_ty.shape[0], x_ty.get_strides_and_offset()[0][0]
+        t = arith.remui(mu.thread_idx(), c32(128))
+        row = vector.extract(rows.registers.flat[0], dynamic_position=[], static_position=[0])
+        valid = arith.cmpi(arith.CmpIPredicate.ult, row, c32(n))
+        row = arith.select(valid, row, c32(0))
+        size = arith.select(valid, c32(16), c32(0))  # src-size 0: the 16 bytes are zeros, nothing is read
+        src = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(x_ref))
+        src = mu.getelementptr(src, [arith.extui(i64, arith.muli(row, c32(stride * 2)))], i8)
+        dst = mu.memref_ptr(stage)
+        r8 = arith.remui(t, c32(8))
+        dst = mu.getelementptr(dst, [arith.addi(arith.muli(arith.divui(t, c32(8)), c32(1024)),
+                                                arith.muli(r8, c32(128)))], i8)
+        for piece in range(8):
+            d = mu.getelementptr(dst, [arith.muli(arith.xori(r8, c32(piece)), c32(16))], i8)
+            s = mu.getelementptr(src, [piece * 16], i8)
+            mu.inline_ptx("cp.async.cg.shared.global [$0], [$1], 16, $2;", d, s, size)
+        mu.inline_ptx("cp.async.commit_group;")
+        return ()
+
+    return copy
+
+
+def _cp_async_wait(groups: int):
+    """Mosaic GPU code: wait until this thread has at most `groups` cp.async groups in flight, make the copied
+    bytes visible to the tensor cores' (async proxy) reads, and wait for the whole warpgroup to get there."""
+    @plgpu.inline_mgpu()
+    def wait(ctx):
+        from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+        mu.inline_ptx(f"cp.async.wait_group {groups};")
+        mu.inline_ptx("fence.proxy.async.shared::cta;")
+        mu.warpgroup_barrier()
+        return ()
+
+    return wait
+
+
+def _gathered_gate_up_kernel(block_expert, src_row, used, x, w_gate, w_up, out, *, bm: int, t: HopperTiles,
+                             n_tiles: int, k_steps: int, skip: bool, interpret: bool):
+    """Kernel A reading x's rows by index: the rows of block b are x[src_row[b * bm + r]] (zero where src_row is
+    x's row count), fetched by the memory warpgroup's 128 threads one row each with cp.async (Hopper's TMA has no
+    row gather; one TMA copy per row was 5.8x slower), instead of read from the padded, sorted copy that
+    `grouped_experts.gather_rows` writes. Its own pipeline (the helper's copies follow BlockSpecs, which cannot name
+    rows): a ring of t.stages stages of x rows and weight tiles that runs on across a program's tiles. A stage's
+    rows are signalled `lag` steps after they were issued (cp.async groups complete in order); a stage is refilled
+    once both compute warpgroups have released it. interpret: the rows go one Pallas copy each onto a barrier of
+    their own, which stands in for the cp.async group in the same lagged signalling (Mosaic GPU's interpreter runs
+    no inline Mosaic GPU code)."""
+    n_x = x.shape[0]
+    rows_w, stages = bm // COMPUTE_WARPGROUPS, t.stages
+    # The memory warpgroup issues step s once step s - stages is released; a compute warpgroup releases step c - 1
+    # only after step c's operands have landed (its products run one step behind). So step c's rows must be signalled
+    # by step c + stages - 2 at the latest.
+    lag = stages - 2
+    epi = t.epi or t.bn
+    copy_rows = None if interpret else _copy_rows_cp_async(bm, t.bk)
+    x_smem = plgpu.SMEM((stages, bm, t.bk), x.dtype, transforms=_swizzled(t.bk, x.dtype))
+    w_smem = [plgpu.SMEM((stages, t.bk, t.bn), w.dtype, transforms=_swizzled(t.bn, w.dtype)) for w in (w_gate, w_up)]
+
+    def scope(xt, wg_smem, wu_smem, produced, consumed, out_smem, rows_done):
+        wg = lax.axis_index("wg")
+        n_used = used[0]
+        sm, programs = lax.axis_index("sm"), lax.axis_size("sm")
+        total = jnp.maximum(n_used * n_tiles - sm + programs - 1, 0) // programs * k_steps  # this program's steps
+
+        def signal_rows(step, in_flight: int):
+            """Tell the compute warpgroups that step `step`'s rows have landed, once at most `in_flight` later
+            steps' row copies are still on their way (the copies of a thread complete in order)."""
+            if interpret:
+                plgpu.barrier_wait(rows_done.at[lax.rem(step, stages)])
+            else:
+                _cp_async_wait(in_flight)()
+            plgpu.barrier_arrive(produced.at[lax.rem(step, stages)])
+
+        @pl.when(wg == COMPUTE_WARPGROUPS)
+        def _memory():
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+            @plgpu.nd_loop((n_used * n_tiles,), collective_axes="sm")
+            def _tile(info: plgpu.NDLoopInfo):
+                b, j = plgpu.planar_snake(info.index[0], (n_used, n_tiles), t.minor, t.width)
+                e = block_expert[b]
+                cols = pl.ds(j * t.bn, t.bn)
+                rows = None if interpret else plgpu.load(src_row.at[pl.ds(b * bm, bm)],
+                                                         layout=plgpu.Layout.WG_STRIDED((bm,), vec_size=1))
+
+                @pl.loop(0, k_steps)
+                def _step(kk):
+                    step = info.local_index * k_steps + kk
+                    slot = lax.rem(step, stages)
+
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
+
+                    ks = pl.ds(kk * t.bk, t.bk)
+                    plgpu.copy_gmem_to_smem(w_gate.at[e, ks, cols], wg_smem.at[slot], produced.at[slot])
+                    plgpu.copy_gmem_to_smem(w_up.at[e, ks, cols], wu_smem.at[slot], produced.at[slot])
+                    if interpret:
+                        for r in range(bm):  # x's row count for padding: out of bounds, the copy fills zeros
+                            plgpu.copy_gmem_to_smem(x.at[pl.ds(src_row[b * bm + r], 1), ks], xt.at[slot, pl.ds(r, 1)],
+                                                    rows_done.at[slot])
+                    else:
+                        copy_rows(x.at[:, ks], rows, xt.at[slot])
+
+                    @pl.when(step >= lag)
+                    def _():
+                        signal_rows(step - lag, lag)
+
+            @pl.loop(jnp.maximum(total - lag, 0), total)  # the last steps' rows
+            def _last(step):
+                signal_rows(step, 0)
+
+            @pl.loop(jnp.maximum(total - stages, 0), total)  # no barrier completes unobserved
+            def _drain(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        @pl.when(wg < COMPUTE_WARPGROUPS)
+        def _compute():
+            regs = int(min(256, (512 - MEMORY_REGISTERS) // COMPUTE_WARPGROUPS) // 8 * 8)
+            plgpu.set_max_registers(regs, action="increase")
+            w_rows = pl.ds(wg * rows_w, rows_w)
+
+            @plgpu.nd_loop((n_used * n_tiles,), collective_axes="sm")
+            def _tile(info: plgpu.NDLoopInfo):
+                b, j = plgpu.planar_snake(info.index[0], (n_used, n_tiles), t.minor, t.width)
+                has_rows = src_row[b * bm + wg * rows_w] < n_x if skip else True
+                first = info.local_index * k_steps
+
+                def accumulate(acc_g, acc_u):
+                    @pl.loop(0, k_steps)
+                    def _step(kk):
+                        slot = lax.rem(first + kk, stages)
+                        plgpu.barrier_wait(produced.at[slot])
+
+                        @pl.when(has_rows)
+                        def _issue():
+                            plgpu.wgmma(acc_g, xt.at[slot, w_rows], wg_smem.at[slot])
+                            plgpu.wgmma(acc_u, xt.at[slot, w_rows], wu_smem.at[slot])
+
+                        plgpu.wgmma_wait(1)  # the previous step's products are done: release its stage
+
+                        @pl.when(kk > 0)
+                        def _():
+                            plgpu.barrier_arrive(consumed.at[lax.rem(first + kk - 1, stages)])
+
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(consumed.at[lax.rem(first + k_steps - 1, stages)])
+                    g, u = acc_g[...], acc_u[...]
+                    y = (g * jax.nn.sigmoid(g) * u).astype(out.dtype)
+
+                    @pl.when(has_rows)
+                    def _store():
+                        for c in range(t.bn // epi):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
+                            out_smem[wg] = y[:, c * epi:(c + 1) * epi]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[pl.ds(b * bm, bm), :].at[
+                                w_rows, pl.ds(j * t.bn + c * epi, epi)])
+
+                pl.run_scoped(accumulate, plgpu.ACC((rows_w, t.bn), jnp.float32),
+                              plgpu.ACC((rows_w, t.bn), jnp.float32))
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(scope, x_smem, *w_smem,
+                  plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # the two weight tiles, the rows
+                  plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
+                  plgpu.SMEM((COMPUTE_WARPGROUPS, rows_w, epi), out.dtype, transforms=_swizzled(epi, out.dtype)),
+                  plgpu.Barrier(num_arrivals=bm, num_barriers=stages if interpret else 1),  # interpreter's row copies
+                  collective_axes="wg")
+
+
+GATHER_TILES = HopperTiles(128, 64, "m", stages=4, epi=64)
+
+
+def gate_up_gathered(x, src_row, block_expert, w_gate, w_up, t: HopperTiles = GATHER_TILES, *, skip: bool = False,
+                     interpret: bool = False, programs: int | None = None):
+    """Kernel A on Hopper reading the rows of x [n, D] by index: h [M, F] = SwiGLU of the expert products of rows
+    x[src_row] (`Layout.src_row`, n for a padding row), without the padded copy of x. skip: warpgroups whose rows
+    are all padding are not computed (as `gate_up`'s src_row / n_x)."""
+    n, k = x.shape
+    m, nb, f = src_row.shape[0], block_expert.shape[0], w_gate.shape[2]
+    bm = m // nb
+    why = f"rows {m} in {nb} blocks" if m % nb else tiling_error(bm, k, f, t)
+    if why or t.split != "m" or t.stages < 3:
+        raise ValueError(f"gathered Hopper kernel A: {why or 'tiles split by rows, 3 stages or more'} (tiles {t})")
+    used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)
+    kernel = plgpu.kernel(
+        functools.partial(_gathered_gate_up_kernel, bm=bm, t=t, n_tiles=f // t.bn, k_steps=k // t.bk, skip=skip,
+                          interpret=interpret),
+        out_type=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(programs or _num_sms(),), grid_names=("sm",),
+        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+    return kernel(block_expert, src_row.astype(jnp.int32), used, x, w_gate, w_up)
