@@ -5,26 +5,14 @@ shapes: the same h on the rows holding pairs, and each one's time (chained R tim
 import argparse, dataclasses
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels import grouped_experts as ge, grouped_experts_hopper as gh
-from mixjax.bench.experts import random_expert_weights, random_gates, measure_hbm_bandwidth, timeit as bench_timeit
+from mixjax.bench.experts import random_expert_weights, random_gates, measure_hbm_bandwidth
+from chain_timing import seconds_per_call
 
 ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--stages", default="4")
 a = ap.parse_args()
 E, K, D, F, R = 128, 8, 2048, 768, 10
 bw = measure_hbm_bandwidth()
 print(f"{jax.devices()[0].device_kind}; HBM {bw / 1e12:.2f} TB/s", flush=True)
-
-
-def timeit(f, *args):
-    return bench_timeit(f, *args, iters=8) / R
-
-
-def chained(kern):
-    @jax.jit
-    def chain(x, *rest):
-        for _ in range(R):
-            y = kern(x, *rest); x = x.at[:, :1].add(y[:1, :1].astype(x.dtype))
-        return x
-    return chain
 
 
 key = jax.random.PRNGKey(0)
@@ -39,7 +27,7 @@ for n in map(int, a.tokens.split(",")):
     real = np.concatenate([np.arange(b * bm, b * bm + r) for b, r in enumerate(br)])
     copy_then_a = lambda xx, s, b, w1, w2: gh.gate_up(ge.gather_rows(xx, lay, bm), b, w1, w2, src_row=s, n_x=n)
     h_ref = np.asarray(jax.jit(copy_then_a)(x, lay.src_row, lay.block_expert, wg, wu)[:used * bm], np.float32)[real]
-    t0 = timeit(chained(copy_then_a), x, lay.src_row, lay.block_expert, wg, wu)
+    t0 = seconds_per_call(copy_then_a, R, x, lay.src_row, lay.block_expert, wg, wu)
     print(f"n={n}: {used} blocks; copy + A {t0 * 1e6:7.1f} us; 805 MB of expert weights at the HBM bandwidth "
           f"{2 * E * D * F * 2 / bw * 1e6:6.1f} us", flush=True)
     for st in map(int, a.stages.split(",")):
@@ -47,7 +35,7 @@ for n in map(int, a.tokens.split(",")):
         try:
             f = lambda xx, s, b, w1, w2: gh.gate_up_gathered(xx, s, b, w1, w2, t, skip=True)
             h = np.asarray(jax.jit(f)(x, lay.src_row, lay.block_expert, wg, wu)[:used * bm], np.float32)[real]
-            tg = timeit(chained(f), x, lay.src_row, lay.block_expert, wg, wu)
+            tg = seconds_per_call(f, R, x, lay.src_row, lay.block_expert, wg, wu)
             print(f"   gathered A, {st} stages: {tg * 1e6:7.1f} us ({t0 / tg:.3f}x); max |gathered - copy + A| "
                   f"{np.abs(h - h_ref).max():.3g} on the rows holding pairs (max {np.abs(h_ref).max():.3g})", flush=True)
         except Exception as ex:

@@ -7,7 +7,8 @@ skips its products). A development tool:
 import argparse, dataclasses
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels import grouped_experts as ge, grouped_experts_hopper as gh
-from mixjax.bench.experts import random_expert_weights, random_gates, measure_hbm_bandwidth, measure_matmul_rate, timeit as bench_timeit
+from mixjax.bench.experts import random_expert_weights, random_gates, measure_hbm_bandwidth, measure_matmul_rate
+from chain_timing import seconds_per_call
 
 ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--quick", action="store_true")
 ap.add_argument("--deepseek", action="store_true"); ap.add_argument("--shape", help="E,K,D,F")
@@ -21,18 +22,9 @@ print(f"{jax.devices()[0].device_kind} cc {getattr(jax.devices()[0], 'compute_ca
       f"hopper_available {gh.hopper_available()}", flush=True)
 
 
-def timeit(f, *args):
-    """Seconds per kernel call: the chained program's median time over R."""
-    return bench_timeit(f, *args, iters=8) / R
-
-
-def chained(kern):
-    @jax.jit
-    def chain(x, *rest):
-        for _ in range(R):
-            y = kern(x, *rest); x = x.at[:, :1].add(y[:, :1])
-        return x
-    return chain
+def timeit(kern, *args):
+    """Seconds per kernel call (`chain_timing`)."""
+    return seconds_per_call(kern, R, *args)
 
 
 key = jax.random.PRNGKey(0)
@@ -68,9 +60,9 @@ for n in map(int, a.tokens.split(",")):
     except Exception as ex:
         print(f"   hopper failed: {type(ex).__name__}: {str(ex)[:2000]}", flush=True)
         continue
-    t = timeit(chained(lambda xx, b, w1, w2: ge.gate_up(xx, b, w1, w2, blk)), xp, lay.block_expert, wg, wu)
+    t = timeit(lambda xx, b, w1, w2: ge.gate_up(xx, b, w1, w2, blk), xp, lay.block_expert, wg, wu)
     print(f"   triton A {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul", flush=True)
-    tb = timeit(chained(lambda hh, b, w: ge.down_proj(hh, b, w, blk)), h_t, lay.block_expert, wd)
+    tb = timeit(lambda hh, b, w: ge.down_proj(hh, b, w, blk), h_t, lay.block_expert, wd)
     print(f"   triton B {tb * 1e6:7.1f} us {fl_b / tb / rate:5.1%} of matmul", flush=True)
     T = gh.HopperTiles
     cands_a = [gh.GATE_UP_TILES, T(128, 64, "m", 4, epi=64, chain=True), T(128, 64, "m", 2, epi=64, chain=True),
@@ -83,7 +75,7 @@ for n in map(int, a.tokens.split(",")):
         for skip in (False, True):
             r = pad if skip else {}
             try:
-                t = timeit(chained(lambda xx, b, w1, w2, c=c, r=r: gh.gate_up(xx, b, w1, w2, c, **r)),
+                t = timeit(lambda xx, b, w1, w2, c=c, r=r: gh.gate_up(xx, b, w1, w2, c, **r),
                            xp, lay.block_expert, wg, wu)
                 print(f"   hopper A {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul",
                       flush=True)
@@ -93,7 +85,7 @@ for n in map(int, a.tokens.split(",")):
         for skip in (False, True):
             r = pad if skip else {}
             try:
-                t = timeit(chained(lambda hh, b, w, c=c, r=r: gh.down_proj(hh, b, w, c, **r)),
+                t = timeit(lambda hh, b, w, c=c, r=r: gh.down_proj(hh, b, w, c, **r),
                            h_t, lay.block_expert, wd)
                 print(f"   hopper B {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_b / t / rate:5.1%} of matmul",
                       flush=True)

@@ -178,6 +178,16 @@ def tiling_error(bm: int, k: int, n_out: int, t: HopperTiles) -> str | None:
     return None
 
 
+def _persistent_kernel(body, out_type, programs: int | None, interpret: bool):
+    """A kernel of `programs` persistent programs (default: one per SM) of three warpgroups: the compute warpgroups
+    and the memory warpgroup, in Mosaic GPU's warpgroup semantics (or its interpreter)."""
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(programs or _num_sms(),), grid_names=("sm",),
+        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+
 def _grouped_call(x, block_expert, src_row, n_x, ws, n_out: int, t: HopperTiles, swiglu: bool, interpret: bool,
                   programs: int | None):
     m, k = x.shape
@@ -189,13 +199,10 @@ def _grouped_call(x, block_expert, src_row, n_x, ws, n_out: int, t: HopperTiles,
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
     if (src_row is None) != (n_x is None):
         raise ValueError("grouped Hopper kernel: give src_row and n_x together (or neither)")
-    kernel = plgpu.kernel(
+    kernel = _persistent_kernel(
         functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu,
                           n_x=n_x),
-        out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=(programs or _num_sms(),), grid_names=("sm",),
-        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
+        jax.ShapeDtypeStruct((m, n_out), x.dtype), programs, interpret)
     src_row = jnp.zeros(1, jnp.int32) if src_row is None else src_row  # not read without n_x
     return kernel(block_expert, src_row.astype(jnp.int32), used, x, *ws)
 
@@ -259,7 +266,7 @@ def _copy_rows_cp_async(bm: int, bk: int):
         row = arith.select(valid, row, c32(0))
         size = arith.select(valid, c32(16), c32(0))  # src-size 0: the 16 bytes are zeros, nothing is read
         src = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(x_ref))
-        src = mu.getelementptr(src, [arith.extui(i64, arith.muli(row, c32(stride * 2)))], i8)
+        src = mu.getelementptr(src, [arith.muli(arith.extui(i64, row), arith.constant(i64, stride * 2))], i8)
         dst = mu.memref_ptr(stage)
         r8 = arith.remui(t, c32(8))
         dst = mu.getelementptr(dst, [arith.addi(arith.muli(arith.divui(t, c32(8)), c32(1024)),
@@ -439,11 +446,8 @@ def gate_up_gathered(x, src_row, block_expert, w_gate, w_up, t: HopperTiles = GA
     if why or t.split != "m" or t.stages < 3:
         raise ValueError(f"gathered Hopper kernel A: {why or 'tiles split by rows, 3 stages or more'} (tiles {t})")
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)
-    kernel = plgpu.kernel(
+    kernel = _persistent_kernel(
         functools.partial(_gathered_gate_up_kernel, bm=bm, t=t, n_tiles=f // t.bn, k_steps=k // t.bk, skip=skip,
                           interpret=interpret),
-        out_type=jax.ShapeDtypeStruct((m, f), x.dtype), grid=(programs or _num_sms(),), grid_names=("sm",),
-        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
+        jax.ShapeDtypeStruct((m, f), x.dtype), programs, interpret)
     return kernel(block_expert, src_row.astype(jnp.int32), used, x, w_gate, w_up)
