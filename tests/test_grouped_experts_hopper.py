@@ -135,3 +135,30 @@ def test_padding_skip_only_for_the_expert_widths_it_paid_for():
     cost up to 20%."""
     assert ge.skips_padding(2048) and ge.skips_padding(1024)
     assert not ge.skips_padding(4096) and not ge.skips_padding(7168)
+
+
+def test_expert_layer_reading_rows_by_index_equals_the_padded_copy(problem, monkeypatch):
+    """With $MIXJAX_GATHERED_A=1 the expert layer's Hopper path (`grouped_swiglu`) hands kernel A x and the layout's
+    source rows instead of the padded copy, and its output is the same bit for bit. The Hopper kernels run in the
+    interpreter here, with tiles that fit these small experts."""
+    import dataclasses
+    import functools
+    _, _, _, wg, wu, wd, x = problem
+    gates = np.zeros((N, E), np.float32)
+    gates[:70, [0, 1]] = 0.5
+    gates[70:, [1, 2]] = 0.5
+    small = dict(interpret=True, programs=2)
+    monkeypatch.setattr(ge, "use_hopper", lambda *a, **k: True)
+    monkeypatch.setattr(gh, "gate_up", functools.partial(gh.gate_up, t=TILES, **small))
+    monkeypatch.setattr(gh, "down_proj", functools.partial(gh.down_proj, t=TILES, **small))
+    monkeypatch.setattr(gh, "gate_up_gathered", functools.partial(
+        gh.gate_up_gathered, t=gh.HopperTiles(bn=64, bk=64, split="m", stages=3, epi=32), **small))
+    blk = dataclasses.replace(ge.choose_blocks(N * K, E, D, F), bm=128)
+    layer = functools.partial(ge.grouped_swiglu.__wrapped__, x, jnp.asarray(gates), wg, wu, wd, k=K, blk=blk,
+                              interpret=True)  # the padded copy interpreted too
+    monkeypatch.setenv(ge.GATHERED_ENV, "0")
+    copied = np.asarray(layer(), np.float32)
+    monkeypatch.setenv(ge.GATHERED_ENV, "1")
+    gathered = np.asarray(layer(), np.float32)
+    assert np.abs(copied).max() > 0
+    np.testing.assert_array_equal(gathered, copied)
