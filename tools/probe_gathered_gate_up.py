@@ -1,7 +1,7 @@
 """Kernel A reading x's rows by index (`grouped_experts_hopper.gate_up_gathered`) against the padded copy of x plus
 kernel A (`grouped_experts.gather_rows` + `grouped_experts_hopper.gate_up`), on a Hopper GPU, Qwen3-30B-A3B expert
 shapes: the same h on the rows holding pairs, and each one's time (chained R times in one jit). A development tool:
-    python tools/probe_gathered_gate_up.py 2048,4096,8192 [--stages 3,4,5]"""
+    python tools/probe_gathered_gate_up.py 2048,4096,8192 [--stages 3,4]"""
 import argparse, dataclasses
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels import grouped_experts as ge, grouped_experts_hopper as gh
