@@ -35,6 +35,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 COMPUTE_WARPGROUPS = 2  # each owns half of the output tile: half its rows or half its columns (`HopperTiles.split`)
 MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the rest go to the accumulators)
+# what each compute warpgroup may then take of the SM's 64K registers (at most 255 a thread, in steps of 8), as the
+# pipeline helper sets it
+COMPUTE_REGISTERS = min(256, (512 - MEMORY_REGISTERS) // COMPUTE_WARPGROUPS) // 8 * 8
 H100_SMS = 132  # programs when lowering without a GPU at hand (H100 / H200 SXM)
 
 
@@ -77,6 +80,16 @@ def _swizzled(cols: int, dtype) -> tuple:
     """Shared-memory transforms for a tile whose rows hold `cols` elements (the widest swizzle that fits)."""
     swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _store_tile(y, out_smem, out_rows, col0, epi: int):
+    """A warpgroup's output tile y (its rows of the block) into columns col0 .. of out_rows, epi columns at a time
+    through its shared-memory buffer out_smem."""
+    for c in range(y.shape[1] // epi):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
+        out_smem[...] = y[:, c * epi:(c + 1) * epi]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_rows.at[:, pl.ds(col0 + c * epi, epi)])
 
 
 def _grouped_kernel(block_expert, src_row, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int,
@@ -136,12 +149,7 @@ def _grouped_kernel(block_expert, src_row, used, x, *refs, bm: int, t: HopperTil
 
                     @pl.when(has_rows)
                     def _store():
-                        for c in range(cols_w // epi):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
-                            out_smem[wg] = y[:, c * epi:(c + 1) * epi]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                                    out.at[rows, :].at[w_rows, pl.ds(col0 + c * epi, epi)])
+                        _store_tile(y, out_smem.at[wg], out.at[rows, :].at[w_rows], col0, epi)
 
                 pl.run_scoped(accumulate, *(plgpu.ACC((rows_w, cols_w), jnp.float32) for _ in ws))
 
@@ -377,8 +385,7 @@ def _gathered_gate_up_kernel(block_expert, src_row, used, x, w_gate, w_up, out, 
 
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
-            regs = int(min(256, (512 - MEMORY_REGISTERS) // COMPUTE_WARPGROUPS) // 8 * 8)
-            plgpu.set_max_registers(regs, action="increase")
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             w_rows = pl.ds(wg * rows_w, rows_w)
 
             @plgpu.nd_loop((n_used * n_tiles,), collective_axes="sm")
@@ -411,12 +418,7 @@ def _gathered_gate_up_kernel(block_expert, src_row, used, x, w_gate, w_up, out, 
 
                     @pl.when(has_rows)
                     def _store():
-                        for c in range(t.bn // epi):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
-                            out_smem[wg] = y[:, c * epi:(c + 1) * epi]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[pl.ds(b * bm, bm), :].at[
-                                w_rows, pl.ds(j * t.bn + c * epi, epi)])
+                        _store_tile(y, out_smem.at[wg], out.at[pl.ds(b * bm, bm), :].at[w_rows], j * t.bn, epi)
 
                 pl.run_scoped(accumulate, plgpu.ACC((rows_w, t.bn), jnp.float32),
                               plgpu.ACC((rows_w, t.bn), jnp.float32))
