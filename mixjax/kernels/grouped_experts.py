@@ -334,10 +334,6 @@ def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
                            jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, f=f)
 
 
-# "1": on Hopper GPUs, kernel A reads x's rows by index (`grouped_experts_hopper.gate_up_gathered`) instead of the
-# padded, sorted copy. Off by default: written and checked in the interpreter and the CUDA lowering on 2026-12-01, not
-# yet run on a GPU (tools/probe_gathered_gate_up.py measures it against the copy and kernel A).
-GATHERED_ENV = "MIXJAX_GATHERED_A"
 HOPPER_ENV = "MIXJAX_HOPPER_EXPERTS"  # "0": keep the Triton kernels on Hopper GPUs too (for comparisons)
 
 
@@ -372,10 +368,7 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
     if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
         skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(d) else {}
-        if os.environ.get(GATHERED_ENV, "0") == "1":  # kernel A reads x's rows itself: no padded copy
-            h = hopper.gate_up_gathered(x, lay.src_row, lay.block_expert, w_gate, w_up, skip=bool(skip))
-        else:
-            h = hopper.gate_up(gather_rows(x, lay, blk.bm, interpret=interpret), lay.block_expert, w_gate, w_up, **skip)
+        h = hopper.gate_up(gather_rows(x, lay, blk.bm, interpret=interpret), lay.block_expert, w_gate, w_up, **skip)
         y = hopper.down_proj(h, lay.block_expert, w_down, **skip)
         return combine(y, lay, x.dtype)
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
