@@ -213,21 +213,22 @@ def test_sampling_seed_stop_logprobs(server, client):
     assert st.choices[0].finish_reason == "stop" and st.choices[0].model_extra["token_ids"] == ids[:3]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "top_p": 3}, "top_p"),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "stop": 5}, "stop"),
-    ({"prompt": [1000, 1]}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({}, "prompt"),
+@pytest.mark.parametrize("body, param, says", [
+    ({"prompt": "x", "temperature": "hot"}, "temperature", "must be a number"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "must be at least 1, got 0"),
+    ({"prompt": "x", "top_p": 3}, "top_p", "must be in ["),
+    ({"prompt": "x", "n": 2}, "n", ""),
+    ({"prompt": "x", "stop": 5}, "stop", ""),
+    ({"prompt": [1000, 1]}, "prompt", ""),
+    ({"prompt": ""}, "prompt", ""),
+    ({}, "prompt", ""),
 ])
-def test_bad_input_400(server, body, param):
+def test_bad_input_400(server, body, param, says):
     r = _post(server, "/v1/completions", body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+    assert says in err["message"] and "None" not in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
 
 

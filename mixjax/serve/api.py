@@ -35,7 +35,9 @@ def _num(body, name, default, lo=None, hi=None, integer=False):
     if isinstance(v, bool) or not ok:
         raise APIError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise APIError(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
+        bound = (f"in [{lo}, {hi}]" if lo is not None and hi is not None
+                 else f"at least {lo}" if lo is not None else f"at most {hi}")
+        raise APIError(f"'{name}' must be {bound}, got {v}", name)
     return v
 
 
