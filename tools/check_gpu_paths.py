@@ -8,7 +8,7 @@ the MLA flash kernel (second chunk)."""
 import argparse
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config, decode_vocab, model_class
+from mixjax.bench.decode import bench_config, bench_model, decode_vocab
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
@@ -17,7 +17,7 @@ ap = argparse.ArgumentParser(); ap.add_argument("batch", nargs="?", type=int, de
 ap.add_argument("--preset", default="qwen3-30b-a3b"); ap.add_argument("--layers", type=int, default=2)
 a = ap.parse_args()
 cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
-w = nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+w = nnx.state(bench_model(cfg))
 t, b = 512, a.batch
 tok = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)), jnp.int32)
 pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))

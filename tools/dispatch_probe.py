@@ -2,14 +2,13 @@
 import sys, time, statistics
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config
-from mixjax.models.qwen3_moe import Qwen3MoeForCausalLM
+from mixjax.bench.decode import bench_config, bench_model
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
 cfg = bench_config("qwen3-30b-a3b", 4, 151936)
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="grouped")
-m.set_state(nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+m.set_state(nnx.state(bench_model(cfg)))
 for b in map(int, sys.argv[1].split(",")):
     tok = jnp.zeros((b, 1), jnp.int32) + 7
     pos = jnp.full((b, 1), 1023, jnp.int32)

@@ -11,8 +11,7 @@ docs/evidence/engine-buckets-h200-2026-12-01.txt and engine-grouped-prefill-h200
 import sys, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config, decode_vocab
-from mixjax.models import model_class
+from mixjax.bench.decode import bench_config, bench_model, decode_vocab
 from mixjax.serve.engine import Engine
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
@@ -62,7 +61,7 @@ if mode == "copies":
 
 cfg = bench_config("qwen3-30b-a3b", 4, decode_vocab("qwen3-30b-a3b", None))
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="grouped")
-m.set_state(nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+m.set_state(nnx.state(bench_model(cfg)))
 print(jax.devices()[0].device_kind, flush=True)
 
 if mode == "buckets":

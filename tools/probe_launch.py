@@ -4,8 +4,7 @@ steps in one call (runner.decode_loop, greedy; --unroll U unrolls its scan), und
 import argparse, collections, os, statistics, tempfile, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config
-from mixjax.models.qwen3_moe import Qwen3MoeForCausalLM
+from mixjax.bench.decode import bench_config, bench_model
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel, decode_loop
 from mixjax.sharding.strategies import STRATEGIES
@@ -17,7 +16,7 @@ a = ap.parse_args()
 print("XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""), flush=True)
 cfg = bench_config("qwen3-30b-a3b", a.layers, 151936)
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="grouped")
-m.set_state(nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+m.set_state(nnx.state(bench_model(cfg)))
 fwd = m._forward
 V = cfg.vocab_size
 

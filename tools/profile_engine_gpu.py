@@ -5,7 +5,7 @@ the idle gaps between kernels, and the largest kernels. A development tool:
 import argparse, collections, tempfile, threading, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config, decode_vocab, model_class
+from mixjax.bench.decode import bench_config, bench_model, decode_vocab
 from mixjax.serve.engine import Engine, Request, SamplingParams
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
@@ -18,7 +18,7 @@ ap.add_argument("--layers", type=int, default=4); ap.add_argument("--top", type=
 a = ap.parse_args()
 cfg = bench_config("qwen3-30b-a3b", a.layers, decode_vocab("qwen3-30b-a3b", None))
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="grouped")
-m.set_state(nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+m.set_state(nnx.state(bench_model(cfg)))
 eng = Engine(m, None, max_batch=a.batch, max_seq_len=1024, prefill_buckets=[16], max_queue=a.batch,
              decode_steps=a.steps)
 eng.warmup(variants=[(True, False, False)])

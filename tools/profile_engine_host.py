@@ -4,8 +4,7 @@ under cProfile (no engine thread), one request of N greedy tokens on the bench m
 import argparse, cProfile, pstats, time
 import jax.numpy as jnp
 from flax import nnx
-from mixjax.bench.decode import bench_config
-from mixjax.models.qwen3_moe import Qwen3MoeForCausalLM
+from mixjax.bench.decode import bench_config, bench_model
 from mixjax.serve.engine import Engine, Request, SamplingParams
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
@@ -17,7 +16,7 @@ ap.add_argument("--preset", default="qwen3-30b-a3b")
 a = ap.parse_args()
 cfg = bench_config(a.preset, a.layers, 151936 if a.preset.startswith("qwen3-30b") else 512)
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="auto")
-m.set_state(nnx.state(Qwen3MoeForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+m.set_state(nnx.state(bench_model(cfg)))
 eng = Engine(m, None, max_batch=1, max_seq_len=1024, prefill_buckets=[16], decode_steps=a.steps)
 eng.warmup(variants=[(False, False, False)])
 for run in range(2):  # the first run compiles what warmup left out

@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one bench decode step (or prefill), from a JAX profiler trace (perfetto JSON).
 A development tool: python tools/profile_step.py BATCH[,BATCH..] [--prefill T] [--impl grouped] [--explain]
-[--hlo-out PATH].
+[--hlo-out PATH] [--each NAME].
 --explain dumps the optimized HLO and names, under each kernel, the JAX operations (source lines) it was fused from."""
 import argparse, collections, functools, glob, os, re, sys, tempfile
 DUMP = tempfile.mkdtemp() if "--explain" in sys.argv or "--hlo-out" in sys.argv else None
@@ -8,7 +8,7 @@ if DUMP:  # before jax is imported
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from mixjax.bench.decode import bench_config, decode_vocab, model_class
+from mixjax.bench.decode import bench_config, bench_model, decode_vocab
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
@@ -18,6 +18,8 @@ ap = argparse.ArgumentParser(); ap.add_argument("batch"); ap.add_argument("--pre
 ap.add_argument("--impl", default="grouped"); ap.add_argument("--layers", type=int, default=4)
 ap.add_argument("--ctx", type=int, default=1024); ap.add_argument("--top", type=int, default=25)
 ap.add_argument("--gaps", type=int, default=0, help="list the N longest idle gaps between GPU events");
+ap.add_argument("--each", help="list each call (in order, median over the profiled steps) of the kernels whose "
+                "name holds this text, e.g. mosaic: the Hopper expert kernels A and B of each layer")
 ap.add_argument("--explain", action="store_true"); ap.add_argument("--preset", default="qwen3-30b-a3b")
 ap.add_argument("--hlo-out", help="also keep the forward's optimized HLO in this file")
 ap.add_argument("--sample", type=float, default=None,
@@ -25,7 +27,7 @@ ap.add_argument("--sample", type=float, default=None,
 a = ap.parse_args()
 cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=a.impl)
-m.set_state(nnx.state(model_class(cfg)(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+m.set_state(nnx.state(bench_model(cfg)))
 
 
 def _frames(text):
@@ -135,6 +137,13 @@ for b in map(int, a.batch.split(",")):
               f"(event index of {len(evs)}) --")
         for g, i, before, after in gaps[:a.gaps]:
             print(f"  {g:8.1f} us  #{i:4d}  after {before[:50]}  before {after[:50]}")
+    if a.each:
+        durs = [e["dur"] for e in gpu_kernels(d) if a.each in e["name"]]
+        per = len(durs) // 5
+        if per:
+            calls = np.median(np.reshape(durs[:per * 5], (5, per)), axis=0)
+            print(f"  -- each call of the kernels named *{a.each}*, in order (median of 5 steps) --")
+            print("  " + "  ".join(f"{u:.1f}" for u in calls) + " us")
     if a.explain:
         explain(tot, a.top)
     if a.hlo_out:  # the forward's optimized HLO: the largest module
