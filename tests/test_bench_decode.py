@@ -155,7 +155,7 @@ def test_prefill_roofline_is_the_larger_bound():
                                                      / rate)
 
 
-def test_bench_model_routes_a_long_prompt_evenly(monkeypatch):
+def test_bench_model_routes_a_long_prompt_evenly():
     """The benchmark's random model (`bench_model`) sends a prompt's rows to every expert in every layer, as a trained,
     load-balanced model does. With all weights at N(0, 0.02) (the model class's own init) the attention's output
     outweighed the token's embedding and the later layers sent a third or more of the pairs to one expert: a long
@@ -163,17 +163,9 @@ def test_bench_model_routes_a_long_prompt_evenly(monkeypatch):
     import numpy as np
     from flax import nnx
     from mixjax.bench.decode import bench_model
-    from mixjax.models import model_class, qwen3_moe
+    from mixjax.bench.routing import recorded_routing
+    from mixjax.models import model_class
 
-    seen = []
-    route = qwen3_moe.Qwen3MoE.route
-
-    def recording_route(self, x, pallas=None):
-        ids, w = route(self, x, pallas)
-        jax.debug.callback(lambda i: seen.append(np.asarray(i)), ids)
-        return ids, w
-
-    monkeypatch.setattr(qwen3_moe.Qwen3MoE, "route", recording_route)
     cfg = bench_config("tiny", 4, 256)
     t = 256
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, t)), jnp.int32)
@@ -182,9 +174,9 @@ def test_bench_model_routes_a_long_prompt_evenly(monkeypatch):
                         ("bench", bench_model(cfg, jnp.float32))):
         m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.float32, expert_impl="dense")
         m.set_state(nnx.state(model))
-        seen.clear()
-        m.forward(tokens, jnp.arange(t, dtype=jnp.int32)[None], m.init_cache(1, t))
-        jax.effects_barrier()
+        with recorded_routing() as seen:
+            m.forward(tokens, jnp.arange(t, dtype=jnp.int32)[None], m.init_cache(1, t))
+            jax.effects_barrier()
         assert len(seen) == 4
         counts = [np.bincount(ids.reshape(-1), minlength=cfg.num_experts) for ids in seen]
         busiest[name] = max(c.max() / c.sum() for c in counts)  # uniform routing: ~1/16 of the pairs
