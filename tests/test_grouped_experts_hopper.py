@@ -63,6 +63,29 @@ def test_hopper_kernels_equal_numpy(problem, tiles, programs, skip):
     np.testing.assert_allclose(got_y[real], want_y[real], rtol=2e-2, atol=2e-2 * np.abs(want_y).max())
 
 
+def test_hopper_kernels_take_64_row_blocks_split_by_columns(problem):
+    """Blocks of 64 rows (less padding when experts hold one or two blocks' worth of rows), each compute warpgroup
+    taking all 64 rows and half the columns: kernels A and B equal numpy on every used block. The layout of the
+    same pairs fills 2 + 2 + 1 blocks of 64 rows against 3 of 128."""
+    _, _, _, wg, wu, wd, x = problem
+    gates = np.zeros((N, E), np.float32)
+    gates[:70, [0, 1]] = gates[70:, [1, 2]] = 1.0
+    lay = ge.group_layout(jnp.asarray(gates), K, 64)
+    be = np.asarray(lay.block_expert)
+    used = int((be >= 0).sum())
+    assert used == 5
+    xp = ge.gather_rows_xla(x, lay)
+    f32 = lambda a: np.asarray(a, np.float32)
+    tiles = gh.HopperTiles(bn=128, bk=64, split="n", stages=2)
+    h = gh.gate_up(xp, lay.block_expert, wg, wu, tiles, interpret=True, programs=2)
+    want_h = per_block(f32(xp), be, lambda r, e: (lambda g, u: g / (1 + np.exp(-g)) * u)(r @ f32(wg[e]), r @ f32(wu[e])),
+                       bm=64)
+    np.testing.assert_allclose(f32(h[:used * 64]), want_h, rtol=2e-2, atol=2e-2 * np.abs(want_h).max())
+    y = gh.down_proj(h, lay.block_expert, wd, tiles, interpret=True, programs=2)
+    want_y = per_block(f32(h), be, lambda r, e: r @ f32(wd[e]), bm=64)
+    np.testing.assert_allclose(f32(y[:used * 64]), want_y, rtol=2e-2, atol=2e-2 * np.abs(want_y).max())
+
+
 def test_hopper_kernels_refuse_shapes_they_do_not_tile(problem):
     xp, be, _, wg, wu, wd, _ = problem
     with pytest.raises(ValueError, match="does not tile"):

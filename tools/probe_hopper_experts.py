@@ -2,7 +2,7 @@
 outputs on every used block, and the time of each (chained R times in one jit) for a few tilings, Qwen3-30B-A3B
 expert shapes; each tiling also given the layout's source rows (`src_row`: a warpgroup whose rows are all padding
 skips its products). A development tool:
-    python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek | --shape E,K,D,F]
+    python tools/probe_hopper_experts.py 2048,4096,8192 [--quick] [--deepseek | --shape E,K,D,F] [--bm 64]
 (--shape: other experts, e.g. Qwen3-235B-A22B's 128,8,4096,1536)"""
 import argparse, dataclasses
 import jax, jax.numpy as jnp, numpy as np
@@ -12,6 +12,8 @@ from chain_timing import seconds_per_call
 
 ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--quick", action="store_true")
 ap.add_argument("--deepseek", action="store_true"); ap.add_argument("--shape", help="E,K,D,F")
+ap.add_argument("--bm", type=int, default=128, help="rows per block: 128, or 64 (tiles split by columns: each "
+                "compute warpgroup takes all 64 rows; less padding when experts hold one or two blocks of rows)")
 a = ap.parse_args()
 E, K, D, F, R = (256, 8, 7168, 2048, 4) if a.deepseek else (128, 8, 2048, 768, 10)
 if a.shape:
@@ -33,7 +35,7 @@ rng = np.random.RandomState(0)
 for n in map(int, a.tokens.split(",")):
     g = jnp.asarray(random_gates(rng, n, E, K)); x = jax.random.normal(key, (n, D), jnp.bfloat16)
     cur = ge.choose_blocks(n * K, E, D, F)
-    bm = 128
+    bm = a.bm
     lay = ge.group_layout(g, K, bm); nb = lay.block_expert.shape[0]; m = nb * bm
     be = np.asarray(lay.block_expert); used = int((be >= 0).sum())
     xp = ge.gather_rows_xla(x, lay)
@@ -47,11 +49,22 @@ for n in map(int, a.tokens.split(",")):
     h_t = ge.gate_up(xp, lay.block_expert, wg, wu, blk)
     y_t = ge.down_proj(h_t, lay.block_expert, wd, blk)
     rows = used * bm
+    T = gh.HopperTiles
+    if bm == 64:  # split by columns (the padding skip is by rows: it does not apply)
+        cands_a = [T(128, 64, "n", 4, epi=64), T(128, 64, "n", 4, epi=64, chain=True), T(128, 64, "n", 3, epi=64),
+                   T(256, 64, "n", 2, epi=64)]  # each lowers for CUDA (checked on the CPU)
+        cands_b = [T(256, 64, "n", 4, epi=64, chain=True), T(256, 64, "n", 4, epi=64), T(128, 64, "n", 4),
+                   T(256, 64, "n", 2, chain=True)]
+    else:
+        cands_a = [gh.GATE_UP_TILES, T(128, 64, "m", 4, epi=64, chain=True), T(128, 64, "m", 2, epi=64, chain=True),
+                   T(128, 64, "m", 4, epi=64)]
+        cands_b = [gh.DOWN_TILES, T(256, 64, "m", 4, epi=64, chain=True), T(256, 64, "m", 3, epi=64, chain=True),
+                   T(256, 64, "m", 2, chain=True)]
     try:
-        h_h = gh.gate_up(xp, lay.block_expert, wg, wu)
-        y_h = gh.down_proj(h_t, lay.block_expert, wd)
-        h_s = gh.gate_up(xp, lay.block_expert, wg, wu, **pad)
-        y_s = gh.down_proj(h_t, lay.block_expert, wd, **pad)
+        h_h = gh.gate_up(xp, lay.block_expert, wg, wu, cands_a[0])
+        y_h = gh.down_proj(h_t, lay.block_expert, wd, cands_b[0])
+        h_s = gh.gate_up(xp, lay.block_expert, wg, wu, cands_a[0], **pad)
+        y_s = gh.down_proj(h_t, lay.block_expert, wd, cands_b[0], **pad)
         real = np.concatenate([np.arange(b * bm, b * bm + r) for b, r in enumerate(br)])
         for name, p, q in (("A", h_h, h_t), ("B", y_h, y_t), ("A skipping", h_s, h_t), ("B skipping", y_s, y_t)):
             p, q = np.asarray(p[:rows], np.float32)[real], np.asarray(q[:rows], np.float32)[real]
@@ -64,11 +77,6 @@ for n in map(int, a.tokens.split(",")):
     print(f"   triton A {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul", flush=True)
     tb = timeit(lambda hh, b, w: ge.down_proj(hh, b, w, blk), h_t, lay.block_expert, wd)
     print(f"   triton B {tb * 1e6:7.1f} us {fl_b / tb / rate:5.1%} of matmul", flush=True)
-    T = gh.HopperTiles
-    cands_a = [gh.GATE_UP_TILES, T(128, 64, "m", 4, epi=64, chain=True), T(128, 64, "m", 2, epi=64, chain=True),
-               T(128, 64, "m", 4, epi=64)]
-    cands_b = [gh.DOWN_TILES, T(256, 64, "m", 4, epi=64, chain=True), T(256, 64, "m", 3, epi=64, chain=True),
-               T(256, 64, "m", 2, chain=True)]
     if a.quick:
         cands_a, cands_b = cands_a[:2], cands_b[:2]
     for c in cands_a:
