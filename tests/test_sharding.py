@@ -57,9 +57,9 @@ def test_worst_case_imbalance(strategy):
         for path, var in nnx.to_flat_state(graphdef_state):
             if path[-1] == "bias":
                 skewed_layers += 1
-                b = np.zeros(var.value.shape, np.float32)
+                b = np.zeros(var[...].shape, np.float32)
                 b[: cfg.num_experts // 2] = 10.0  # experts of node 0 on a 2-node mesh
-                var.value = jax.device_put(b, var.value.sharding)
+                var[...] = jax.device_put(b, var[...].sharding)
         assert skewed_layers == sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
         model.state = graphdef_state
         return prefill_and_greedy(model, reference(name)["input_ids"], N_NEW)

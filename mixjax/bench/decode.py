@@ -109,7 +109,7 @@ def bench_model(cfg, dtype=jnp.bfloat16, seed: int = 0):
     model = model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
     for layer in model.layers:
         w = layer.attn.o_proj.w
-        w.value = (w.value.astype(jnp.float32) * ATTENTION_OUT_SCALE).astype(w.value.dtype)
+        w[...] = (w[...].astype(jnp.float32) * ATTENTION_OUT_SCALE).astype(w.dtype)
     return model
 
 
