@@ -29,6 +29,12 @@ def problem():
     return ge.gather_rows_xla(x, lay), lay.block_expert, lay.src_row, wg, wu, wd, x
 
 
+def swiglu(rows, wg, wu, e):
+    """Kernel A's function for one block's rows, in float32."""
+    g, u = rows @ np.asarray(wg[e], np.float32), rows @ np.asarray(wu[e], np.float32)
+    return g / (1 + np.exp(-g)) * u
+
+
 def per_block(xp, block_expert, fn, bm=128):
     """fn(rows of a block, its expert) for each used block, stacked as the kernels lay out their output."""
     return np.concatenate([fn(xp[b * bm:(b + 1) * bm], e) for b, e in enumerate(block_expert) if e >= 0])
@@ -49,12 +55,8 @@ def test_hopper_kernels_equal_numpy(problem, tiles, programs, skip):
     pad = dict(src_row=src_row, n_x=N) if skip else {}
     real = np.flatnonzero(np.asarray(src_row)[:used * 128] < N) if skip else np.arange(used * 128)  # rows compared
 
-    def swiglu(rows, e):
-        g, u = f32(rows) @ f32(wg[e]), f32(rows) @ f32(wu[e])
-        return g / (1 + np.exp(-g)) * u
-
     h = gh.gate_up(xp, be, wg, wu, tiles, **pad, interpret=True, programs=programs)
-    want_h = per_block(f32(xp), be_np, swiglu)
+    want_h = per_block(f32(xp), be_np, lambda rows, e: swiglu(rows, wg, wu, e))
     got_h = f32(h[:used * 128])
     np.testing.assert_allclose(got_h[real], want_h[real], rtol=2e-2, atol=2e-2 * np.abs(want_h).max())
     y = gh.down_proj(h, be, wd, tiles, **pad, interpret=True, programs=programs)
@@ -78,8 +80,7 @@ def test_hopper_kernels_take_64_row_blocks_split_by_columns(problem):
     f32 = lambda a: np.asarray(a, np.float32)
     tiles = gh.HopperTiles(bn=128, bk=64, split="n", stages=2)
     h = gh.gate_up(xp, lay.block_expert, wg, wu, tiles, interpret=True, programs=2)
-    want_h = per_block(f32(xp), be, lambda r, e: (lambda g, u: g / (1 + np.exp(-g)) * u)(r @ f32(wg[e]), r @ f32(wu[e])),
-                       bm=64)
+    want_h = per_block(f32(xp), be, lambda rows, e: swiglu(rows, wg, wu, e), bm=64)
     np.testing.assert_allclose(f32(h[:used * 64]), want_h, rtol=2e-2, atol=2e-2 * np.abs(want_h).max())
     y = gh.down_proj(h, lay.block_expert, wd, tiles, interpret=True, programs=2)
     want_y = per_block(f32(h), be, lambda r, e: r @ f32(wd[e]), bm=64)

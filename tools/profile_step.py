@@ -115,8 +115,9 @@ for b in map(int, a.batch.split(",")):
         for _ in range(5):
             lg, cache = run(cache)
         jax.block_until_ready(lg)
+    evs = gpu_kernels(d)  # the trace parsed once: the totals, --gaps and --each read it
     tot = collections.Counter(); cnt = collections.Counter(); gpu_total = 0.0; t_lo, t_hi = 1e30, 0
-    for e in gpu_kernels(d):
+    for e in evs:
         t_lo = min(t_lo, e["ts"]); t_hi = max(t_hi, e["ts"] + e["dur"])
         key = e["name"]
         hlo = (e.get("args") or {}).get("hlo_op") or (e.get("args") or {}).get("long_name")
@@ -129,7 +130,6 @@ for b in map(int, a.batch.split(",")):
     for n_, us in tot.most_common(a.top):
         print(f"  {us:8.1f} us  x{cnt[n_]//5:3d}  {n_[:110]}")
     if a.gaps:
-        evs = gpu_kernels(d)
         gaps = sorted(((nxt["ts"] - (cur["ts"] + cur["dur"]), i, cur["name"], nxt["name"])
                        for i, (cur, nxt) in enumerate(zip(evs, evs[1:]))), reverse=True)
         idle = sum(g for g, *_ in gaps if g > 0)
@@ -138,7 +138,7 @@ for b in map(int, a.batch.split(",")):
         for g, i, before, after in gaps[:a.gaps]:
             print(f"  {g:8.1f} us  #{i:4d}  after {before[:50]}  before {after[:50]}")
     if a.each:
-        durs = [e["dur"] for e in gpu_kernels(d) if a.each in e["name"]]
+        durs = [e["dur"] for e in evs if a.each in e["name"]]
         per = len(durs) // 5
         if per:
             calls = np.median(np.reshape(durs[:per * 5], (5, per)), axis=0)

@@ -12,9 +12,10 @@ DeepseekV3Config, every layer MoE unless --dense-layers N makes the first N dens
         --prefill 512,2048 --engine 32 --engine-steps 8
 
 Random bf16 weights of the preset's real shapes (fewer layers; `bench_model`: the attention's output projection drawn
-smaller so that routing stays balanced in every layer, as in a trained model), the real decode step (`ShardedModel.forward` with
-one token per sequence and a KV cache of --ctx positions), timed on the device after warm-up (median of --iters),
-for each expert implementation in --impl (the grouped Pallas kernels and the dense einsum over all experts).
+smaller so that routing stays balanced in every layer, as in a trained model), the real decode step
+(`ShardedModel.forward` with one token per sequence and a KV cache of --ctx positions), timed on the device after
+warm-up (median of --iters), for each expert implementation in --impl (the grouped Pallas kernels and the dense
+einsum over all experts).
 
 Decode roofline: the bytes a step must read once over the HBM bandwidth measured in the same run (the faster of
 two read probes, `measure_hbm_bandwidth`). The bytes are read off the model's abstract parameters (`param_counts`,

@@ -366,13 +366,13 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     n, d = x.shape
     paired = n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX
     lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
-    if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
-        skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(d) else {}
-        h = hopper.gate_up(gather_rows(x, lay, blk.bm, interpret=interpret), lay.block_expert, w_gate, w_up, **skip)
-        y = hopper.down_proj(h, lay.block_expert, w_down, **skip)
-        return combine(y, lay, x.dtype)
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
-    h = gate_up(xp, lay.block_expert, w_gate, w_up, blk, interpret=interpret)
-    y = down_proj(h, lay.block_expert, w_down, blk, interpret=interpret)
+    if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
+        skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(d) else {}
+        h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, **skip)
+        y = hopper.down_proj(h, lay.block_expert, w_down, **skip)
+    else:
+        h = gate_up(xp, lay.block_expert, w_gate, w_up, blk, interpret=interpret)
+        y = down_proj(h, lay.block_expert, w_down, blk, interpret=interpret)
     return combine(y, lay, x.dtype)

@@ -36,9 +36,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 COMPUTE_WARPGROUPS = 2  # each owns half of the output tile: half its rows or half its columns (`HopperTiles.split`)
 MEMORY_REGISTERS = 40  # registers per thread left to the TMA warpgroup (the rest go to the accumulators)
-# what each compute warpgroup may then take of the SM's 64K registers (at most 255 a thread, in steps of 8), as the
-# pipeline helper sets it
-COMPUTE_REGISTERS = min(256, (512 - MEMORY_REGISTERS) // COMPUTE_WARPGROUPS) // 8 * 8
 H100_SMS = 132  # programs when lowering without a GPU at hand (H100 / H200 SXM)
 
 
@@ -81,16 +78,6 @@ def _swizzled(cols: int, dtype) -> tuple:
     """Shared-memory transforms for a tile whose rows hold `cols` elements (the widest swizzle that fits)."""
     swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
-
-
-def _store_tile(y, out_smem, out_rows, col0, epi: int):
-    """A warpgroup's output tile y (its rows of the block) into columns col0 .. of out_rows, epi columns at a time
-    through its shared-memory buffer out_smem."""
-    for c in range(y.shape[1] // epi):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
-        out_smem[...] = y[:, c * epi:(c + 1) * epi]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_rows.at[:, pl.ds(col0 + c * epi, epi)])
 
 
 def _grouped_kernel(block_expert, src_row, used, x, *refs, bm: int, t: HopperTiles, n_tiles: int, k_steps: int,
@@ -150,7 +137,12 @@ def _grouped_kernel(block_expert, src_row, used, x, *refs, bm: int, t: HopperTil
 
                     @pl.when(has_rows)
                     def _store():
-                        _store_tile(y, out_smem.at[wg], out.at[rows, :].at[w_rows], col0, epi)
+                        for c in range(cols_w // epi):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has left out_smem
+                            out_smem[wg] = y[:, c * epi:(c + 1) * epi]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                                    out.at[rows, :].at[w_rows, pl.ds(col0 + c * epi, epi)])
 
                 pl.run_scoped(accumulate, *(plgpu.ACC((rows_w, cols_w), jnp.float32) for _ in ws))
 
@@ -187,16 +179,6 @@ def tiling_error(bm: int, k: int, n_out: int, t: HopperTiles) -> str | None:
     return None
 
 
-def _persistent_kernel(body, out_type, programs: int | None, interpret: bool):
-    """A kernel of `programs` persistent programs (default: one per SM) of three warpgroups: the compute warpgroups
-    and the memory warpgroup, in Mosaic GPU's warpgroup semantics (or its interpreter)."""
-    return plgpu.kernel(
-        body, out_type=out_type, grid=(programs or _num_sms(),), grid_names=("sm",),
-        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
-
-
 def _grouped_call(x, block_expert, src_row, n_x, ws, n_out: int, t: HopperTiles, swiglu: bool, interpret: bool,
                   programs: int | None):
     m, k = x.shape
@@ -208,10 +190,13 @@ def _grouped_call(x, block_expert, src_row, n_x, ws, n_out: int, t: HopperTiles,
     used = jnp.sum(block_expert >= 0, dtype=jnp.int32).reshape(1)  # used blocks are a prefix (group_layout)
     if (src_row is None) != (n_x is None):
         raise ValueError("grouped Hopper kernel: give src_row and n_x together (or neither)")
-    kernel = _persistent_kernel(
+    kernel = plgpu.kernel(  # persistent: one program per SM (or `programs`), three warpgroups
         functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu,
                           n_x=n_x),
-        jax.ShapeDtypeStruct((m, n_out), x.dtype), programs, interpret)
+        out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=(programs or _num_sms(),), grid_names=("sm",),
+        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
     src_row = jnp.zeros(1, jnp.int32) if src_row is None else src_row  # not read without n_x
     return kernel(block_expert, src_row.astype(jnp.int32), used, x, *ws)
 
