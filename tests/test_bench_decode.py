@@ -99,8 +99,8 @@ def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "measure_matmul_rate", lambda: 1e12)
     out = tmp_path / "ds.json"
     assert decode.main(["--preset", "deepseek-tiny", "--layers", "2", "--dense-layers", "1", "--batch", "1,2",
-                        "--ctx", "16", "--impl", "dense", "--prefill", "8", "--iters", "1", "--dtype", "float32",
-                        "--peer", "--json", str(out)]) == 0
+                        "--ctx", "16", "--impl", "dense", "--prefill", "8", "--prefill-rows", "1,2", "--iters", "1",
+                        "--dtype", "float32", "--peer", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["peer"] is None and res["args"]["vocab"] == 512
     assert [r["batch"] for r in res["decode"]] == [1, 2]
@@ -108,13 +108,17 @@ def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
         assert {"impl", "batch", "step_s", "roofline_s", "ratio", "tokens_per_s", "speedup_vs_peer",
                 "back_to_back_step_s", "back_to_back_ratio"} <= set(r)
         assert r["step_s"] > 0 and r["roofline_s"] > 0
-    (p,) = res["prefill"]
+    p, p2 = res["prefill"]
+    assert (p["rows"], p2["rows"]) == (1, 2) and p["tokens"] == p2["tokens"] == 8
     assert {"impl", "tokens", "time_s", "tokens_per_s", "flops", "flop_rate", "matmul_fraction", "roofline_s",
             "bound", "ratio", "b2b_time_s", "b2b_matmul_fraction", "b2b_ratio",
             "burst_mean_s"} <= set(p)
     assert p["flops"] == prefill_flops(bench_config("deepseek-tiny", 2, 512, dense_layers=1), 8)
     assert p["b2b_time_s"] > 0 and p["b2b_matmul_fraction"] == pytest.approx(p["flops"] / p["b2b_time_s"]
                                                                              / res["matmul_rate"])
+    # two prompts in one call: twice the FLOPs, twice the tokens per call
+    assert p2["flops"] == pytest.approx(2 * p["flops"])
+    assert p2["tokens_per_s"] == pytest.approx(16 / p2["time_s"])
 
 
 def test_prompt_that_fails_on_the_device_is_reported_not_raised(tmp_path, monkeypatch):
@@ -122,10 +126,10 @@ def test_prompt_that_fails_on_the_device_is_reported_not_raised(tmp_path, monkey
     and the prompts after it are still measured."""
     real = decode.time_prefill
 
-    def fails_at_16(model, t, iters):
+    def fails_at_16(model, t, iters, rows):
         if t == 16:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 56.02GiB")
-        return real(model, t, iters)
+        return real(model, t, iters, rows)
 
     monkeypatch.setattr(decode, "time_prefill", fails_at_16)
     monkeypatch.setattr(decode, "measure_hbm_bandwidth", lambda: 1e11)
@@ -134,7 +138,7 @@ def test_prompt_that_fails_on_the_device_is_reported_not_raised(tmp_path, monkey
     assert decode.main(["--preset", "deepseek-tiny", "--layers", "1", "--batch", "1", "--ctx", "16", "--impl",
                         "dense", "--prefill", "16,8", "--iters", "1", "--dtype", "float32", "--json", str(out)]) == 0
     failed, done = json.loads(out.read_text())["prefill"]
-    assert failed == {"impl": "dense", "tokens": 16, "error": "RESOURCE_EXHAUSTED: Out of memory while trying to "
+    assert failed == {"impl": "dense", "tokens": 16, "rows": 1, "error": "RESOURCE_EXHAUSTED: Out of memory while trying to "
                                                                 "allocate 56.02GiB"}
     assert done["tokens"] == 8 and done["time_s"] > 0
 
@@ -153,6 +157,13 @@ def test_prefill_roofline_is_the_larger_bound():
     t, bound = prefill_roofline(bench_config("qwen3-30b-a3b", 4, 151936), 8192, bw, rate)
     assert bound == "compute" and t == pytest.approx(prefill_flops(bench_config("qwen3-30b-a3b", 4, 151936), 8192)
                                                      / rate)
+    # a 2048-token Qwen3 prompt reads every expert for ~128 rows each: memory-bound alone, compute-bound with a second
+    # prompt in the same call (the weights are read once for both)
+    q = bench_config("qwen3-30b-a3b", 4, 151936)
+    assert prefill_roofline(q, 2048, bw, rate)[1] == "memory"
+    t, bound = prefill_roofline(q, 2048, bw, rate, rows=2)
+    assert bound == "compute" and t == pytest.approx(2 * prefill_flops(q, 2048) / rate)
+    assert prefill_bytes(q, 2048, rows=2) == pytest.approx(prefill_bytes(q, 4096), rel=1e-6)
 
 
 def test_bench_model_routes_a_long_prompt_evenly():

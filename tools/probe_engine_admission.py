@@ -7,7 +7,9 @@ A development tool:
                                                      # its rows copied to their slots in one call or one call per row
     python tools/probe_engine_admission.py copies    # the same two copies on the embedded default model (any backend)
 docs/evidence/engine-buckets-h200-2026-12-01.txt and engine-grouped-prefill-h200-2026-12-01.txt are these loops' output
-(the buckets run predates grouped prefill: its warm-up then compiled no grouped programs)."""
+(the buckets run predates grouped prefill: its warm-up then compiled no grouped programs);
+engine-grouped-prefill-h200-2026-12-02.txt is the grouped loop on the balanced-routing bench model. Where a greedy
+first token differs between the two ways, the top-5 log-probabilities of both are printed."""
 import sys, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -111,3 +113,7 @@ else:
         print(f"4 prompts of {n} tokens: one call each {np.median(alone) * 1e3:.2f} ms, one grouped call "
               f"{np.median(grouped) * 1e3:.2f} ms, the same with one copy call per row {np.median(row_copies) * 1e3:.2f}"
               f" ms (medians of 7; first tokens equal: {same})", flush=True)
+        for i, (a, g) in enumerate(zip(outs_a, outs_g)):  # greedy: a difference is a near-tie in bf16, or a bug
+            if int(a[0]) != int(g[0]):
+                print(f"   prompt {i}: alone {int(a[0])} (top logprobs {np.round(np.asarray(a[3][:3], float), 4)}), "
+                      f"grouped {int(g[0])} (top logprobs {np.round(np.asarray(g[3][:3], float), 4)})", flush=True)

@@ -26,7 +26,8 @@ K and V; DeepSeek: the latent c_kv and k_pe). The embedding (B rows read) and no
 only: mixjax's MLA decodes in the latent space (2 x ctx x heads x (2 kv_lora_rank + qk_rope) FLOPs per new token and
 layer), so large DeepSeek batches at long contexts can be compute-bound.
 
-Prefill (batch 1, prompts of --prefill tokens, logits of the last position only, as the server does): tokens/s and
+Prefill (prompts of --prefill tokens, one per call or --prefill-rows R of them together as the engine's grouped
+prefill runs prompts admitted at once; logits of the last position only, as the server does): tokens/s and
 the achieved FLOP rate as a fraction of the bf16 matmul rate measured in the same run (one 8192^3 matmul). FLOPs
 counted: 2 x the per-token active parameters (non-routed matrices, k/E of the routed experts; no embedding) per
 token, the attention scores and values (causal, the pairs s <= t: Qwen3 2 x 2 x heads x head_dim x T(T+1)/2 per layer,
@@ -184,42 +185,45 @@ def attention_flops(cfg, t: int) -> float:
     return cfg.num_hidden_layers * per_layer
 
 
-def prefill_flops(cfg, t: int) -> float:
-    """FLOPs of a t-token prefill (batch 1, LM head on the last position only): 2 x the per-token active parameters
+def prefill_flops(cfg, t: int, rows: int = 1) -> float:
+    """FLOPs of a t-token prefill (LM head on the last position only): 2 x the per-token active parameters
     (all non-routed ones and k/E of each MoE layer's routed experts; the embedding is a lookup) per token, the
-    attention scores and values (`attention_flops`), and the LM head for one row."""
+    attention scores and values (`attention_flops`), and the LM head for one row; times `rows` prompts of t tokens
+    prefilled together (each attends to its own tokens only)."""
     c = param_counts(cfg)
     active = c["fixed_params"] + sum(k / e * p for e, k, _, p in c["routed"].values())
-    return 2 * active * t + attention_flops(cfg, t) + 2 * c["head_params"]
+    return rows * (2 * active * t + attention_flops(cfg, t) + 2 * c["head_params"])
 
 
-def prefill_bytes(cfg, t: int, elem: int = 2) -> float:
-    """Bytes a t-token prefill (batch 1) must move at least once: the non-routed weights, the LM head, the experts
-    the prompt touches in expectation under uniform routing (at 2048 tokens every DeepSeek-V3 expert: 22.5 GB per
-    layer) and the t cache entries it writes: `step_bytes` of t rows with one cache entry each."""
-    return step_bytes(cfg, t, 1, elem)
+def prefill_bytes(cfg, t: int, elem: int = 2, rows: int = 1) -> float:
+    """Bytes a prefill of `rows` prompts of t tokens, together, must move at least once: the non-routed weights,
+    the LM head, the experts the rows x t tokens touch in expectation under uniform routing (at 2048 tokens every
+    DeepSeek-V3 expert: 22.5 GB per layer) and the cache entries it writes: `step_bytes` of rows x t rows with one
+    cache entry each (the LM head's rows read are left out, as for decode)."""
+    return step_bytes(cfg, rows * t, 1, elem)
 
 
-def prefill_roofline(cfg, t: int, bw: float, rate: float) -> tuple[float, str]:
+def prefill_roofline(cfg, t: int, bw: float, rate: float, rows: int = 1) -> tuple[float, str]:
     """(seconds, bound): the larger of the prefill's FLOPs at the matmul rate and its bytes at the HBM bandwidth.
     A prompt whose tokens spread over many experts reads more weights than it has FLOPs to hide them under (DeepSeek-
     V3 at 2048 tokens: ~64 rows per expert, a third of the H200's ~210 FLOP/byte ridge), so its matmul-rate fraction
     is bounded well below 100% by the bytes, not by the kernels."""
-    flops, byts = prefill_flops(cfg, t) / rate, prefill_bytes(cfg, t) / bw
+    flops, byts = prefill_flops(cfg, t, rows) / rate, prefill_bytes(cfg, t, rows=rows) / bw
     return (flops, "compute") if flops >= byts else (byts, "memory")
 
 
-def time_prefill(model: ShardedModel, t: int, iters: int) -> tuple[float, float, float]:
+def time_prefill(model: ShardedModel, t: int, iters: int, rows: int = 1) -> tuple[float, float, float]:
     """(seconds per prompt waited for, seconds per prompt back to back, mean of a burst): each call synchronised on
     the host (a lone prompt's latency, host dispatch included), and the throughput of a queue of prompts dispatched
     one after the other: the slope of a burst's time over bursts of 2 and 2 + `iters` prompts (each the best of 3),
     so that the burst's start drops out: the host's work on the first call, which nothing overlaps (0.4-1.5 ms
     on an H200 for 512- to 8192-token Qwen3 prompts, 2026-12-01). Before 2026-12-01 this benchmark reported the
-    mean of a burst of 5, start included (the third value: that mean, over 2 + `iters` prompts)."""
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (1, t)), jnp.int32)
-    pos = jnp.arange(t, dtype=jnp.int32)[None]
-    last = jnp.full((1,), t - 1, jnp.int32)
-    state = {"cache": model.init_cache(1, t)}
+    mean of a burst of 5, start included (the third value: that mean, over 2 + `iters` prompts). rows: prompts of
+    t distinct tokens prefilled in one call, as the engine's grouped prefill does (the times are per call)."""
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, model.vocab_size, (rows, t)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (rows, t))
+    last = jnp.full((rows,), t - 1, jnp.int32)
+    state = {"cache": model.init_cache(rows, t)}
 
     def run():
         logits, state["cache"] = model.forward_last(tokens, pos, state["cache"], last, fresh=True)
@@ -350,6 +354,10 @@ def main(argv=None):
     add_decode_shape_args(ap, "1,8,32,128,256")
     ap.add_argument("--impl", default="grouped,dense", help="expert implementations to time, comma-separated")
     ap.add_argument("--prefill", default="", help="prompt lengths for the prefill measurement, e.g. 512,2048,8192")
+    ap.add_argument("--prefill-rows", default="1", metavar="R",
+                    help="prompts prefilled together in one call, comma-separated (default 1): each prompt length is "
+                         "timed for each R, as the engine's grouped prefill (--prefill-rows of mixjax.serve) runs "
+                         "prompts admitted together")
     ap.add_argument("--peer", action="store_true", help="also time Hugging Face transformers (same shapes)")
     ap.add_argument("--engine", type=int, default=0, metavar="TOKENS",
                     help="also time the serving engine's decode loop (pipelined, one step per dispatch and "
@@ -407,26 +415,28 @@ def main(argv=None):
             print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f} {vs:7.1f}x "
                   f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}{extra}", flush=True)
         if args.prefill:
-            print(f"{'prompt':>6s} {'ms':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'of matmul':>9s} {'roofline ms':>11s} "
+            print(f"{'prompt':>10s} {'ms':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'of matmul':>9s} {'roofline ms':>11s} "
                   f"{'bound':>7s} {'ratio':>6s} {'b2b ms':>8s} {'tok/s':>9s} {'of matmul':>9s} {'ratio':>6s}")
-        for t_len in (int(x) for x in args.prefill.split(",") if x):
+        lengths = [int(x) for x in args.prefill.split(",") if x]
+        for rows, t_len in ((r, t) for r in (int(x) for x in args.prefill_rows.split(",")) for t in lengths):
+            name = f"{rows} x {t_len}" if rows > 1 else f"{t_len}"
             try:
-                t, t_b2b, t_burst = time_prefill(model, t_len, max(4, args.iters // 4))
+                t, t_b2b, t_burst = time_prefill(model, t_len, max(4, args.iters // 4), rows)
             except jax.errors.JaxRuntimeError as e:  # e.g. the dense path's [E, T, D] buffer at long prompts
                 why = str(e).strip().splitlines()[0][:200]
-                prefill.append(dict(impl=impl, tokens=t_len, error=why))
-                print(f"{t_len:6d} failed on the device: {why}", flush=True)
+                prefill.append(dict(impl=impl, tokens=t_len, rows=rows, error=why))
+                print(f"{name:>10s} failed on the device: {why}", flush=True)
                 continue
-            fl = prefill_flops(cfg, t_len)
-            roof, bound = prefill_roofline(cfg, t_len, bw, rate)
-            prefill.append(dict(impl=impl, tokens=t_len, time_s=t, tokens_per_s=t_len / t, flops=fl,
-                                flop_rate=fl / t, matmul_fraction=fl / t / rate, bytes=prefill_bytes(cfg, t_len),
-                                roofline_s=roof, bound=bound, ratio=roof / t, b2b_time_s=t_b2b,
-                                b2b_tokens_per_s=t_len / t_b2b, b2b_matmul_fraction=fl / t_b2b / rate,
-                                b2b_ratio=roof / t_b2b, burst_mean_s=t_burst,
+            fl, n_tok = prefill_flops(cfg, t_len, rows), rows * t_len
+            roof, bound = prefill_roofline(cfg, t_len, bw, rate, rows)
+            prefill.append(dict(impl=impl, tokens=t_len, rows=rows, time_s=t, tokens_per_s=n_tok / t, flops=fl,
+                                flop_rate=fl / t, matmul_fraction=fl / t / rate,
+                                bytes=prefill_bytes(cfg, t_len, rows=rows), roofline_s=roof, bound=bound,
+                                ratio=roof / t, b2b_time_s=t_b2b, b2b_tokens_per_s=n_tok / t_b2b,
+                                b2b_matmul_fraction=fl / t_b2b / rate, b2b_ratio=roof / t_b2b, burst_mean_s=t_burst,
                                 burst_matmul_fraction=fl / t_burst / rate))
-            print(f"{t_len:6d} {t * 1e3:9.2f} {t_len / t:9.0f} {fl / t / 1e12:8.1f} {fl / t / rate:9.1%} "
-                  f"{roof * 1e3:11.2f} {bound:>7s} {roof / t:6.1%} {t_b2b * 1e3:8.2f} {t_len / t_b2b:9.0f} "
+            print(f"{name:>10s} {t * 1e3:9.2f} {n_tok / t:9.0f} {fl / t / 1e12:8.1f} {fl / t / rate:9.1%} "
+                  f"{roof * 1e3:11.2f} {bound:>7s} {roof / t:6.1%} {t_b2b * 1e3:8.2f} {n_tok / t_b2b:9.0f} "
                   f"{fl / t_b2b / rate:9.1%} {roof / t_b2b:6.1%}   (burst mean {t_burst * 1e3:.2f} ms, "
                   f"{fl / t_burst / rate:.1%})", flush=True)
         del model
