@@ -3,6 +3,10 @@ top 8's share of the (row, expert) pairs, and the 128-row blocks the sorted layo
 the benchmark's model (`bench.decode.bench_model`), `--init plain` the model class's own N(0, 0.02) weights. A
 development tool (the dense expert path on CPU; --impl grouped on a GPU):
     python tools/bench_routing.py [--preset qwen3-30b-a3b] [--layers 4] [--tokens 256] [--init plain,bench]
+        [--decode 1,8,32,128]
+--decode B,...: instead of a prompt, one decode step of B distinct random tokens at position 1023 (as the decode
+benchmark's forward), and the experts it touches per layer against uniform routing's expectation E (1 - (1 - k/E)^B),
+which the decode roofline counts.
 docs/evidence/bench-model-routing-cpu-2026-12-01.txt is its output (the routing is recorded by mixjax.bench.routing)."""
 import argparse
 import jax, jax.numpy as jnp, numpy as np
@@ -17,6 +21,7 @@ from mixjax.sharding.strategies import STRATEGIES
 ap = argparse.ArgumentParser(); ap.add_argument("--preset", default="qwen3-30b-a3b")
 ap.add_argument("--layers", type=int, default=4); ap.add_argument("--tokens", type=int, default=256)
 ap.add_argument("--init", default="plain,bench"); ap.add_argument("--impl", default="dense")
+ap.add_argument("--decode", default="", help="batches of one decode step each, e.g. 1,8,32,128")
 a = ap.parse_args()
 cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
 tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, a.tokens)), jnp.int32)
@@ -26,6 +31,17 @@ for init in a.init.split(","):
     m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=a.impl)
     m.set_state(nnx.state(model))
     del model
+    if a.decode:
+        k = cfg.num_experts_per_tok
+        for b in map(int, a.decode.split(",")):
+            ids = jnp.asarray(np.random.RandomState(b).randint(0, cfg.vocab_size, (b, 1)), jnp.int32)
+            with recorded_routing() as seen:
+                m.forward(ids, jnp.full((b, 1), 1023, jnp.int32), m.init_cache(b, 1024))
+                jax.effects_barrier()
+            print(f"{init} init, {a.preset}, a decode step of batch {b}: experts touched per layer "
+                  f"{[len(np.unique(s)) for s in seen]} of {e}; uniform routing expects {e * (1 - (1 - k / e) ** b):.0f}",
+                  flush=True)
+        continue
     with recorded_routing() as seen:
         m.forward_last(tokens, jnp.arange(a.tokens, dtype=jnp.int32)[None], m.init_cache(1, a.tokens),
                        jnp.full((1,), a.tokens - 1, jnp.int32), fresh=True)
