@@ -22,15 +22,30 @@ def model():
     return load_sharded(MODEL, make_mesh("1x1"), STRATEGIES["tp"], progress=False)
 
 
-def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 4, groups: list | None = None):
+def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 4, groups: list | None = None,
+        first_picks: list | None = None):
     """The jobs' results; all submitted before the loop starts, so the first admission takes three at once.
-    groups: collects the shape of each grouped prefill call's tokens."""
+    groups: collects the shape of each grouped prefill call's tokens. first_picks: collects, for each admission's
+    sampling of first tokens, (sampling variant, ids, logprobs, the full sampler's ids and logprobs on the same
+    logits and keys)."""
     eng = Engine(model, None, max_batch=3, max_seq_len=96, prefill_buckets=[16], pipeline=pipeline,
                  decode_steps=decode_steps, prefill_rows=prefill_rows)
     eng.warmup()
     if groups is not None:
         grouped = eng._prefill_group
         eng._prefill_group = lambda *a: groups.append(a[1].shape) or grouped(*a)
+    if first_picks is not None:
+        picks = dict(eng._picks)
+
+        def recording(f):
+            def pick(logits, *args):
+                out = picks[f](logits, *args)
+                if logits.shape[0] != eng.slots:  # a prefill's logits (a decode step's have one row per slot)
+                    full = picks[(True, True, True)](logits, *args)
+                    first_picks.append((f, *(np.asarray(x) for x in (out[0], out[1], full[0], full[1]))))
+                return out
+            return pick
+        eng._picks = {f: recording(f) for f in picks}
     done, results = threading.Event(), {}
 
     def sink_for(i):
@@ -103,6 +118,26 @@ def test_prompts_prefilled_one_by_one_equal_grouped(model, jobs_and_reference):
     same(run(model, False, jobs, groups=groups), step_by_step)
     assert groups and groups[0] == (4, 16)
     same(run(model, False, jobs, prefill_rows=1), step_by_step)
+
+
+def test_first_tokens_sampled_by_the_program_their_requests_need(model, jobs_and_reference):
+    """A prompt's first token is sampled by the sampling program that its requests need (as decode steps are): the
+    vocabulary's sort only where a sampled request uses top-k / top-p, the top logprobs only where one asked for them.
+    Each gives the first tokens and logprobs of the full sampler on the same logits and keys."""
+    jobs, step_by_step = jobs_and_reference
+    first_picks = []
+    same(run(model, False, jobs, first_picks=first_picks), step_by_step)
+    # admissions in order: jobs 0-2 grouped (greedy, top-p sampled, greedy), then 3 (top-k, logprobs), 4 (greedy),
+    # 5 (sampled, no filter), as slots free up
+    variants = [f for f, *_ in first_picks]
+    assert variants == [(True, True, False), (True, True, True), (False, False, False), (True, False, False)]
+    n_items = [3, 1, 1, 1]  # the group's fourth row is unused
+    for (f, ids, lps, full_ids, full_lps), n in zip(first_picks, n_items):
+        np.testing.assert_array_equal(ids[:n], full_ids[:n])
+        np.testing.assert_allclose(lps[:n], full_lps[:n], rtol=1e-5, atol=1e-5)
+    assert [r[0][0] for r in step_by_step[:5]] == [int(first_picks[0][1][0]), int(first_picks[0][1][1]),
+                                                  int(first_picks[0][1][2]), int(first_picks[1][1][0]),
+                                                  int(first_picks[2][1][0])]
 
 
 def test_prefill_groups_by_bucket():

@@ -182,6 +182,14 @@ def test_two_processes_serve_same_greedy_tokens(reference):
                        timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == _greedy(reference, ids, 8)
+        # a sampled request with top-p and logprobs: both processes run the first token's full sampling program
+        r = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.8,
+                                                       "top_p": 0.9, "seed": 3, "logprobs": 2, "ignore_eos": True},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        # (top_logprobs are keyed by the token's text: two alternatives with the same text make one entry)
+        assert len(lp["token_logprobs"]) == 4 and all(1 <= len(top) <= 2 for top in lp["top_logprobs"])
         metrics = httpx.get(url + "/metrics", timeout=10).text
         assert "mixjax_processes 2" in metrics and "mixjax_engine_healthy 1" in metrics
         plans = {l.split()[0]: float(l.split()[1]) for l in metrics.splitlines()

@@ -6,11 +6,16 @@ A development tool:
                                                      # (Engine._run_admit) against one grouped call (_run_admit_group),
                                                      # its rows copied to their slots in one call or one call per row
     python tools/probe_engine_admission.py copies    # the same two copies on the embedded default model (any backend)
+    python tools/probe_engine_admission.py parts     # one prompt and four prompts of 2000 tokens (greedy): each
+                                                     # part of an admission waited for (host inputs, prefill, copy,
+                                                     # first-token sampling, read-back; and the full sampler) against
+                                                     # the bare forward, then the GPU kernels of a few admissions
+                                                     # under the profiler (GPU only)
 docs/evidence/engine-buckets-h200-2026-12-01.txt and engine-grouped-prefill-h200-2026-12-01.txt are these loops' output
 (the buckets run predates grouped prefill: its warm-up then compiled no grouped programs);
 engine-grouped-prefill-h200-2026-12-02.txt is the grouped loop on the balanced-routing bench model. Where a greedy
 first token differs between the two ways, the top-5 log-probabilities of both are printed."""
-import sys, time
+import collections, sys, tempfile, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mixjax.bench.decode import bench_config, bench_model, decode_vocab
@@ -61,10 +66,94 @@ if mode == "copies":
               f" ms (medians of 15)", flush=True)
     sys.exit()
 
-cfg = bench_config("qwen3-30b-a3b", 4, decode_vocab("qwen3-30b-a3b", None))
-m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl="grouped")
+preset = sys.argv[2] if len(sys.argv) > 2 else "qwen3-30b-a3b"  # e.g. tiny, to try a mode on the CPU
+on_gpu = jax.devices()[0].platform == "gpu"
+cfg = bench_config(preset, 4, decode_vocab(preset, None))
+m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16,
+                 expert_impl="grouped" if on_gpu else "dense")
 m.set_state(nnx.state(bench_model(cfg)))
 print(jax.devices()[0].device_kind, flush=True)
+
+def admission_parts(eng, items):
+    """Median seconds of each part of an admission (`Engine._run_admit_group`, or `_run_admit`'s one chunk for a
+    single prompt), each waited for: host inputs, the prefill program (forward to the last logits), the copy into
+    the slots, the first token's sampling (the program the greedy items need, and the full one), the read-back;
+    and the bare forward (`ShardedModel.forward_last`) on the same inputs and a cache of the same length."""
+    one = len(items) == 1
+    b = next(x for x in eng.buckets if x >= max(len(it[0]) for it in items))
+    parts = collections.defaultdict(list)
+    for _ in range(7):
+        t = [time.perf_counter()]
+        if one:
+            ids, slot, seed, temp, topk, topp = items[0]
+            tokens = np.zeros((1, b), np.int32); tokens[0, :len(ids)] = ids
+            positions = np.arange(b, dtype=np.int32)[None]
+            last = np.int32(len(ids) - 1)
+            sampling = eng._one_row_sampling(seed, temp, topk, topp)
+            t.append(time.perf_counter())
+            logits, eng.small = eng._prefill_fresh(eng.sm.leaves, tokens, positions, eng.small, last)
+            jax.block_until_ready(logits); t.append(time.perf_counter())
+            eng.cache = jax.block_until_ready(eng._copy(eng.cache, eng.small, np.full(1, slot, np.int32),
+                                                        np.zeros(1, np.int32)))
+        else:
+            tokens, positions, last, seeds, temp, topk, topp = eng._group_inputs(items, b)
+            sampling = (seeds, np.zeros(len(seeds), np.int32), temp, topk, topp)
+            t.append(time.perf_counter())
+            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+            jax.block_until_ready(logits); t.append(time.perf_counter())
+            eng.cache = jax.block_until_ready(eng._copy(eng.cache, eng.small_group,
+                                                        *eng._group_slots([it[1] for it in items])))
+        t.append(time.perf_counter())
+        out = jax.block_until_ready(eng._first_tokens(logits, items, sampling, want_top=False))
+        t.append(time.perf_counter())
+        [np.asarray(x) for x in out]
+        t.append(time.perf_counter())
+        jax.block_until_ready(eng._picks[(True, True, True)](logits, *sampling))
+        t.append(time.perf_counter())
+        for name, t0, t1 in zip(("inputs", "prefill", "copy", "sampling", "read-back", "(full sampling)"), t, t[1:]):
+            parts[name].append(t1 - t0)
+    # the engine's cache lengths: one prompt's small cache holds max_seq_len + the largest bucket (a long prompt's
+    # chunks), a group's the largest bucket (on a GPU a fresh prompt attends to its own keys either way; on the
+    # CPU the XLA path attends over the whole cache)
+    cache = eng.sm.init_cache(tokens.shape[0], eng.max_seq_len + eng.buckets[-1] if one else eng.buckets[-1])
+    fwd_last = jnp.asarray(np.atleast_1d(last).repeat(tokens.shape[0] // np.atleast_1d(last).shape[0]))
+    for _ in range(8):
+        t0 = time.perf_counter()
+        logits, cache = eng.sm.forward_last(jnp.asarray(tokens), jnp.asarray(positions), cache, fwd_last, fresh=True)
+        jax.block_until_ready(logits)
+        parts["bare forward"].append(time.perf_counter() - t0)
+    return {k: float(np.median(v[1:])) for k, v in parts.items()}
+
+
+if mode == "parts":
+    from gpu_trace import gpu_kernels
+    eng = Engine(m, None, max_batch=4, max_seq_len=4096, prefill_rows=4)
+    print("buckets", eng.buckets, "warm-up", round(eng.warmup(), 1), "s", flush=True)
+    rng = np.random.RandomState(0)
+    n = min(2000, eng.buckets[-1] - 12)  # one bucket (the CPU's buckets are shorter)
+    items = [([int(v) for v in rng.randint(0, cfg.vocab_size, n)], slot, np.uint32(slot), np.float32(0), np.int32(0),
+              np.float32(1)) for slot in range(4)]
+    for group in (items[:1], items):
+        parts = admission_parts(eng, group)
+        print(f"{len(group)} x {n} tokens, medians of 6: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in parts.items()),
+              flush=True)
+    if on_gpu:
+        for group in (items[:1], items):
+            d = tempfile.mkdtemp()
+            with jax.profiler.trace(d):
+                for _ in range(3):
+                    eng._run_admit_group(group)
+            ks = gpu_kernels(d)
+            tot, cnt = collections.Counter(), collections.Counter()
+            for e in ks:
+                tot[e["name"][:70]] += e["dur"] / 3
+                cnt[e["name"][:70]] += 1
+            span = (ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]) / 3
+            print(f"{len(group)} x {n} tokens under the profiler, per admission: GPU busy {sum(tot.values()):.0f} us, "
+                  f"span {span:.0f} us (3 admissions back to back, host time between them included); largest:")
+            for k, v in tot.most_common(25):
+                print(f"  {v:9.1f} us  x{cnt[k] // 3:3d}  {k}", flush=True)
+    sys.exit()
 
 if mode == "buckets":
     n = 2000

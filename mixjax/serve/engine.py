@@ -200,18 +200,21 @@ class Engine:
             out = ids, lp, top_ids.astype(jnp.int32), top_lp
             return out if rep is None else tuple(jax.lax.with_sharding_constraint(x, rep) for x in out)
 
-        def prefill(state, tokens, positions, cache, last_idx, seed, temp, topk, topp, *, fwd_last):
+        # A prefill returns the logits of its prompts' last positions; their first tokens are sampled by the
+        # sampling program their requests need (`_first_tokens`), as decode steps are: a greedy request without
+        # logprobs does not pay for the vocabulary's sort and top-k (60-140 ms on this CPU at a 151,936-token
+        # vocabulary, one to four rows), and a long prompt's earlier chunks sample nothing.
+        def prefill(state, tokens, positions, cache, last_idx, *, fwd_last):
+            """One prompt (row 0 of each data-parallel shard) from position positions[:, 0]: [1, V] logits."""
             at = jnp.full((tokens.shape[0],), last_idx, jnp.int32)
             logits, cache = fwd_last(state, tokens, positions, cache, at)
-            last = logits[0, :, :V]
-            zero = jnp.zeros((1,), jnp.int32)
-            return pick(last, seed[None], zero, temp[None], topk[None], topp[None]), cache
+            return logits[0, :, :V], cache
 
-        def prefill_group(state, tokens, positions, cache, last_idx, seeds, temp, topk, topp, *, fwd_last, rows):
+        def prefill_group(state, tokens, positions, cache, last_idx, *, fwd_last, rows):
             """`rows` prompts from position 0 in one call: prompt i in row i of each data-parallel shard's block of
-            rows (rows i, rows + i, ...), its first token sampled from shard 0's row i."""
+            rows (rows i, rows + i, ...); its logits [rows, V] are shard 0's row i."""
             logits, cache = fwd_last(state, tokens, positions, cache, last_idx)
-            return pick(logits[:rows, 0, :V], seeds, jnp.zeros((rows,), jnp.int32), temp, topk, topp), cache
+            return logits[:rows, 0, :V], cache
 
         def decode(state, prev_ids, use_prev, tokens, positions, cache):
             tokens = jnp.where(use_prev != 0, prev_ids, tokens)  # rows continuing from the previous step's sample
@@ -279,16 +282,18 @@ class Engine:
         dp = self.sm.dp_size
         for b in self.buckets:
             for prog in {self._prefill_fresh, self._prefill}:
-                (ids, *_), self.small = prog(
-                    self.sm.leaves, np.zeros((dp, b), np.int32),
-                    np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)), self.small, np.int32(0), np.uint32(0),
-                    np.float32(1.0), np.int32(0), np.float32(1.0))
-                np.asarray(ids)
+                logits, self.small = prog(self.sm.leaves, np.zeros((dp, b), np.int32),
+                                          np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)), self.small,
+                                          np.int32(0))
             if self.prefill_rows > 1:
-                tokens, positions, *sampling = self._group_inputs([], b)
-                (ids, *_), self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group,
-                                                                  *sampling)
-                np.asarray(ids)
+                tokens, positions, last, *group_sampling = self._group_inputs([], b)
+                group_logits, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions,
+                                                                     self.small_group, last)
+        for f in PICK_VARIANTS:  # the first tokens' sampling programs: one prompt's logits and a group's
+            np.asarray(self._picks[f](logits, *self._one_row_sampling(0, 1.0, 0, 1.0))[0])
+            if self.prefill_rows > 1:
+                np.asarray(self._picks[f](group_logits, *group_sampling[:1], np.zeros(self.prefill_rows, np.int32),
+                                          *group_sampling[1:])[0])
         self.cache = self._copy(self.cache, self.small, np.zeros(1, np.int32), np.zeros(1, np.int32))
         if self.prefill_rows > 1:
             self.cache = self._copy(self.cache, self.small_group, *self._group_slots([]))
@@ -468,14 +473,15 @@ class Engine:
                 "seeds": np.array([r.seed for r, _ in batch], np.uint32),
                 "temp": np.array([r.params.temperature for r, _ in batch], np.float32),
                 "topk": np.array([r.params.top_k for r, _ in batch], np.int32),
-                "topp": np.array([r.params.top_p for r, _ in batch], np.float32)})
+                "topp": np.array([r.params.top_p for r, _ in batch], np.float32),
+                "logprobs": np.array([bool(r.params.logprobs) for r, _ in batch], np.int32)})
         for group in self._groups([len(r.prompt_ids) for r, _ in batch]):
             items = [batch[i] for i in group]
             # (ids, slot, seed, temperature, top_k, top_p) of each: the prefill's sampling and then the slot's
             args = [(r.prompt_ids, slot, np.uint32(r.seed), np.float32(r.params.temperature), np.int32(r.params.top_k),
                      np.float32(r.params.top_p)) for r, slot in items]
             try:
-                outs = self._run_admit_group(args)
+                outs = self._run_admit_group(args, want_top=any(r.params.logprobs for r, _ in items))
             except Exception as e:  # a bad request fails alone (or with the prompts prefilled beside it)
                 if self.cluster is not None:
                     raise  # the other processes cannot follow a recovery: the loop stops the cluster
@@ -529,24 +535,41 @@ class Engine:
         positions = np.broadcast_to(np.arange(b, dtype=np.int32), (dp * r, b))
         return tokens, positions, last, seeds, temp, topk, topp
 
-    def _run_admit_group(self, items, fetch: bool = True):
-        """Admit the prompts of one group (`_groups`): items are (ids, slot, seed, temperature, top_k, top_p). Returns
-        each one's first token (id, logprob, top ids, top logprobs), or None when not fetched."""
+    @staticmethod
+    def _one_row_sampling(seed, temp, topk, topp):
+        """The sampling arguments after the logits (seeds, steps, temperature, top_k, top_p) of one prompt."""
+        return (np.array([seed], np.uint32), np.zeros(1, np.int32), np.array([temp], np.float32),
+                np.array([topk], np.int32), np.array([topp], np.float32))
+
+    def _first_tokens(self, logits, items, sampling, want_top: bool):
+        """Sample the first tokens of admitted prompts from their last logits, with the sampling program that the
+        requests' parameters need (`sampling_flags`; want_top: some request asked for logprobs). items: the
+        prompts' (ids, slot, seed, temperature, top_k, top_p); sampling: (seeds, steps, temperature, top_k, top_p)
+        of the logits' rows (rows past the items' are not read). Every process of a cluster runs it."""
+        draw, filt = sampling_flags([(t, k, p) for _ids, _slot, _seed, t, k, p in items])
+        return self._picks[(draw, filt, bool(want_top))](logits, *sampling)
+
+    def _run_admit_group(self, items, fetch: bool = True, want_top: bool = False):
+        """Admit the prompts of one group (`_groups`): items are (ids, slot, seed, temperature, top_k, top_p);
+        want_top: some of them asked for logprobs. Returns each one's first token (id, logprob, top ids, top
+        logprobs), or None when not fetched."""
         if len(items) == 1:
-            out = self._run_admit(*items[0], fetch=fetch)
+            out = self._run_admit(*items[0], fetch=fetch, want_top=want_top)
             return [out] if fetch else None
         b = next(x for x in self.buckets if x >= max(len(it[0]) for it in items))
-        tokens, positions, *sampling = self._group_inputs(items, b)
-        out, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group, *sampling)
+        tokens, positions, last, seeds, temp, topk, topp = self._group_inputs(items, b)
+        logits, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group, last)
         self.cache = self._copy(self.cache, self.small_group, *self._group_slots([it[1] for it in items]))
+        out = self._first_tokens(logits, items, (seeds, np.zeros(len(seeds), np.int32), temp, topk, topp), want_top)
         if not fetch:
             return None
         out = [np.asarray(x) for x in out]
         return [tuple(x[i] for x in out) for i in range(len(items))]
 
-    def _run_admit(self, ids, slot: int, seed, temp, topk, topp, fetch: bool = True):
-        """The compiled calls of one admission: bucketed (chunked) prefill into the small cache, then the copy of
-        its row into `slot` of the big cache. Returns the first token's (id, logprob, top ids, top logprobs)."""
+    def _run_admit(self, ids, slot: int, seed, temp, topk, topp, fetch: bool = True, want_top: bool = False):
+        """The compiled calls of one admission: bucketed (chunked) prefill into the small cache, the copy of its
+        row into `slot` of the big cache, and the first token's sampling. Returns the first token's (id, logprob,
+        top ids, top logprobs)."""
         L = len(ids)
         dp, bmax = self.sm.dp_size, self.buckets[-1]
         p0 = 0
@@ -559,11 +582,13 @@ class Engine:
             positions = np.broadcast_to(p0 + np.arange(b, dtype=np.int32), (dp, b))
             last_idx = np.int32(min(rem, b) - 1)
             prog = self._prefill_fresh if p0 == 0 else self._prefill
-            out, self.small = prog(self.sm.leaves, tokens, positions, self.small, last_idx, seed, temp, topk, topp)
+            logits, self.small = prog(self.sm.leaves, tokens, positions, self.small, last_idx)
             if rem <= bmax:
                 break
             p0 += bmax
         self.cache = self._copy(self.cache, self.small, np.full(1, slot, np.int32), np.zeros(1, np.int32))
+        out = self._first_tokens(logits, [(ids, slot, seed, temp, topk, topp)],
+                                 self._one_row_sampling(seed, temp, topk, topp), want_top)
         return tuple(np.asarray(x)[0] for x in out) if fetch else None
 
     def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, flags, k: int = 1):
@@ -672,7 +697,8 @@ class Engine:
                 items = [(a["ids"][starts[i]: starts[i + 1]], slot, a["seeds"][i], a["temp"][i], a["topk"][i],
                           a["topp"][i]) for i, slot in enumerate(a["slots"].tolist())]
                 for group in self._groups(lengths):  # the groups process 0 forms from the same lengths
-                    self._run_admit_group([items[i] for i in group], fetch=False)
+                    self._run_admit_group([items[i] for i in group], fetch=False,
+                                          want_top=bool(a["logprobs"][group].any()))
             elif kind == "decode":
                 self._run_decode(a["use_prev"], a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"],
                                  a["topk"], a["topp"], a["flags"], int(a["k"][0]))
