@@ -100,7 +100,9 @@ def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "ds.json"
     assert decode.main(["--preset", "deepseek-tiny", "--layers", "2", "--dense-layers", "1", "--batch", "1,2",
                         "--ctx", "16", "--impl", "dense", "--prefill", "8", "--prefill-rows", "1,2", "--iters", "1",
-                        "--dtype", "float32", "--peer", "--json", str(out)]) == 0
+                        "--dtype", "float32", "--peer", "--json", str(out),
+                        "--prefill-plot", str(tmp_path / "prefill.png")]) == 0
+    assert (tmp_path / "prefill.png").stat().st_size > 0
     res = json.loads(out.read_text())
     assert res["peer"] is None and res["args"]["vocab"] == 512
     assert [r["batch"] for r in res["decode"]] == [1, 2]
@@ -119,6 +121,13 @@ def test_deepseek_tiny_end_to_end(tmp_path, monkeypatch):
     # two prompts in one call: twice the FLOPs, twice the tokens per call
     assert p2["flops"] == pytest.approx(2 * p["flops"])
     assert p2["tokens_per_s"] == pytest.approx(16 / p2["time_s"])
+    # the plots again from the saved result, measuring nothing
+    monkeypatch.setattr(decode, "time_prefill", lambda *a: pytest.fail("--replot measured"))
+    assert decode.main(["--replot", str(out), "--plot", str(tmp_path / "d2.png"),
+                        "--prefill-plot", str(tmp_path / "p2.png")]) == 0
+    assert (tmp_path / "d2.png").stat().st_size > 0 and (tmp_path / "p2.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # nothing to draw
+        decode.main(["--replot", str(out)])
 
 
 def test_prompt_that_fails_on_the_device_is_reported_not_raised(tmp_path, monkeypatch):

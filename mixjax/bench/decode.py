@@ -45,6 +45,10 @@ back without waiting (host dispatch hidden under the device). --engine N also ru
 step n's tokens on the device), with one decode step per dispatch and with --engine-steps K per dispatch (K steps in
 one device-side loop), and reports the interval between a request's tokens (its mean; median over requests).
 
+--plot draws step time against batch with the roofline; --prefill-plot the prefill's share of the matmul rate
+against the prompt length with each case's roofline ceiling; --replot JSON draws either from a saved --json result
+without measuring.
+
 --peer runs mixjax.bench.peer (Hugging Face transformers, same shapes) in a subprocess first, before JAX takes the
 GPU's memory, and reports mixjax / peer throughput. Qwen3 presets only: with a DeepSeek preset it says so and skips
 the peer.
@@ -349,6 +353,41 @@ def plot(path: str, result: dict):
     fig.savefig(path, dpi=120)
 
 
+def plot_prefill(path: str, result: dict, target: float = 0.5):
+    """PNG of the prefill's achieved share of the matmul rate (back to back) against the prompt length, a line per
+    expert implementation and prompts per call, each with its ceiling (the share its roofline allows: 100% where
+    compute-bound, FLOPs time / bytes time where memory-bound) dotted, and the issue's target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = [r for r in result["prefill"] if "error" not in r]
+    for impl, rows in sorted({(r["impl"], r.get("rows", 1)) for r in done}):
+        rs = sorted((r for r in done if r["impl"] == impl and r.get("rows", 1) == rows), key=lambda r: r["tokens"])
+        what = f"{rows} prompts per call" if rows > 1 else "1 prompt per call"
+        line, = ax.plot([r["tokens"] for r in rs], [100 * r["b2b_matmul_fraction"] for r in rs], "o-",
+                        label=f"mixjax ({impl} experts), {what}")
+        ceiling = [100 * min(1.0, r["flops"] / result["matmul_rate"] / r["roofline_s"]) for r in rs]
+        ax.plot([r["tokens"] for r in rs], ceiling, ":", color=line.get_color(), alpha=0.7,
+                label=f"its roofline's ceiling ({what})")
+    ax.axhline(100 * target, color="k", ls="--", lw=1, label=f"target: {target:.0%} of the matmul rate")
+    ax.set_xscale("log", base=2)
+    lengths = sorted({r["tokens"] for r in done})
+    ax.set_xticks(lengths, [str(t) for t in lengths])
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("achieved share of the bf16 matmul rate (%)")
+    a = result["args"]
+    ax.set_title(f"prefill, {a['preset']}, {a['layers']} layers, bf16 — {result['device']} "
+                 f"(matmul {result['matmul_rate'] / 1e12:.0f} TFLOP/s)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_decode_shape_args(ap, "1,8,32,128,256")
@@ -372,7 +411,23 @@ def main(argv=None):
                     help="weights and activations (the rooflines count 2 bytes per element either way)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of step time against batch, roofline drawn in")
+    ap.add_argument("--prefill-plot", default=None, metavar="PNG",
+                    help="PNG of the prefill's share of the matmul rate against the prompt length")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="measure nothing: draw --plot / --prefill-plot from a saved --json result")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        if not (args.plot or args.prefill_plot):
+            ap.error("--replot needs --plot and/or --prefill-plot")
+        if args.plot:
+            plot(args.plot, saved)
+        if args.prefill_plot:
+            if not any("error" not in r for r in saved["prefill"]):
+                ap.error(f"{args.replot} holds no prefill measurement")
+            plot_prefill(args.prefill_plot, saved)
+        return 0
     args.vocab = decode_vocab(args.preset, args.vocab)
     if args.dense_layers and args.preset not in DEEPSEEK_PRESETS:
         ap.error("--dense-layers applies to the DeepSeek presets only")
@@ -447,6 +502,8 @@ def main(argv=None):
             json.dump(result, f, indent=1)
     if args.plot:
         plot(args.plot, result)
+    if args.prefill_plot and prefill:
+        plot_prefill(args.prefill_plot, result)
     return 0
 
 
