@@ -12,6 +12,7 @@ import argparse
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mixjax.bench.decode import bench_config, bench_model, decode_vocab
+from mixjax.planner.cost import touched_experts
 from mixjax.bench.routing import recorded_routing
 from mixjax.models import model_class
 from mixjax.sharding.mesh import make_mesh
@@ -39,7 +40,7 @@ for init in a.init.split(","):
                 m.forward(ids, jnp.full((b, 1), 1023, jnp.int32), m.init_cache(b, 1024))
                 jax.effects_barrier()
             print(f"{init} init, {a.preset}, a decode step of batch {b}: experts touched per layer "
-                  f"{[len(np.unique(s)) for s in seen]} of {e}; uniform routing expects {e * (1 - (1 - k / e) ** b):.0f}",
+                  f"{[len(np.unique(s)) for s in seen]} of {e}; uniform routing expects {touched_experts(e, k, b):.0f}",
                   flush=True)
         continue
     with recorded_routing() as seen:

@@ -96,8 +96,7 @@ def admission_parts(eng, items):
             eng.cache = jax.block_until_ready(eng._copy(eng.cache, eng.small, np.full(1, slot, np.int32),
                                                         np.zeros(1, np.int32)))
         else:
-            tokens, positions, last, seeds, temp, topk, topp = eng._group_inputs(items, b)
-            sampling = (seeds, np.zeros(len(seeds), np.int32), temp, topk, topp)
+            tokens, positions, last, sampling = eng._group_inputs(items, b)
             t.append(time.perf_counter())
             logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
             jax.block_until_ready(logits); t.append(time.perf_counter())
@@ -116,10 +115,10 @@ def admission_parts(eng, items):
     # chunks), a group's the largest bucket (on a GPU a fresh prompt attends to its own keys either way; on the
     # CPU the XLA path attends over the whole cache)
     cache = eng.sm.init_cache(tokens.shape[0], eng.max_seq_len + eng.buckets[-1] if one else eng.buckets[-1])
-    fwd_last = jnp.asarray(np.atleast_1d(last).repeat(tokens.shape[0] // np.atleast_1d(last).shape[0]))
+    at = jnp.asarray(np.broadcast_to(last, tokens.shape[:1]))  # each row's last position
     for _ in range(8):
         t0 = time.perf_counter()
-        logits, cache = eng.sm.forward_last(jnp.asarray(tokens), jnp.asarray(positions), cache, fwd_last, fresh=True)
+        logits, cache = eng.sm.forward_last(jnp.asarray(tokens), jnp.asarray(positions), cache, at, fresh=True)
         jax.block_until_ready(logits)
         parts["bare forward"].append(time.perf_counter() - t0)
     return {k: float(np.median(v[1:])) for k, v in parts.items()}

@@ -76,6 +76,7 @@ from mixjax.bench.layers import DEEPSEEK_PRESETS, PRESETS, add_decode_shape_args
 from mixjax.models import model_class
 from mixjax.models.deepseek_v3 import DeepseekV3Config
 from mixjax.models.qwen3_moe import Qwen3MoeConfig
+from mixjax.planner.cost import touched_experts
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
@@ -169,7 +170,7 @@ def step_bytes(cfg, batch: int, ctx: int, elem: int = 2) -> float:
     the LM head, per MoE layer the experts the batch touches in expectation under uniform routing
     (E * (1 - (1 - k/E)^batch) of E), and the KV cache up to ctx positions."""
     c = param_counts(cfg, elem)
-    experts = sum(e * (1 - (1 - k / e) ** batch) / e * b for e, k, b, _ in c["routed"].values())
+    experts = sum(touched_experts(e, k, batch) / e * b for e, k, b, _ in c["routed"].values())
     return c["fixed_bytes"] + c["head_bytes"] + experts + batch * ctx * c["cache_bytes_per_token"]
 
 

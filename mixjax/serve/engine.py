@@ -202,7 +202,7 @@ class Engine:
 
         # A prefill returns the logits of its prompts' last positions; their first tokens are sampled by the
         # sampling program their requests need (`_first_tokens`), as decode steps are: a greedy request without
-        # logprobs does not pay for the vocabulary's sort and top-k (60-140 ms on this CPU at a 151,936-token
+        # logprobs does not pay for the vocabulary's sort and top-k (50-140 ms on a 2-core CPU at a 151,936-token
         # vocabulary, one to four rows), and a long prompt's earlier chunks sample nothing.
         def prefill(state, tokens, positions, cache, last_idx, *, fwd_last):
             """One prompt (row 0 of each data-parallel shard) from position positions[:, 0]: [1, V] logits."""
@@ -286,14 +286,13 @@ class Engine:
                                           np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)), self.small,
                                           np.int32(0))
             if self.prefill_rows > 1:
-                tokens, positions, last, *group_sampling = self._group_inputs([], b)
+                tokens, positions, last, group_sampling = self._group_inputs([], b)
                 group_logits, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions,
                                                                      self.small_group, last)
         for f in PICK_VARIANTS:  # the first tokens' sampling programs: one prompt's logits and a group's
             np.asarray(self._picks[f](logits, *self._one_row_sampling(0, 1.0, 0, 1.0))[0])
             if self.prefill_rows > 1:
-                np.asarray(self._picks[f](group_logits, *group_sampling[:1], np.zeros(self.prefill_rows, np.int32),
-                                          *group_sampling[1:])[0])
+                np.asarray(self._picks[f](group_logits, *group_sampling)[0])
         self.cache = self._copy(self.cache, self.small, np.zeros(1, np.int32), np.zeros(1, np.int32))
         if self.prefill_rows > 1:
             self.cache = self._copy(self.cache, self.small_group, *self._group_slots([]))
@@ -522,7 +521,9 @@ class Engine:
 
     def _group_inputs(self, items, b: int):
         """The grouped prefill's host inputs for up to prefill_rows prompts of at most b tokens (unused rows: a
-        one-token prompt of token 0, whose row nothing reads)."""
+        one-token prompt of token 0, whose row nothing reads): tokens, positions, last positions, and the first
+        tokens' sampling arguments after the logits (seeds, steps, temperature, top_k, top_p; as
+        `_one_row_sampling`)."""
         r, dp = self.prefill_rows, self.sm.dp_size
         tokens = np.zeros((dp * r, b), np.int32)
         last = np.zeros(dp * r, np.int32)
@@ -533,7 +534,7 @@ class Engine:
             last[i::r] = len(ids) - 1
             seeds[i], temp[i], topk[i], topp[i] = seed, t, k, p
         positions = np.broadcast_to(np.arange(b, dtype=np.int32), (dp * r, b))
-        return tokens, positions, last, seeds, temp, topk, topp
+        return tokens, positions, last, (seeds, np.zeros(r, np.int32), temp, topk, topp)
 
     @staticmethod
     def _one_row_sampling(seed, temp, topk, topp):
@@ -557,10 +558,10 @@ class Engine:
             out = self._run_admit(*items[0], fetch=fetch, want_top=want_top)
             return [out] if fetch else None
         b = next(x for x in self.buckets if x >= max(len(it[0]) for it in items))
-        tokens, positions, last, seeds, temp, topk, topp = self._group_inputs(items, b)
+        tokens, positions, last, sampling = self._group_inputs(items, b)
         logits, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group, last)
         self.cache = self._copy(self.cache, self.small_group, *self._group_slots([it[1] for it in items]))
-        out = self._first_tokens(logits, items, (seeds, np.zeros(len(seeds), np.int32), temp, topk, topp), want_top)
+        out = self._first_tokens(logits, items, sampling, want_top)
         if not fetch:
             return None
         out = [np.asarray(x) for x in out]
