@@ -23,11 +23,11 @@ def model():
 
 
 def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 4, groups: list | None = None,
-        first_picks: list | None = None):
+        first_picks: list | None = None, event_sizes: dict | None = None):
     """The jobs' results; all submitted before the loop starts, so the first admission takes three at once.
     groups: collects the shape of each grouped prefill call's tokens. first_picks: collects, for each admission's
     sampling of first tokens, (sampling variant, ids, logprobs, the full sampler's ids and logprobs on the same
-    logits and keys)."""
+    logits and keys). event_sizes: collects, for each job, the number of tokens in each of its token events."""
     eng = Engine(model, None, max_batch=3, max_seq_len=96, prefill_buckets=[16], pipeline=pipeline,
                  decode_steps=decode_steps, prefill_rows=prefill_rows)
     eng.warmup()
@@ -53,6 +53,8 @@ def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 
 
         def sink(ev):
             if ev["type"] == "token":
+                if event_sizes is not None:
+                    event_sizes.setdefault(i, []).append(len(ev["ids"]))
                 toks.extend(ev["ids"])
                 lps.extend(ev["logprobs"])
             elif ev["type"] in ("done", "error"):
@@ -106,8 +108,13 @@ def test_pipelined_loop_equals_step_by_step(model, jobs_and_reference):
 
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_multi_step_loop_equals_step_by_step(model, jobs_and_reference, pipeline):
+    """Also: a call's tokens for a request reach it as one event (the first token, from the prefill, alone)."""
     jobs, step_by_step = jobs_and_reference
-    same(run(model, pipeline, jobs, decode_steps=4), step_by_step)
+    sizes = {}
+    same(run(model, pipeline, jobs, decode_steps=4, event_sizes=sizes), step_by_step)
+    for i, (toks, *_rest) in enumerate(step_by_step):
+        assert sum(sizes[i]) == len(toks) and sizes[i][0] == 1 and all(1 <= n <= 4 for n in sizes[i][1:])
+    assert sizes[1] == [1, 4, 4, 4, 4]  # 17 tokens of a request that runs to its limit: 1 + 4 calls of 4
 
 
 def test_prompts_prefilled_one_by_one_equal_grouped(model, jobs_and_reference):

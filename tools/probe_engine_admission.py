@@ -9,7 +9,7 @@ A development tool:
     python tools/probe_engine_admission.py parts     # one prompt and four prompts of 2000 tokens (greedy): each
                                                      # part of an admission waited for (host inputs, prefill, copy,
                                                      # first-token sampling, read-back; and the full sampler) against
-                                                     # the bare forward, then the GPU kernels of a few admissions
+                                                     # the bare forward; a timeline of un-waited admissions, then the GPU kernels of a few admissions
                                                      # under the profiler (GPU only)
 docs/evidence/engine-buckets-h200-2026-12-01.txt and engine-grouped-prefill-h200-2026-12-01.txt are these loops' output
 (the buckets run predates grouped prefill: its warm-up then compiled no grouped programs);
@@ -124,8 +124,65 @@ def admission_parts(eng, items):
     return {k: float(np.median(v[1:])) for k, v in parts.items()}
 
 
+def admission_timeline(eng, items, batched: bool):
+    """Host times (ms from the start) at which each call of an un-waited admission returned, as `_run_admit_group`
+    issues them, and when its first tokens were on the host: read one array at a time (np.asarray, the engine
+    before the eleventh session) or, batched, asked for right after dispatch and read by one jax.device_get."""
+    one = len(items) == 1
+    b = next(x for x in eng.buckets if x >= max(len(it[0]) for it in items))
+    rows = []
+    for _ in range(7):
+        t = [time.perf_counter()]
+        if one:
+            ids, slot, seed, temp, topk, topp = items[0]
+            tokens = np.zeros((1, b), np.int32); tokens[0, :len(ids)] = ids
+            positions = np.arange(b, dtype=np.int32)[None]
+            last = np.int32(len(ids) - 1)
+            sampling = eng._one_row_sampling(seed, temp, topk, topp)
+            t.append(time.perf_counter())
+            logits, eng.small = eng._prefill_fresh(eng.sm.leaves, tokens, positions, eng.small, last)
+            t.append(time.perf_counter())
+            eng.cache = eng._copy(eng.cache, eng.small, np.full(1, slot, np.int32), np.zeros(1, np.int32))
+        else:
+            tokens, positions, last, sampling = eng._group_inputs(items, b)
+            t.append(time.perf_counter())
+            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+            t.append(time.perf_counter())
+            eng.cache = eng._copy(eng.cache, eng.small_group, *eng._group_slots([it[1] for it in items]))
+        t.append(time.perf_counter())
+        out = eng._first_tokens(logits, items, sampling, want_top=False)
+        t.append(time.perf_counter())
+        if batched:
+            for x in out:
+                x.copy_to_host_async()
+            jax.device_get(out)
+        else:
+            [np.asarray(x) for x in out]
+        t.append(time.perf_counter())
+        rows.append(np.diff(t))
+    med = np.median(np.array(rows[1:]), axis=0) * 1e3
+    return dict(zip(("inputs", "prefill call", "copy call", "sampling call", "read"), med)), float(med.sum())
+
+
+def round_trip_ms(n=20):
+    """A tiny program dispatched and its 4-value output read: the floor of any call waited for."""
+    f = jax.jit(lambda x: x + 1)
+    x = jnp.zeros(4, jnp.int32)
+    np.asarray(f(x))
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter(); np.asarray(f(x)); ts.append(time.perf_counter() - t0)
+    ready = [f(x) for _ in range(4)]
+    jax.block_until_ready(ready)
+    t0 = time.perf_counter(); [np.asarray(r) for r in ready]; apart = time.perf_counter() - t0
+    ready = [f(x) for _ in range(4)]
+    jax.block_until_ready(ready)
+    t0 = time.perf_counter(); jax.device_get(ready); together = time.perf_counter() - t0
+    return float(np.median(ts) * 1e3), apart * 1e3, together * 1e3
+
+
 if mode == "parts":
-    from gpu_trace import gpu_kernels
+    from gpu_trace import gpu_kernels, host_events
     eng = Engine(m, None, max_batch=4, max_seq_len=4096, prefill_rows=4)
     print("buckets", eng.buckets, "warm-up", round(eng.warmup(), 1), "s", flush=True)
     rng = np.random.RandomState(0)
@@ -136,7 +193,54 @@ if mode == "parts":
         parts = admission_parts(eng, group)
         print(f"{len(group)} x {n} tokens, medians of 6: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in parts.items()),
               flush=True)
+    for name, arr in (("contiguous", np.tile(np.arange(2048, dtype=np.int32), (4, 1))),
+                      ("broadcast view", np.broadcast_to(np.arange(2048, dtype=np.int32), (4, 2048)))):
+        ts = []
+        for _ in range(20):
+            t0 = time.perf_counter(); jax.block_until_ready(jax.device_put(arr)); ts.append(time.perf_counter() - t0)
+        print(f"device_put of a [4, 2048] int32 host array, {name}: median {np.median(ts) * 1e3:.3f} ms", flush=True)
+    rt, apart, together = round_trip_ms()
+    print(f"round trip of a tiny program {rt:.3f} ms; four ready 4-value arrays read one by one {apart:.3f} ms, by one "
+          f"device_get {together:.3f} ms", flush=True)
+    for group in (items[:1], items):
+        for batched in (False, True):
+            tl, total = admission_timeline(eng, group, batched)
+            print(f"{len(group)} x {n} tokens, un-waited, {'batched read' if batched else 'read one by one'}: total "
+                  f"{total:.3f} ms; " + ", ".join(f"{k} {v:.3f}" for k, v in tl.items()), flush=True)
+        ts = []
+        for _ in range(7):
+            t0 = time.perf_counter(); eng._run_admit_group(group); ts.append(time.perf_counter() - t0)
+        print(f"{len(group)} x {n} tokens, the engine's admission (_run_admit_group): median "
+              f"{np.median(ts[1:]) * 1e3:.3f} ms, min {min(ts[1:]) * 1e3:.3f} ms of 6", flush=True)
     if on_gpu:
+        # one prefill call alone under the profiler: the gaps between its kernels (the GPU waiting for the host
+        # to launch the next one) are its span less its busy time
+        b = next(x for x in eng.buckets if x >= n)
+        tokens, positions, last, _ = eng._group_inputs(items[:1], b)
+        for _ in range(2):
+            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+            jax.block_until_ready(logits)
+        d = tempfile.mkdtemp()
+        with jax.profiler.trace(d):
+            t0 = time.perf_counter()
+            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+            jax.block_until_ready(logits)
+            wall = time.perf_counter() - t0
+        ks = gpu_kernels(d)
+        busy = sum(e["dur"] for e in ks)
+        gaps = sorted((b_["ts"] - (a["ts"] + a["dur"]), a["name"][:50]) for a, b_ in zip(ks, ks[1:]))[::-1]
+        print(f"one grouped-prefill call of 1 x {n} tokens under the profiler: {len(ks)} GPU events, busy {busy:.0f} "
+              f"us, first start to last end {ks[-1]['ts'] + ks[-1]['dur'] - ks[0]['ts']:.0f} us, host wall "
+              f"{wall * 1e6:.0f} us; largest gaps: " + ", ".join(f"{g:.0f} us after {nm}" for g, nm in gaps[:6]),
+              flush=True)
+        # where the host spends the call's launch: its spans from the call to the first kernel's start
+        hs = [e for e in host_events(d) if e["ts"] < ks[0]["ts"] + 50 and e["dur"] >= 20]
+        t_first = min(e["ts"] for e in hs) if hs else 0
+        print(f"host spans >= 20 us up to the first kernel (+50 us), us from the first span: ", flush=True)
+        for e in hs[:60]:
+            print(f"  {e['ts'] - t_first:8.0f} {e['dur']:8.0f}  {e['tid_name'][:24]:24s} {e['name'][:90]}", flush=True)
+        print(f"  first GPU event at {ks[0]['ts'] - t_first:.0f}: {ks[0]['name'][:60]}", flush=True)
+    if on_gpu and "--no-profile" not in sys.argv:
         for group in (items[:1], items):
             d = tempfile.mkdtemp()
             with jax.profiler.trace(d):

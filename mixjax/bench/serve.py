@@ -81,6 +81,11 @@ async def run(args) -> dict:
         results = await asyncio.gather(*(launch(i) for i in range(args.requests)))
         wall = time.perf_counter() - t_begin
         bar.close()
+    return report(args, results, wall)
+
+
+def report(args, results: list[dict], wall: float) -> dict:
+    """The run's summary from each request's result (status, ttft and itl in seconds, tokens)."""
     ok = [r for r in results if r["status"] == 200 and r["ttft"] is not None]
     ttft = np.array([r["ttft"] for r in ok]) * 1e3
     itl = np.array([x for r in ok for x in r["itl"]]) * 1e3
@@ -95,7 +100,7 @@ async def run(args) -> dict:
             "throughput_tok_s": tokens / wall, "ttft_ms": pct(ttft), "itl_ms": pct(itl)}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", default=None, help="model id (default: the server's first)")
@@ -110,13 +115,17 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the report here too")
-    args = ap.parse_args(argv)
-    report = asyncio.run(run(args))
-    print(json.dumps(report, indent=1))
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    summary = asyncio.run(run(args))
+    print(json.dumps(summary, indent=1))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0 if report["ok"] else 1
+            json.dump(summary, f, indent=1)
+    return 0 if summary["ok"] else 1
 
 
 if __name__ == "__main__":

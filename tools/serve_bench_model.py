@@ -1,0 +1,75 @@
+"""The OpenAI-compatible server (`mixjax.serve`'s engine and HTTP app) on the benchmark's model: random bf16 weights
+of a preset's real shapes (`mixjax.bench.decode.bench_model`, balanced routing) instead of a checkpoint, so that a
+GPU can be load-tested (`python -m mixjax.bench.serve`) without writing and reading gigabytes of weights. No
+tokenizer: prompts are token ids. A development tool:
+    python tools/serve_bench_model.py --preset qwen3-30b-a3b --layers 4 [any option of python -m mixjax.serve]
+The plan is one device, tensor-parallel strategy (1x1). With --direct "LOAD", no HTTP server: the load that
+`mixjax.bench.serve` would send with the options LOAD (e.g. "--requests 384 --arrival bursty --burst 128 --rate 128
+--prompt-len 128:512 --output-len 256:256 --vocab-hi 150000") is submitted to the engine in this process, and the
+same report is printed: what the engine delivers without the HTTP layer and the client."""
+import argparse, json, shlex, sys, threading, time
+import numpy as np
+from pathlib import Path
+import jax.numpy as jnp
+from flax import nnx
+from mixjax.bench.decode import bench_config, bench_model, decode_vocab
+from mixjax.serve.__main__ import _run_http, decode_steps_for, parse_args
+from mixjax.serve.engine import PREFILL_ROWS, Engine
+from mixjax.sharding.mesh import make_mesh
+from mixjax.sharding.runner import ShardedModel
+from mixjax.sharding.strategies import STRATEGIES
+
+own = argparse.ArgumentParser(add_help=False)
+own.add_argument("--preset", default="qwen3-30b-a3b")
+own.add_argument("--layers", type=int, default=4)
+own.add_argument("--direct", default=None, metavar="LOAD")
+mine, rest = own.parse_known_args()
+args = parse_args(rest)
+cfg = bench_config(mine.preset, mine.layers, decode_vocab(mine.preset, None))
+sm = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16)
+sm.set_state(nnx.state(bench_model(cfg)))
+args.decode_steps = decode_steps_for(args.decode_steps, sm.mesh.devices.flat[0].platform)
+buckets = [int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None
+engine = Engine(sm, None, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
+                max_queue=args.max_queue, pipeline=not args.no_pipeline, decode_steps=args.decode_steps,
+                prefill_rows=PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows)
+print(f"bench model {mine.preset}, {mine.layers} layers, experts {sm.expert_impl}; {engine.slots} slots x "
+      f"{engine.max_seq_len} positions, buckets {engine.buckets}, {args.decode_steps} decode steps per dispatch; "
+      f"warm-up {engine.warmup():.1f} s", flush=True)
+if mine.direct is not None:
+    from mixjax.bench import serve as load
+    from mixjax.serve.engine import Request, SamplingParams
+    la = load.parse_args(shlex.split(mine.direct))
+    rng = np.random.default_rng(la.seed)
+    starts = load.arrival_times(la.requests, la.rate, la.arrival, la.burst, rng)
+    work = [([int(t) for t in rng.integers(la.vocab_lo, la.vocab_hi, load.draw_len(la.prompt_len, rng))],
+             load.draw_len(la.output_len, rng)) for _ in range(la.requests)]
+    stamps, t_sent, done = [[] for _ in work], [0.0] * len(work), threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(ev):
+            if ev["type"] == "token":
+                stamps[i].extend([time.perf_counter()] * len(ev["ids"]))
+            else:
+                done.release()
+        return sink
+    engine.start()
+    t_begin = time.perf_counter()
+    for i, (prompt, n) in enumerate(work):
+        time.sleep(max(0.0, starts[i] - (time.perf_counter() - t_begin)))
+        t_sent[i] = time.perf_counter()
+        engine.submit(Request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), sink_for(i)))
+    for _ in work:
+        done.acquire()
+    wall = time.perf_counter() - t_begin
+    engine.stop()
+    results = [{"status": 200, "ttft": s_[0] - t0, "itl": list(np.diff(s_)), "tokens": len(s_)}
+               for s_, t0 in zip(stamps, t_sent)]
+    summary = load.report(la, results, wall)
+    print(json.dumps(summary, indent=1), flush=True)
+    if la.json:
+        with open(la.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    sys.exit(0)
+_run_http(args, engine, Path(f"{mine.preset}-{mine.layers}l-bench"), "1x1", "tp", "bench model, one device")
+sys.exit(0)
