@@ -74,6 +74,36 @@ m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16,
 m.set_state(nnx.state(bench_model(cfg)))
 print(jax.devices()[0].device_kind, flush=True)
 
+def admission_inputs(eng, items, b):
+    """An admission's host inputs (tokens, positions, last positions, the first tokens' sampling arguments), as
+    `_run_admit` builds them for one prompt's one chunk and `_group_inputs` for a group."""
+    if len(items) > 1:
+        return eng._group_inputs(items, b)
+    ids, _slot, seed, temp, topk, topp = items[0]
+    tokens = np.zeros((1, b), np.int32)
+    tokens[0, :len(ids)] = ids
+    return (tokens, np.arange(b, dtype=np.int32)[None], np.int32(len(ids) - 1),
+            eng._one_row_sampling(seed, temp, topk, topp))
+
+
+def dispatch_prefill(eng, items, tokens, positions, last):
+    """The admission's prefill call (not waited for): its prompts' last logits."""
+    if len(items) > 1:
+        logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+    else:
+        logits, eng.small = eng._prefill_fresh(eng.sm.leaves, tokens, positions, eng.small, last)
+    return logits
+
+
+def dispatch_copy(eng, items):
+    """The admission's copy of its rows into their slots of the big cache (not waited for)."""
+    if len(items) > 1:
+        eng.cache = eng._copy(eng.cache, eng.small_group, *eng._group_slots([it[1] for it in items]))
+    else:
+        eng.cache = eng._copy(eng.cache, eng.small, np.full(1, items[0][1], np.int32), np.zeros(1, np.int32))
+    return eng.cache
+
+
 def admission_parts(eng, items):
     """Median seconds of each part of an admission (`Engine._run_admit_group`, or `_run_admit`'s one chunk for a
     single prompt), each waited for: host inputs, the prefill program (forward to the last logits), the copy into
@@ -84,24 +114,11 @@ def admission_parts(eng, items):
     parts = collections.defaultdict(list)
     for _ in range(7):
         t = [time.perf_counter()]
-        if one:
-            ids, slot, seed, temp, topk, topp = items[0]
-            tokens = np.zeros((1, b), np.int32); tokens[0, :len(ids)] = ids
-            positions = np.arange(b, dtype=np.int32)[None]
-            last = np.int32(len(ids) - 1)
-            sampling = eng._one_row_sampling(seed, temp, topk, topp)
-            t.append(time.perf_counter())
-            logits, eng.small = eng._prefill_fresh(eng.sm.leaves, tokens, positions, eng.small, last)
-            jax.block_until_ready(logits); t.append(time.perf_counter())
-            eng.cache = jax.block_until_ready(eng._copy(eng.cache, eng.small, np.full(1, slot, np.int32),
-                                                        np.zeros(1, np.int32)))
-        else:
-            tokens, positions, last, sampling = eng._group_inputs(items, b)
-            t.append(time.perf_counter())
-            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
-            jax.block_until_ready(logits); t.append(time.perf_counter())
-            eng.cache = jax.block_until_ready(eng._copy(eng.cache, eng.small_group,
-                                                        *eng._group_slots([it[1] for it in items])))
+        tokens, positions, last, sampling = admission_inputs(eng, items, b)
+        t.append(time.perf_counter())
+        logits = jax.block_until_ready(dispatch_prefill(eng, items, tokens, positions, last))
+        t.append(time.perf_counter())
+        jax.block_until_ready(dispatch_copy(eng, items))
         t.append(time.perf_counter())
         out = jax.block_until_ready(eng._first_tokens(logits, items, sampling, want_top=False))
         t.append(time.perf_counter())
@@ -128,27 +145,15 @@ def admission_timeline(eng, items, batched: bool):
     """Host times (ms from the start) at which each call of an un-waited admission returned, as `_run_admit_group`
     issues them, and when its first tokens were on the host: read one array at a time (np.asarray, the engine
     before the eleventh session) or, batched, asked for right after dispatch and read by one jax.device_get."""
-    one = len(items) == 1
     b = next(x for x in eng.buckets if x >= max(len(it[0]) for it in items))
     rows = []
     for _ in range(7):
         t = [time.perf_counter()]
-        if one:
-            ids, slot, seed, temp, topk, topp = items[0]
-            tokens = np.zeros((1, b), np.int32); tokens[0, :len(ids)] = ids
-            positions = np.arange(b, dtype=np.int32)[None]
-            last = np.int32(len(ids) - 1)
-            sampling = eng._one_row_sampling(seed, temp, topk, topp)
-            t.append(time.perf_counter())
-            logits, eng.small = eng._prefill_fresh(eng.sm.leaves, tokens, positions, eng.small, last)
-            t.append(time.perf_counter())
-            eng.cache = eng._copy(eng.cache, eng.small, np.full(1, slot, np.int32), np.zeros(1, np.int32))
-        else:
-            tokens, positions, last, sampling = eng._group_inputs(items, b)
-            t.append(time.perf_counter())
-            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
-            t.append(time.perf_counter())
-            eng.cache = eng._copy(eng.cache, eng.small_group, *eng._group_slots([it[1] for it in items]))
+        tokens, positions, last, sampling = admission_inputs(eng, items, b)
+        t.append(time.perf_counter())
+        logits = dispatch_prefill(eng, items, tokens, positions, last)
+        t.append(time.perf_counter())
+        dispatch_copy(eng, items)
         t.append(time.perf_counter())
         out = eng._first_tokens(logits, items, sampling, want_top=False)
         t.append(time.perf_counter())
