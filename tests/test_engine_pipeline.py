@@ -23,14 +23,18 @@ def model():
 
 
 def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 4, groups: list | None = None,
-        first_picks: list | None = None, event_sizes: dict | None = None):
+        first_picks: list | None = None, event_sizes: dict | None = None, decode_rows=None, rows_run: list | None = None):
     """The jobs' results; all submitted before the loop starts, so the first admission takes three at once.
     groups: collects the shape of each grouped prefill call's tokens. first_picks: collects, for each admission's
     sampling of first tokens, (sampling variant, ids, logprobs, the full sampler's ids and logprobs on the same
-    logits and keys). event_sizes: collects, for each job, the number of tokens in each of its token events."""
+    logits and keys). event_sizes: collects, for each job, the number of tokens in each of its token events.
+    rows_run: collects the rows of each K-step decode call."""
     eng = Engine(model, None, max_batch=3, max_seq_len=96, prefill_buckets=[16], pipeline=pipeline,
-                 decode_steps=decode_steps, prefill_rows=prefill_rows)
+                 decode_steps=decode_steps, prefill_rows=prefill_rows, decode_rows=decode_rows)
     eng.warmup()
+    if rows_run is not None:
+        run_decode = eng._run_decode
+        eng._run_decode = lambda *a: (rows_run.append(len(a[1])) if a[-1] > 1 else None) or run_decode(*a)
     if groups is not None:
         grouped = eng._prefill_group
         eng._prefill_group = lambda *a: groups.append(a[1].shape) or grouped(*a)
@@ -115,6 +119,15 @@ def test_multi_step_loop_equals_step_by_step(model, jobs_and_reference, pipeline
     for i, (toks, *_rest) in enumerate(step_by_step):
         assert sum(sizes[i]) == len(toks) and sizes[i][0] == 1 and all(1 <= n <= 4 for n in sizes[i][1:])
     assert sizes[1] == [1, 4, 4, 4, 4]  # 17 tokens of a request that runs to its limit: 1 + 4 calls of 4
+
+
+def test_decode_calls_on_fewer_rows_equal_step_by_step(model, jobs_and_reference):
+    """K-step calls that run only the first 1 or 2 of the 3 slots when no later slot is busy (decode_rows) give the
+    same tokens; calls of 2 rows and of all 3 both run (in this schedule slot 0 is never the only one busy)."""
+    jobs, step_by_step = jobs_and_reference
+    rows = []
+    same(run(model, True, jobs, decode_steps=4, decode_rows=[1, 2], rows_run=rows), step_by_step)
+    assert {2, 3} <= set(rows) <= {1, 2, 3}
 
 
 def test_prompts_prefilled_one_by_one_equal_grouped(model, jobs_and_reference):

@@ -337,3 +337,14 @@ def test_decode_steps_option():
     for bad in ("0", "-2", "eight"):
         with pytest.raises(ValueError, match="--decode-steps must be a positive integer or 'auto'"):
             decode_steps_for(bad, "cpu")
+
+
+def test_decode_rows_option():
+    """--decode-rows: the engine's default when absent, none at all with 'none', else positive integers."""
+    from mixjax.serve.__main__ import parse_decode_rows
+
+    assert parse_decode_rows(None) is None and parse_decode_rows("none") == []
+    assert parse_decode_rows("8,32") == [8, 32]
+    for bad in ("0", "8,-1", "eight", "8,,32"):
+        with pytest.raises(ValueError, match="--decode-rows must be positive integers separated by commas"):
+            parse_decode_rows(bad)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 from mixjax.bench.decode import bench_config, bench_model, decode_vocab
-from mixjax.serve.__main__ import _run_http, decode_steps_for, parse_args
+from mixjax.serve.__main__ import _run_http, decode_steps_for, parse_args, parse_decode_rows
 from mixjax.serve.engine import PREFILL_ROWS, Engine
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
@@ -32,9 +32,11 @@ args.decode_steps = decode_steps_for(args.decode_steps, sm.mesh.devices.flat[0].
 buckets = [int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None
 engine = Engine(sm, None, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
                 max_queue=args.max_queue, pipeline=not args.no_pipeline, decode_steps=args.decode_steps,
-                prefill_rows=PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows)
+                prefill_rows=PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows,
+                decode_rows=parse_decode_rows(args.decode_rows))
 print(f"bench model {mine.preset}, {mine.layers} layers, experts {sm.expert_impl}; {engine.slots} slots x "
-      f"{engine.max_seq_len} positions, buckets {engine.buckets}, {args.decode_steps} decode steps per dispatch; "
+      f"{engine.max_seq_len} positions, buckets {engine.buckets}, {args.decode_steps} decode steps per dispatch "
+      f"on rows {engine.decode_rows}; "
       f"warm-up {engine.warmup():.1f} s", flush=True)
 if mine.direct is not None:
     from mixjax.bench import serve as load

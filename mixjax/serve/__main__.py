@@ -29,6 +29,21 @@ def decode_steps_for(value: str, platform: str) -> int:
     return k
 
 
+def parse_decode_rows(value: str | None) -> list[int] | None:
+    """--decode-rows: None (the engine's default), "none" (no programs on fewer rows) or positive integers."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return []
+    try:
+        rows = [int(x) for x in value.split(",")]
+    except ValueError:
+        rows = [0]
+    if any(r < 1 for r in rows):
+        raise ValueError(f"--decode-rows must be positive integers separated by commas, or 'none', not {value!r}")
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mixjax.serve", description=__doc__)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled mixjax/default_model)")
@@ -43,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-rows", type=int, default=None,
                    help="waiting prompts of one bucket prefilled in one call, at most (default: 4, "
                         "mixjax.serve.engine.PREFILL_ROWS)")
+    p.add_argument("--decode-rows", default=None,
+                   help="comma-separated row counts of the multi-step decode programs compiled besides --max-batch: "
+                        "a call runs the fewest rows that hold its requests' slots (default: 8,32,128 below "
+                        "--max-batch, mixjax.serve.engine.DECODE_ROWS; 'none' for all slots in every call)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -143,6 +162,10 @@ def _serve(args, cluster):
     print(f"mixjax{me} plan: mesh {mesh_shape}, strategy {strategy} ({reason}); {args.decode_steps} decode step(s) "
           f"per dispatch", flush=True)
     buckets = [int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None
+    try:
+        decode_rows = parse_decode_rows(args.decode_rows)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     args.prefill_rows = PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows
     if args.prefill_rows < 1:
         sys.exit(f"error: --prefill-rows must be >= 1, got {args.prefill_rows}")
@@ -151,7 +174,7 @@ def _serve(args, cluster):
             "config.json": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16],
             "mesh": mesh_shape, "strategy": strategy, "dtype": args.dtype, "max_batch": args.max_batch,
             "max_seq_len": args.max_seq_len, "prefill_buckets": buckets, "decode_steps": args.decode_steps,
-            "prefill_rows": args.prefill_rows})
+            "prefill_rows": args.prefill_rows, "decode_rows": decode_rows})
         hosts = {p: sorted(d.id for d in mesh.devices[p]) for p in range(mesh.devices.shape[0])}
         print(f"mixjax{me}: node {cluster.process_id} of the mesh = this process, devices {hosts[cluster.process_id]}",
               flush=True)
@@ -163,7 +186,7 @@ def _serve(args, cluster):
     tok = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     engine = Engine(sm, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
                     max_queue=args.max_queue, cluster=cluster, pipeline=not args.no_pipeline,
-                    decode_steps=args.decode_steps, prefill_rows=args.prefill_rows)
+                    decode_steps=args.decode_steps, prefill_rows=args.prefill_rows, decode_rows=decode_rows)
     if cluster is not None:
         cluster.watchdog.on_failure.append(engine.mark_failed)
         engine.metrics.processes = cluster.num_processes

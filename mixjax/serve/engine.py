@@ -110,6 +110,7 @@ class _Inflight:
 
 PREFILL_ROWS = 4  # waiting prompts of one bucket prefilled together, at most (Engine's prefill_rows)
 SHORT_BUCKETS = (32, 128, 512)  # prefill lengths compiled by default
+DECODE_ROWS = (8, 32, 128)  # rows of the K-step decode programs compiled besides the engine's slots (Engine's decode_rows)
 LONG_BUCKET = 2048  # also compiled on accelerators (see default_buckets)
 
 
@@ -141,7 +142,8 @@ class Engine:
 
     def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
                  prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None,
-                 cluster=None, pipeline: bool = True, decode_steps: int = 1, prefill_rows: int = PREFILL_ROWS):
+                 cluster=None, pipeline: bool = True, decode_steps: int = 1, prefill_rows: int = PREFILL_ROWS,
+                 decode_rows=None):
         self.sm = sm
         if int(decode_steps) < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
@@ -160,6 +162,13 @@ class Engine:
         self.vocab = sm.vocab_size
         dp = sm.dp_size
         self.slots = -(-max_batch // dp) * dp
+        # A K-step decode call runs the first R slots only, R the smallest of these that holds every member (slots
+        # are handed out lowest first): a few requests in a large engine do not pay for all its rows. With data
+        # parallelism the slots are split across devices, and every call runs all of them.
+        if decode_rows is None:
+            decode_rows = [r for r in DECODE_ROWS if r < self.slots]
+        self.decode_rows = sorted({int(r) for r in decode_rows if 0 < int(r) < self.slots} | {self.slots}) \
+            if dp == 1 else [self.slots]
         limit = sm.cfg.max_position_embeddings
         self.max_seq_len = min(max_seq_len, limit)
         if prefill_buckets is None:
@@ -231,13 +240,21 @@ class Engine:
             return logits[:, 0, :V], cache
 
         def decode_steps(state, prev_ids, use_prev, tokens, positions, steps, seeds, temp, topk, topp, cache, *,
-                         k, flags):
-            """k decode steps in one device-side loop, step i at positions + i, each sampling the next tokens with
-            the same keys as k single steps would (seed, step + i). Returns ([k, n] ids, logprobs, [k, n, 5] top
-            ids and logprobs), the last step's ids, and the cache."""
-            tokens = jnp.where(use_prev != 0, prev_ids, tokens)
-            outs, last, cache = decode_loop(fwd, state, tokens, positions, cache, k, lambda i, logits: pick(
+                         k, flags, rows):
+            """k decode steps in one device-side loop of the first `rows` slots (the per-row arguments have `rows`
+            rows; prev_ids and the cache all slots), step i at positions + i, each sampling the next tokens with the
+            same keys as k single steps would (seed, step + i). Returns ([k, rows] ids, logprobs, [k, rows, 5] top
+            ids and logprobs), every slot's last ids (the others' unchanged), and the cache."""
+            n = prev_ids.shape[0]
+            tokens = jnp.where(use_prev != 0, prev_ids[:rows], tokens)
+            part = cache if rows == n else jax.tree.map(lambda c: c[:rows], cache)
+            outs, last, part = decode_loop(fwd, state, tokens, positions, part, k, lambda i, logits: pick(
                 logits[:, :V], seeds, steps + i, temp, topk, topp, draw=flags[0], filter=flags[1], want_top=flags[2]))
+            if rows < n:  # the rows back into the (donated) cache, in place
+                cache = jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=0), cache, part)
+                last = prev_ids.at[:rows].set(last)
+            else:
+                cache = part
             if rep is not None:  # as pick's own outputs: readable on process 0
                 outs = tuple(jax.lax.with_sharding_constraint(x, rep) for x in outs)
             return outs, last, cache
@@ -254,9 +271,10 @@ class Engine:
         self._picks = {f: jax.jit(functools.partial(pick, draw=f[0], filter=f[1], want_top=f[2]))
                        for f in PICK_VARIANTS}
         # multi-step decode: one program per sampling variant (the loop cannot choose one without a host read-back)
+        # and number of rows
         self._multi = {} if self.decode_steps == 1 else {
-            f: jax.jit(functools.partial(decode_steps, k=self.decode_steps, flags=f), donate_argnums=(10,))
-            for f in PICK_VARIANTS}
+            (f, r): jax.jit(functools.partial(decode_steps, k=self.decode_steps, flags=f, rows=r), donate_argnums=(10,))
+            for f in PICK_VARIANTS for r in self.decode_rows}
 
     @staticmethod
     def _copy_fn(big, small, slots, rows):
@@ -312,11 +330,12 @@ class Engine:
             outs = [self._picks[f](logits, self._h_seed, z, self._h_temp, self._h_topk, self._h_topp)
                     for f in PICK_VARIANTS]
             self._last_ids = outs[-1][0]
-        for f, prog in self._multi.items():  # every sampling variant of the K-step program
+        for (f, r), prog in self._multi.items():  # every sampling variant and row count of the K-step program
             if variants is not None and f not in variants:
                 continue
-            _, self._last_ids, self.cache = prog(self.sm.leaves, self._last_ids, z, z, z, z, self._h_seed,
-                                                 self._h_temp, self._h_topk, self._h_topp, self.cache)
+            _, self._last_ids, self.cache = prog(self.sm.leaves, self._last_ids, z[:r], z[:r], z[:r], z[:r],
+                                                 self._h_seed[:r], self._h_temp[:r], self._h_topk[:r],
+                                                 self._h_topp[:r], self.cache)
         jax.block_until_ready(self.cache)
         return time.monotonic() - t0
 
@@ -605,11 +624,12 @@ class Engine:
         """k decode steps (1, or the engine's decode_steps), each followed by sampling. Rows with use_prev take their
         token from the previous call's last sampled ids, which stay on the device (every process of a cluster keeps
         its own copy), instead of from `tokens`. flags [3] int: (some row samples, some sampled row uses
-        top-k/top-p, some request wants logprobs). Returns device arrays, [k, slots, ...] when k > 1."""
+        top-k/top-p, some request wants logprobs). A K-step call runs as many rows as its per-row arguments have
+        (one of decode_rows); a single step all slots. Returns device arrays, [k, rows, ...] when k > 1."""
         f = tuple(bool(x) for x in flags)
         if k > 1:
-            out, self._last_ids, self.cache = self._multi[f](self.sm.leaves, self._last_ids, use_prev, tokens,
-                                                             positions, steps, seeds, temp, topk, topp, self.cache)
+            out, self._last_ids, self.cache = self._multi[(f, len(tokens))](
+                self.sm.leaves, self._last_ids, use_prev, tokens, positions, steps, seeds, temp, topk, topp, self.cache)
             return out
         logits, self.cache = self._decode(self.sm.leaves, self._last_ids, use_prev, tokens, positions, self.cache)
         out = self._picks[f](logits, seeds, steps, temp, topk, topp)
@@ -645,13 +665,15 @@ class Engine:
         k = self.decode_steps if 2 * room >= self.decode_steps else 1
         rows = [(r.params.temperature, r.params.top_k, r.params.top_p) for r in members.values()]
         flags = np.array([*sampling_flags(rows), any(r.params.logprobs for r in members.values())], np.int32)
+        # a K-step call: the fewest rows that hold every member (decode_rows)
+        m = n if k == 1 else next(x for x in self.decode_rows if x > max(members))
+        args = [a[:m] for a in (use_prev, tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk,
+                                self._h_topp)]
         if self.cluster is not None:
             self.cluster.channel.send("decode", {
-                "use_prev": use_prev, "tokens": tokens, "positions": positions, "steps": steps,
-                "seeds": self._h_seed, "temp": self._h_temp, "topk": self._h_topk, "topp": self._h_topp,
+                **dict(zip(("use_prev", "tokens", "positions", "steps", "seeds", "temp", "topk", "topp"), args)),
                 "flags": flags, "k": np.array([k], np.int32)})
-        out = self._run_decode(use_prev, tokens, positions, steps, self._h_seed, self._h_temp, self._h_topk,
-                               self._h_topp, flags, k)
+        out = self._run_decode(*args, flags, k)
         # Ask for the tokens now: the copy to the host is then queued behind this call, not behind the next one,
         # which is dispatched before this call's tokens are read. Read later without it, they arrived only after
         # the next call had finished too, and the device sat idle while the host read them and dispatched again
