@@ -7,14 +7,14 @@ The plan is one device, tensor-parallel strategy (1x1). With --direct "LOAD", no
 `mixjax.bench.serve` would send with the options LOAD (e.g. "--requests 384 --arrival bursty --burst 128 --rate 128
 --prompt-len 128:512 --output-len 256:256 --vocab-hi 150000") is submitted to the engine in this process, and the
 same report is printed: what the engine delivers without the HTTP layer and the client."""
-import argparse, json, shlex, sys, threading, time
+import argparse, shlex, sys, threading, time
 import numpy as np
 from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 from mixjax.bench.decode import bench_config, bench_model, decode_vocab
-from mixjax.serve.__main__ import _run_http, decode_steps_for, parse_args, parse_decode_rows
-from mixjax.serve.engine import PREFILL_ROWS, Engine
+from mixjax.serve.__main__ import _run_http, decode_steps_for, engine_options, parse_args
+from mixjax.serve.engine import Engine
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
 from mixjax.sharding.strategies import STRATEGIES
@@ -29,11 +29,11 @@ cfg = bench_config(mine.preset, mine.layers, decode_vocab(mine.preset, None))
 sm = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16)
 sm.set_state(nnx.state(bench_model(cfg)))
 args.decode_steps = decode_steps_for(args.decode_steps, sm.mesh.devices.flat[0].platform)
-buckets = [int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None
-engine = Engine(sm, None, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
-                max_queue=args.max_queue, pipeline=not args.no_pipeline, decode_steps=args.decode_steps,
-                prefill_rows=PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows,
-                decode_rows=parse_decode_rows(args.decode_rows))
+try:
+    opts = engine_options(args)
+except ValueError as e:
+    sys.exit(f"error: {e}")
+engine = Engine(sm, None, **opts)
 print(f"bench model {mine.preset}, {mine.layers} layers, experts {sm.expert_impl}; {engine.slots} slots x "
       f"{engine.max_seq_len} positions, buckets {engine.buckets}, {args.decode_steps} decode steps per dispatch "
       f"on rows {engine.decode_rows}; "
@@ -42,10 +42,7 @@ if mine.direct is not None:
     from mixjax.bench import serve as load
     from mixjax.serve.engine import Request, SamplingParams
     la = load.parse_args(shlex.split(mine.direct))
-    rng = np.random.default_rng(la.seed)
-    starts = load.arrival_times(la.requests, la.rate, la.arrival, la.burst, rng)
-    work = [([int(t) for t in rng.integers(la.vocab_lo, la.vocab_hi, load.draw_len(la.prompt_len, rng))],
-             load.draw_len(la.output_len, rng)) for _ in range(la.requests)]
+    starts, work = load.workload(la)  # the requests bench.serve would send, at the same times
     stamps, t_sent, done = [[] for _ in work], [0.0] * len(work), threading.Semaphore(0)
 
     def sink_for(i):
@@ -67,11 +64,7 @@ if mine.direct is not None:
     engine.stop()
     results = [{"status": 200, "ttft": s_[0] - t0, "itl": list(np.diff(s_)), "tokens": len(s_)}
                for s_, t0 in zip(stamps, t_sent)]
-    summary = load.report(la, results, wall)
-    print(json.dumps(summary, indent=1), flush=True)
-    if la.json:
-        with open(la.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    load.emit(load.report(la, results, wall), la.json)
     sys.exit(0)
 _run_http(args, engine, Path(f"{mine.preset}-{mine.layers}l-bench"), "1x1", "tp", "bench model, one device")
 sys.exit(0)

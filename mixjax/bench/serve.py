@@ -62,19 +62,26 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     return {"status": 200, "ttft": stamps[0] - t0, "itl": list(np.diff(stamps)), "tokens": len(stamps)}
 
 
-async def run(args) -> dict:
+def workload(args) -> tuple[np.ndarray, list[tuple[list[int], int]]]:
+    """The run's requests from its options and seed: each one's start (s from the run's start) and its (prompt
+    token ids, output length)."""
     rng = np.random.default_rng(args.seed)
     starts = arrival_times(args.requests, args.rate, args.arrival, args.burst, rng)
     work = [([int(t) for t in rng.integers(args.vocab_lo, args.vocab_hi, draw_len(args.prompt_len, rng))],
              draw_len(args.output_len, rng)) for _ in range(args.requests)]
+    return starts, work
+
+
+async def run(args) -> dict:
+    starts, work = workload(args)
     # One connection pool per CLIENT_SHARE requests, not one for all: httpcore's pool walks every connection of the
-    # pool on each request's and response's turn, so one pool of n connections costs O(n^2) (384 streams: the
-    # client spent 10 of its 18 s of CPU there and, saturated, delivered ~8k tokens/s from a server that could
-    # send 68k).
-    shares = range(0, args.requests, CLIENT_SHARE)
+    # pool on each request's and response's turn, so one pool of n connections costs O(n^2) (384 streams against
+    # the stand-in engine of tools/probe_http_front.py, under cProfile: 10.2 of the client's 17.9 s there; it
+    # saturated a core and delivered 8.5k tokens/s where the load allowed ~39k).
     async with contextlib.AsyncExitStack() as stack:
         pools = [await stack.enter_async_context(httpx.AsyncClient(
-            timeout=args.timeout, limits=httpx.Limits(max_connections=CLIENT_SHARE))) for _ in shares]
+            timeout=args.timeout, limits=httpx.Limits(max_connections=CLIENT_SHARE)))
+            for _ in range(0, args.requests, CLIENT_SHARE)]
         client = pools[0]
         model = args.model or (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
         bar = tqdm(total=args.requests, desc="requests")
@@ -129,13 +136,18 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def emit(summary: dict, path: str | None):
+    """Print the summary, and write it to path too when given."""
+    print(json.dumps(summary, indent=1), flush=True)
+    if path:
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     summary = asyncio.run(run(args))
-    print(json.dumps(summary, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    emit(summary, args.json)
     return 0 if summary["ok"] else 1
 
 

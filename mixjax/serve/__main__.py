@@ -44,6 +44,20 @@ def parse_decode_rows(value: str | None) -> list[int] | None:
     return rows
 
 
+def engine_options(args) -> dict:
+    """The Engine's keyword arguments from the command line (args.decode_steps already resolved); ValueError on a
+    bad value."""
+    from mixjax.serve.engine import PREFILL_ROWS
+
+    prefill_rows = PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows
+    if prefill_rows < 1:
+        raise ValueError(f"--prefill-rows must be >= 1, got {prefill_rows}")
+    return dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+                prefill_buckets=[int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None,
+                pipeline=not args.no_pipeline, decode_steps=args.decode_steps, prefill_rows=prefill_rows,
+                decode_rows=parse_decode_rows(args.decode_rows))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mixjax.serve", description=__doc__)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled mixjax/default_model)")
@@ -136,7 +150,7 @@ def _serve(args, cluster):
 
     from mixjax import distributed
     from mixjax.models import load_config
-    from mixjax.serve.engine import PREFILL_ROWS, Engine
+    from mixjax.serve.engine import Engine
     from mixjax.serve.plan_choice import choose_plan
     from mixjax.sharding.mesh import LayoutError, make_mesh
     from mixjax.sharding.runner import ShardedModel
@@ -161,20 +175,15 @@ def _serve(args, cluster):
         sys.exit(f"error: {e}")
     print(f"mixjax{me} plan: mesh {mesh_shape}, strategy {strategy} ({reason}); {args.decode_steps} decode step(s) "
           f"per dispatch", flush=True)
-    buckets = [int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None
     try:
-        decode_rows = parse_decode_rows(args.decode_rows)
+        opts = engine_options(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    args.prefill_rows = PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows
-    if args.prefill_rows < 1:
-        sys.exit(f"error: --prefill-rows must be >= 1, got {args.prefill_rows}")
     if cluster is not None:  # every process must build the same engine, or their compiled steps would not match
         cluster.agree("serving", {
             "config.json": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16],
-            "mesh": mesh_shape, "strategy": strategy, "dtype": args.dtype, "max_batch": args.max_batch,
-            "max_seq_len": args.max_seq_len, "prefill_buckets": buckets, "decode_steps": args.decode_steps,
-            "prefill_rows": args.prefill_rows, "decode_rows": decode_rows})
+            "mesh": mesh_shape, "strategy": strategy, "dtype": args.dtype,
+            **{k: v for k, v in opts.items() if k not in ("max_queue", "pipeline")}})
         hosts = {p: sorted(d.id for d in mesh.devices[p]) for p in range(mesh.devices.shape[0])}
         print(f"mixjax{me}: node {cluster.process_id} of the mesh = this process, devices {hosts[cluster.process_id]}",
               flush=True)
@@ -184,9 +193,7 @@ def _serve(args, cluster):
     print(f"mixjax{me} read {st['bytes_read']} bytes of weights in {st['slices_read']} slices (the whole model has "
           f"{st['model_bytes']} bytes)", flush=True)
     tok = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    engine = Engine(sm, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_buckets=buckets,
-                    max_queue=args.max_queue, cluster=cluster, pipeline=not args.no_pipeline,
-                    decode_steps=args.decode_steps, prefill_rows=args.prefill_rows, decode_rows=decode_rows)
+    engine = Engine(sm, tok, cluster=cluster, **opts)
     if cluster is not None:
         cluster.watchdog.on_failure.append(engine.mark_failed)
         engine.metrics.processes = cluster.num_processes

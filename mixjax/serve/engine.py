@@ -114,14 +114,6 @@ DECODE_ROWS = (8, 32, 128)  # rows of the K-step decode programs compiled beside
 LONG_BUCKET = 2048  # also compiled on accelerators (see default_buckets)
 
 
-def _read(out):
-    """Small device arrays read on the host in one batched transfer: each copy is asked for at once, then all are
-    waited for together, instead of one copy and one wait per array (np.asarray on each)."""
-    for x in out:
-        x.copy_to_host_async()
-    return jax.device_get(out)
-
-
 def default_buckets(max_seq_len: int, accelerator: bool) -> list[int]:
     """The prefill lengths compiled when none are given: SHORT_BUCKETS below max_seq_len, and on an accelerator also
     LONG_BUCKET (capped at max_seq_len). A prompt longer than the largest bucket is prefilled in chunks of it, each
@@ -592,7 +584,7 @@ class Engine:
         out = self._first_tokens(logits, items, sampling, want_top)
         if not fetch:
             return None
-        out = _read(out)
+        out = jax.device_get(out)  # every copy asked for, then one wait (np.asarray on each: four of each)
         return [tuple(x[i] for x in out) for i in range(len(items))]
 
     def _run_admit(self, ids, slot: int, seed, temp, topk, topp, fetch: bool = True, want_top: bool = False):
@@ -618,7 +610,7 @@ class Engine:
         self.cache = self._copy(self.cache, self.small, np.full(1, slot, np.int32), np.zeros(1, np.int32))
         out = self._first_tokens(logits, [(ids, slot, seed, temp, topk, topp)],
                                  self._one_row_sampling(seed, temp, topk, topp), want_top)
-        return tuple(x[0] for x in _read(out)) if fetch else None
+        return tuple(x[0] for x in jax.device_get(out)) if fetch else None
 
     def _run_decode(self, use_prev, tokens, positions, steps, seeds, temp, topk, topp, flags, k: int = 1):
         """k decode steps (1, or the engine's decode_steps), each followed by sampling. Rows with use_prev take their
