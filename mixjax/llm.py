@@ -20,6 +20,7 @@ import numpy as np
 
 from mixjax import distributed
 from mixjax.models import load_config
+from mixjax.models.base import NO_TOKEN
 from mixjax.sampling import sample
 from mixjax.sharding.mesh import LayoutError, check_layout, make_mesh
 from mixjax.sharding.runner import ShardedModel, decode_loop
@@ -119,7 +120,7 @@ class LLM:
             raise ValueError("logits() needs prompts of equal length")
         self._check_length(t)
         b = self._batch(len(ids))
-        tokens = np.zeros((b, t), np.int32)
+        tokens = np.full((b, t), NO_TOKEN, np.int32)  # rows that pad the batch to the data-parallel degree
         tokens[: len(ids)] = ids
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
         logits, _ = self.model.forward(jnp.asarray(tokens), jnp.asarray(positions), self.model.init_cache(b, t),
@@ -162,7 +163,7 @@ class LLM:
         max_len = t + max_new_tokens
         self._check_length(max_len)
         b = self._batch(len(ids))
-        tokens = np.zeros((b, t), np.int32)
+        tokens = np.full((b, t), NO_TOKEN, np.int32)  # padding: shorter prompts, rows up to the dp degree
         for i, p in enumerate(ids):
             tokens[i, : len(p)] = p
         lengths = np.concatenate([lengths, np.ones(b - len(ids), int)])

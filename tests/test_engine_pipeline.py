@@ -186,3 +186,24 @@ def test_default_prefill_buckets():
     assert default_buckets(8192, accelerator=True) == [32, 128, 512, 2048]
     assert default_buckets(300, accelerator=True) == [32, 128]
     assert default_buckets(16, accelerator=True) == [16]
+
+
+def test_decode_loop_keeps_idle_rows_without_a_token():
+    """An idle row (NO_TOKEN) of a multi-step decode call stays without a token for every step, so that no expert
+    computes it, while a live row feeds each step's sample to the next."""
+    import jax
+    import jax.numpy as jnp
+    from mixjax.models.base import NO_TOKEN
+    from mixjax.sharding.runner import decode_loop
+
+    fed = []
+
+    def forward(_leaves, tok, pos, cache):  # logits favour token (input + 1); records what each step was fed
+        fed.append(tok)
+        return jax.nn.one_hot(jnp.maximum(tok, 0) + 1, 16)[:, :, :] * 10.0, cache
+
+    tokens = jnp.asarray([3, NO_TOKEN], jnp.int32)
+    (ids,), last, _ = jax.jit(lambda t: decode_loop(forward, None, t, jnp.zeros(2, jnp.int32), (), 3,
+                                                    lambda i, lg: (jnp.argmax(lg, -1),), unroll=3))(tokens)
+    np.testing.assert_array_equal(np.asarray(ids)[:, 0], [4, 5, 6])
+    np.testing.assert_array_equal(np.asarray(last), [6, NO_TOKEN])

@@ -223,3 +223,42 @@ def test_grouped_launch_orders_equal_dense():
         blk = Blocks(16, 32, 16, 16, group=group)
         out = grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=4, blk=blk, interpret=True)
         assert rel_err(np.asarray(out), want) < 1e-5, group
+
+
+@pytest.mark.parametrize("impl", ["dense", "grouped-interpret"])
+def test_no_token_rows_reach_no_expert(impl):
+    """Rows that carry no token (NO_TOKEN: a prompt's padding, an idle decode row) get routing weight zero: the MoE
+    block gives them exactly zero, which on the grouped path means no expert pair is computed for them, and the
+    live rows' output is what it is without the mask."""
+    from jax.sharding import PartitionSpec as P
+    from flax import nnx
+
+    path = next(p for p in fixture_dirs() if p.name == "qwen3_moe_a")
+    model = load_sharded(path, make_mesh("1x1"), STRATEGIES["tp"], progress=False, expert_impl=impl)
+    moe = nnx.merge(model.graphdef, model.state).layers[0].ffn
+    run = jax.jit(jax.shard_map(lambda x, live: moe(x, model.par, live), mesh=model.mesh, in_specs=(P(), P()),
+                                out_specs=P(), check_vma=False))
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, moe.experts.gate.shape[1]), jnp.float32)
+    live = np.ones((2, 5), bool)
+    live[0, 3:] = live[1, :] = False
+    every = np.asarray(run(x, jnp.ones((2, 5), bool)))
+    masked = np.asarray(run(x, jnp.asarray(live)))
+    assert np.all(masked[~live] == 0)
+    assert rel_err(masked[live], every[live]) < 1e-6
+
+
+@pytest.mark.parametrize("mesh,strategy", [("2x4", "hybrid_fused"), ("2x4", "ep")])
+def test_padding_of_no_token_leaves_live_logits_unchanged(mesh, strategy):
+    """A batch padded with NO_TOKEN (a longer bucket, an idle row) gives the live positions the reference's logits,
+    through expert parallelism (padding rows are sent nowhere) and the fused pipeline (its own row padding too)."""
+    from mixjax.models.base import NO_TOKEN
+
+    path = next(p for p in fixture_dirs() if p.name == "qwen3_moe_shard")
+    ref = reference("qwen3_moe_shard")
+    model = load_sharded(path, make_mesh(mesh), STRATEGIES[strategy], progress=False)
+    b, t = ref["input_ids"].shape
+    tokens = np.full((b + 2, t + 3), NO_TOKEN, np.int32)  # two rows: the data-parallel degree divides b + 2
+    tokens[:b, :t] = ref["input_ids"]
+    pos = np.broadcast_to(np.arange(t + 3, dtype=np.int32), tokens.shape)
+    logits, _ = model.forward(jnp.asarray(tokens), jnp.asarray(pos), model.init_cache(b + 2, t + 3))
+    assert rel_err(np.asarray(logits)[:b, :t, : model.vocab_size], ref["logits"]) < 1e-4

@@ -6,7 +6,8 @@ tokenizer: prompts are token ids. A development tool:
 The plan is one device, tensor-parallel strategy (1x1). With --direct "LOAD", no HTTP server: the load that
 `mixjax.bench.serve` would send with the options LOAD (e.g. "--requests 384 --arrival bursty --burst 128 --rate 128
 --prompt-len 128:512 --output-len 256:256 --vocab-hi 150000") is submitted to the engine in this process, and the
-same report is printed: what the engine delivers without the HTTP layer and the client."""
+same report is printed: what the engine delivers without the HTTP layer and the client. --direct may be given
+several times: the loads run one after the other on the same warmed-up engine."""
 import argparse, shlex, sys, threading, time
 import numpy as np
 from pathlib import Path
@@ -22,7 +23,7 @@ from mixjax.sharding.strategies import STRATEGIES
 own = argparse.ArgumentParser(add_help=False)
 own.add_argument("--preset", default="qwen3-30b-a3b")
 own.add_argument("--layers", type=int, default=4)
-own.add_argument("--direct", default=None, metavar="LOAD")
+own.add_argument("--direct", action="append", default=None, metavar="LOAD")
 mine, rest = own.parse_known_args()
 args = parse_args(rest)
 cfg = bench_config(mine.preset, mine.layers, decode_vocab(mine.preset, None))
@@ -38,10 +39,13 @@ print(f"bench model {mine.preset}, {mine.layers} layers, experts {sm.expert_impl
       f"{engine.max_seq_len} positions, buckets {engine.buckets}, {args.decode_steps} decode steps per dispatch "
       f"on rows {engine.decode_rows}; "
       f"warm-up {engine.warmup():.1f} s", flush=True)
-if mine.direct is not None:
+
+
+def run_direct(load_options: str):
+    """Submit the load that `bench.serve` would send with these options to the running engine; print its report."""
     from mixjax.bench import serve as load
     from mixjax.serve.engine import Request, SamplingParams
-    la = load.parse_args(shlex.split(mine.direct))
+    la = load.parse_args(shlex.split(load_options))
     starts, work = load.workload(la)  # the requests bench.serve would send, at the same times
     stamps, t_sent, done = [[] for _ in work], [0.0] * len(work), threading.Semaphore(0)
 
@@ -52,7 +56,6 @@ if mine.direct is not None:
             else:
                 done.release()
         return sink
-    engine.start()
     t_begin = time.perf_counter()
     for i, (prompt, n) in enumerate(work):
         time.sleep(max(0.0, starts[i] - (time.perf_counter() - t_begin)))
@@ -61,10 +64,17 @@ if mine.direct is not None:
     for _ in work:
         done.acquire()
     wall = time.perf_counter() - t_begin
-    engine.stop()
     results = [{"status": 200, "ttft": s_[0] - t0, "itl": list(np.diff(s_)), "tokens": len(s_)}
                for s_, t0 in zip(stamps, t_sent)]
+    print(f"--direct {load_options}", flush=True)
     load.emit(load.report(la, results, wall), la.json)
+
+
+if mine.direct:
+    engine.start()
+    for load_options in mine.direct:
+        run_direct(load_options)
+    engine.stop()
     sys.exit(0)
 _run_http(args, engine, Path(f"{mine.preset}-{mine.layers}l-bench"), "1x1", "tp", "bench model, one device")
 sys.exit(0)

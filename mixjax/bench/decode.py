@@ -235,7 +235,13 @@ def time_prefill(model: ShardedModel, t: int, iters: int, rows: int = 1) -> tupl
         return logits
 
     waited = timeit(run, iters=iters)
+    return (waited, *back_to_back(run, iters))
 
+
+def back_to_back(run, iters: int) -> tuple[float, float]:
+    """(seconds per call of `run` dispatched back to back, mean of a burst): the slope of a burst's time over bursts
+    of 2 and 2 + `iters` calls, each the best of 3, so that the burst's start (the host's work on the first call,
+    which nothing overlaps) drops out; and the mean of the longer burst, start included."""
     def burst(n):
         best = float("inf")
         for _ in range(3):
@@ -247,7 +253,7 @@ def time_prefill(model: ShardedModel, t: int, iters: int, rows: int = 1) -> tupl
 
     lo, hi = 2, 2 + iters
     t_lo, t_hi = burst(lo), burst(hi)
-    return waited, max((t_hi - t_lo) / (hi - lo), 1e-12), t_hi / hi
+    return max((t_hi - t_lo) / (hi - lo), 1e-12), t_hi / hi
 
 
 def engine_step_time(model: ShardedModel, batch: int, ctx: int, n_tokens: int, pipeline: bool,

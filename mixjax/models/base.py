@@ -15,6 +15,12 @@ from mixjax.sharding.dispatch import dense_gates, moe_unfused
 from mixjax.sharding.fused import fused_moe_residual
 from mixjax.sharding.strategies import ParallelContext
 
+# A token id that marks a position carrying no token: a prompt's padding up to its bucket, an idle row of a decode
+# call. Its embedding is zero and its routing weights are zero, so that the expert kernels, which skip pairs of
+# weight zero, read and compute nothing for it (and expert parallelism sends it nowhere). Whatever such a position
+# computes is never read: real tokens attend only to earlier positions, and their own.
+NO_TOKEN = -1
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheEntry:
@@ -63,10 +69,13 @@ class MoE(nnx.Module):
     experts: Experts
     shared: MLP | None
 
-    def __call__(self, x, par: ParallelContext):
+    def __call__(self, x, par: ParallelContext, live=None):
+        """x [..., D]; live: a bool mask of x's leading shape (False: no token, see NO_TOKEN) or None (all live)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, w = self.route(flat, par.pallas)
+        if live is not None:
+            w = jnp.where(live.reshape(-1, 1), w, 0)
         y = moe_unfused(flat, dense_gates(ids, w, self.num_experts), self.experts, par, self.top_k, routed=(ids, w))
         if self.shared is not None:
             y = y + self.shared(flat, par)
@@ -83,7 +92,8 @@ class DecoderLayer(nnx.Module):
         self.ffn = ffn
         self.is_moe = isinstance(ffn, MoE)
 
-    def __call__(self, x, positions, cache, par: ParallelContext):
+    def __call__(self, x, positions, cache, par: ParallelContext, live=None):
+        """live: [B, T] bool, False where the position carries no token (NO_TOKEN), or None."""
         fused = par.strategy.fused and self.is_moe
         # the attention applies input_norm itself: a batch-1 decode step fuses it into its q/k/v kernels
         a, cache = self.attn(x, positions, cache, par, reduce=not fused, norm=self.input_norm)
@@ -92,10 +102,10 @@ class DecoderLayer(nnx.Module):
             out = fused_moe_residual(
                 x.reshape(-1, d), a.reshape(-1, d), norm=self.post_norm, route=self.ffn.route,
                 experts=self.ffn.experts, shared=self.ffn.shared, num_experts=self.ffn.num_experts,
-                top_k=self.ffn.top_k, par=par)
+                top_k=self.ffn.top_k, par=par, live=None if live is None else live.reshape(-1))
             return out.reshape(b, t, d), cache
         h = x + a
-        return h + self.ffn(self.post_norm(h), par), cache
+        return h + (self.ffn(self.post_norm(h), par, live) if self.is_moe else self.ffn(self.post_norm(h), par)), cache
 
 
 class CausalLM(nnx.Module):
@@ -122,14 +132,16 @@ class CausalLM(nnx.Module):
         return par.psum_attn_tp(x)
 
     def __call__(self, tokens, positions, cache, par: ParallelContext, last=None):
-        """tokens, positions [B, T] -> logits [B, T, V_local] (this device's vocabulary block), new cache.
+        """tokens, positions [B, T] -> logits [B, T, V_local] (this device's vocabulary block), new cache. A token
+        of NO_TOKEN (negative) is padding: no expert computes it.
 
         With `last` [B] (a position index per row), only those positions reach the LM head: logits [B, 1, V_local].
         Prefill needs one position per prompt, and the head is the largest matmul of a long prompt otherwise."""
         x = self.embed_tokens(tokens, par)
+        live = tokens >= 0
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, layer_cache, par)
+            x, layer_cache = layer(x, positions, layer_cache, par, live)
             new_cache.append(layer_cache)
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixjax.models.base import NO_TOKEN
 from mixjax.sampling import sample, sampling_flags
 from mixjax.sharding.runner import decode_loop
 from mixjax.serve.metrics import Metrics
@@ -110,7 +111,11 @@ class _Inflight:
 
 PREFILL_ROWS = 4  # waiting prompts of one bucket prefilled together, at most (Engine's prefill_rows)
 SHORT_BUCKETS = (32, 128, 512)  # prefill lengths compiled by default
-DECODE_ROWS = (8, 32, 128)  # rows of the K-step decode programs compiled besides the engine's slots (Engine's decode_rows)
+# Rows of the K-step decode programs compiled besides the engine's slots (Engine's decode_rows). One row: a lone
+# request takes the batch-1 kernels (the gemv products), which only a one-row call can. H200, Qwen3-30B-A3B shapes,
+# 4 layers, a call of 8 steps (tools/probe_padding.py, 2026-12-02): one live row in 8 rows 4.62 ms (5.05 before its
+# idle rows carried NO_TOKEN), alone in a one-row call 3.15 ms.
+DECODE_ROWS = (1, 8, 32, 128)
 LONG_BUCKET = 2048  # also compiled on accelerators (see default_buckets)
 
 
@@ -541,11 +546,11 @@ class Engine:
 
     def _group_inputs(self, items, b: int):
         """The grouped prefill's host inputs for up to prefill_rows prompts of at most b tokens (unused rows: a
-        one-token prompt of token 0, whose row nothing reads): tokens, positions, last positions, and the first
+        row of NO_TOKEN, which nothing reads): tokens, positions, last positions, and the first
         tokens' sampling arguments after the logits (seeds, steps, temperature, top_k, top_p; as
         `_one_row_sampling`)."""
         r, dp = self.prefill_rows, self.sm.dp_size
-        tokens = np.zeros((dp * r, b), np.int32)
+        tokens = np.full((dp * r, b), NO_TOKEN, np.int32)
         last = np.zeros(dp * r, np.int32)
         seeds, temp = np.zeros(r, np.uint32), np.ones(r, np.float32)
         topk, topp = np.zeros(r, np.int32), np.ones(r, np.float32)
@@ -598,7 +603,7 @@ class Engine:
             rem = L - p0
             b = bmax if rem > bmax else next(x for x in self.buckets if x >= rem)
             chunk = ids[p0: p0 + b]
-            tokens = np.zeros((dp, b), np.int32)
+            tokens = np.full((dp, b), NO_TOKEN, np.int32)  # the bucket's padding: no expert computes it
             tokens[:, : len(chunk)] = chunk
             positions = np.broadcast_to(p0 + np.arange(b, dtype=np.int32), (dp, b))
             last_idx = np.int32(min(rem, b) - 1)
@@ -636,7 +641,8 @@ class Engine:
         least half of them, else one; a row's steps past its own limits are discarded on collection (positions past
         the cache's end write into that row's last slot, which no live request reads)."""
         n = self.slots
-        tokens, positions, steps = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        # idle rows carry no token: the rows of a call that hold no request read no expert
+        tokens, positions, steps = np.full(n, NO_TOKEN, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
         use_prev = np.zeros(n, np.int32)  # int32: step plans carry int32/uint32/float32 arrays only
         members, room = {}, 0
         for s, r in self._active.items():

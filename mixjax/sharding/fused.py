@@ -27,11 +27,12 @@ from mixjax.sharding.dispatch import all_to_all, capacity, dense_gates, pack, un
 GPU, NODE = "gpu", "node"
 
 
-def fused_moe_residual(x, attn_partial, *, norm, route, experts, shared, num_experts, top_k, par):
+def fused_moe_residual(x, attn_partial, *, norm, route, experts, shared, num_experts, top_k, par, live=None):
     """x + h + MoE(norm(h)) with h = x + sum_gpu(attn_partial), for x [n, D] replicated over gpu.
 
     norm(u) -> u; route(u) -> (ids, weights); experts(x, gates_local) -> partial sums over gpu;
     shared: None or a module with .partial(u) (a TP-split dense MLP, e.g. DeepSeek's shared experts).
+    live: [n] bool, False for rows that carry no token (their routing weights are zeroed: they go to no expert).
     """
     sizes = dict(par.axis_sizes)
     g, ep = sizes[GPU], sizes[NODE]
@@ -41,6 +42,7 @@ def fused_moe_residual(x, attn_partial, *, norm, route, experts, shared, num_exp
     total = per_chunk * chunks
     x = jnp.pad(x, [(0, total - n), (0, 0)])
     attn_partial = jnp.pad(attn_partial, [(0, total - n), (0, 0)])
+    live = jnp.pad(jnp.ones(n, bool) if live is None else live, (0, total - n))  # the padding rows: no token
     slice_rows = per_chunk // g
     me = lax.axis_index(GPU)
     cap = capacity(slice_rows, top_k, ep, par.capacity_factor)
@@ -52,6 +54,7 @@ def fused_moe_residual(x, attn_partial, *, norm, route, experts, shared, num_exp
         h = lax.dynamic_slice_in_dim(x[rows], me * slice_rows, slice_rows, axis=0) + s
         u = norm(h)
         ids, w = route(u)
+        w = jnp.where(lax.dynamic_slice_in_dim(live[rows], me * slice_rows, slice_rows)[:, None], w, 0)
         send_x, send_g, slot = pack(u, dense_gates(ids, w, num_experts), ep, cap)
         recv_x, recv_g = all_to_all(send_x, (NODE,)), all_to_all(send_g, (NODE,))
         all_x = lax.all_gather(recv_x.reshape(ep * cap, d), GPU, axis=0, tiled=True)

@@ -160,13 +160,14 @@ def decode_loop(forward, leaves, tokens, positions, cache, k: int, pick, unroll:
     """k decode steps in one device-side loop, to be traced inside a jit (the engine's and LLM.generate's multi-step
     decode). Step i feeds `tokens` [B] at positions + i through `forward` (a ShardedModel's jitted step) and
     `pick(i, logits [B, vocab_padded])` returns a tuple of per-row arrays whose first is the next tokens. Returns
-    (that tuple stacked over the steps, [k, B, ...]; the last step's tokens; the cache)."""
+    (that tuple stacked over the steps, [k, B, ...]; the last step's tokens; the cache). A row whose token is
+    NO_TOKEN (negative: an idle row) stays so for all k steps: no expert computes it."""
 
     def body(carry, i):
         tok, cache = carry
         logits, cache = forward(leaves, tok[:, None], (positions + i)[:, None], cache)
         out = pick(i, logits[:, 0])
-        return (out[0], cache), out
+        return (jnp.where(tok < 0, tok, out[0]), cache), out
 
     (last, cache), outs = jax.lax.scan(body, (tokens, cache), jnp.arange(k, dtype=jnp.int32), unroll=unroll)
     return outs, last, cache
