@@ -293,15 +293,19 @@ def test_queue_full_429(server):
     assert _wait_idle(server)
 
 
-def test_load_generator_reports_percentiles(server, tmp_path):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_load_generator_reports_percentiles(server, tmp_path, processes):
+    """The load client's report, from one process or from two that share the requests (each its own loop)."""
     from mixjax.bench.serve import main as bench_main
 
     out = tmp_path / "report.json"
     # queue is 4 and slots 4: a rate that stays inside them, so every request must succeed
     rc = bench_main(["--url", server.url, "--requests", "6", "--rate", "20", "--prompt-len", "4:12",
-                     "--output-len", "3:6", "--vocab-lo", "3", "--vocab-hi", "60", "--json", str(out)])
+                     "--output-len", "3:6", "--vocab-lo", "3", "--vocab-hi", "60", "--json", str(out),
+                     "--processes", processes])
     report = json.loads(out.read_text())
     assert rc == 0 and report["ok"] == 6 and report["errors"] == {}
+    assert report["client_processes"] == int(processes)
     assert 18 <= report["generated_tokens"] <= 36  # ignore_eos: each request makes its drawn length
     assert report["ttft_ms"]["p50"] > 0 and report["itl_ms"]["p99"] >= report["itl_ms"]["p50"]
 

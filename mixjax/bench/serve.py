@@ -5,7 +5,8 @@
 
 Requests are streamed completions (`/v1/completions`, `stream: true`, `ignore_eos: true` so every request
 generates its drawn output length). Arrivals: `poisson` (exponential gaps at --rate requests/s) or `bursty`
-(bursts of --burst requests at once, bursts spaced so the mean rate is --rate). Prompt and output lengths are
+(bursts of --burst requests at once, bursts spaced so the mean rate is --rate). The requests are shared by
+--processes client processes (default: half the cores, at most 8), each with its own event loop. Prompt and output lengths are
 drawn uniformly from LO:HI (tokens; prompts are token ids in [--vocab-lo, --vocab-hi)). TTFT is the time from
 sending a request to its first streamed token; ITL the gaps between later tokens; throughput the generated
 tokens over the whole run.
@@ -17,6 +18,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
+import os
+import queue
 import time
 from collections import Counter
 
@@ -72,34 +76,108 @@ def workload(args) -> tuple[np.ndarray, list[tuple[list[int], int]]]:
     return starts, work
 
 
-async def run(args) -> dict:
+async def run_share(args, model: str, indices, t_begin: float, on_done) -> tuple[dict, float]:
+    """Send the requests `indices` of the workload at their start times after `t_begin` (time.time()), calling
+    on_done() as each finishes. Returns their results by index and the time.time() when the last finished."""
     starts, work = workload(args)
+    indices = list(indices)
     # One connection pool per CLIENT_SHARE requests, not one for all: httpcore's pool walks every connection of the
     # pool on each request's and response's turn, so one pool of n connections costs O(n^2) (384 streams against
     # the stand-in engine of tools/probe_http_front.py, under cProfile: 10.2 of the client's 17.9 s there; it
     # saturated a core and delivered 8.5k tokens/s where the load allowed ~39k).
     async with contextlib.AsyncExitStack() as stack:
+        ssl = httpx.create_ssl_context()  # one for all pools: each pool making its own took ~34 ms of CPU
         pools = [await stack.enter_async_context(httpx.AsyncClient(
-            timeout=args.timeout, limits=httpx.Limits(max_connections=CLIENT_SHARE)))
-            for _ in range(0, args.requests, CLIENT_SHARE)]
-        client = pools[0]
-        model = args.model or (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
-        bar = tqdm(total=args.requests, desc="requests")
-        t_begin = time.perf_counter()
+            timeout=args.timeout, limits=httpx.Limits(max_connections=CLIENT_SHARE), verify=ssl))
+            for _ in range(0, len(indices), CLIENT_SHARE)]
 
-        async def launch(i):
-            await asyncio.sleep(max(0.0, starts[i] - (time.perf_counter() - t_begin)))
+        async def launch(j, i):
+            await asyncio.sleep(max(0.0, t_begin + starts[i] - time.time()))
             try:
-                r = await one_request(pools[i // CLIENT_SHARE], args.url, model, *work[i])
+                r = await one_request(pools[j // CLIENT_SHARE], args.url, model, *work[i])
             except httpx.HTTPError as e:
                 r = {"status": type(e).__name__, "ttft": None, "itl": [], "tokens": 0}
-            bar.update(1)
+            on_done()
             return r
 
-        results = await asyncio.gather(*(launch(i) for i in range(args.requests)))
-        wall = time.perf_counter() - t_begin
-        bar.close()
-    return report(args, results, wall)
+        results = await asyncio.gather(*(launch(j, i) for j, i in enumerate(indices)))
+    return dict(zip(indices, results)), time.time()
+
+
+def _process_share(args, model, w, n, q, start_q):
+    """One client process's share: requests w, w + n, w + 2n, ... (so each process takes part of every burst),
+    from the common start that the parent sends once every process is up."""
+    try:
+        q.put(("ready", None))
+        t_begin = start_q.get()
+        results, t_end = asyncio.run(run_share(args, model, range(w, args.requests, n), t_begin,
+                                               lambda: q.put(("done", None))))
+        q.put(("results", (results, t_end)))
+    except BaseException as e:  # the parent must not wait forever for this share
+        q.put(("failed", f"{type(e).__name__}: {e}"))
+
+
+def client_processes(spec: str | int) -> int:
+    """--processes: a count, or "auto": half the host's cores, at most 8 (the server needs cores of its own)."""
+    if spec == "auto":
+        return max(1, min(8, (os.cpu_count() or 2) // 2))
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a count of at least 1, got {spec!r}")
+    return n
+
+
+def run(args) -> dict:
+    model = args.model or httpx.get(f"{args.url}/v1/models", timeout=args.timeout).json()["data"][0]["id"]
+    n = min(client_processes(args.processes), args.requests)
+    bar = tqdm(total=args.requests, desc="requests")
+    if n == 1:
+        t_begin = time.time()
+        results, t_end = asyncio.run(run_share(args, model, range(args.requests), t_begin, lambda: bar.update(1)))
+    else:
+        # Several client processes, each with its own event loop, as many users' clients would be: one Python
+        # loop sending a burst of 128 requests serialised their sends, and that wait counted in their TTFT.
+        # spawned, not forked: the caller may hold threads (a JAX backend in tests) that a fork would copy mid-work
+        ctx = multiprocessing.get_context("spawn")
+        q, start_q = ctx.Queue(), ctx.Queue()
+        procs = [ctx.Process(target=_process_share, args=(args, model, w, n, q, start_q), daemon=True)
+                 for w in range(n)]
+        for p in procs:
+            p.start()
+        results, t_begin, t_end, left, ready = {}, None, 0.0, n, 0
+        while left:
+            try:
+                kind, value = q.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # died without a word (killed, crashed): do not wait for it
+                    kind, value = "failed", f"exit code {dead[0]}"
+                else:
+                    continue
+            if kind == "ready":
+                ready += 1
+                if ready == n:  # every process is up (each imports this module): start all at once
+                    t_begin = time.time() + 0.05
+                    for _ in range(n):
+                        start_q.put(t_begin)
+            elif kind == "done":
+                bar.update(1)
+            elif kind == "results":
+                results.update(value[0])
+                t_end, left = max(t_end, value[1]), left - 1
+            else:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a client process failed: {value}")
+        for p in procs:
+            p.join()
+    bar.close()
+    summary = report(args, [results[i] for i in range(args.requests)], t_end - t_begin)
+    summary["client_processes"] = n
+    return summary
 
 
 def report(args, results: list[dict], wall: float) -> dict:
@@ -132,6 +210,8 @@ def parse_args(argv=None):
     ap.add_argument("--vocab-hi", type=int, default=200)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--processes", default="auto", metavar="N", type=lambda v: v if v == "auto" else client_processes(v),
+                    help="client processes sharing the requests (default auto: half the cores, at most 8)")
     ap.add_argument("--json", default=None, help="write the report here too")
     return ap.parse_args(argv)
 
@@ -146,7 +226,7 @@ def emit(summary: dict, path: str | None):
 
 def main(argv=None):
     args = parse_args(argv)
-    summary = asyncio.run(run(args))
+    summary = run(args)
     emit(summary, args.json)
     return 0 if summary["ok"] else 1
 
