@@ -5,11 +5,11 @@
 
 Requests are streamed completions (`/v1/completions`, `stream: true`, `ignore_eos: true` so every request
 generates its drawn output length). Arrivals: `poisson` (exponential gaps at --rate requests/s) or `bursty`
-(bursts of --burst requests at once, bursts spaced so the mean rate is --rate). The requests are shared by
---processes client processes (default: half the cores, at most 8), each with its own event loop. Prompt and output lengths are
+(bursts of --burst requests at once, bursts spaced so the mean rate is --rate). Prompt and output lengths are
 drawn uniformly from LO:HI (tokens; prompts are token ids in [--vocab-lo, --vocab-hi)). TTFT is the time from
 sending a request to its first streamed token; ITL the gaps between later tokens; throughput the generated
-tokens over the whole run.
+tokens over the whole run. The requests are shared by --processes client processes (default: half the cores, at
+most 8), each with its own event loop and its share of every burst.
 """
 
 from __future__ import annotations
@@ -130,6 +130,47 @@ def client_processes(spec: str | int) -> int:
     return n
 
 
+def run_processes(args, model: str, n: int, on_done) -> tuple[dict, float, float]:
+    """The requests shared by n client processes, each with its own event loop, as many users' clients would be:
+    one Python loop sending a burst of 128 requests serialises their sends, and each one's wait counts in its TTFT.
+    Spawned, not forked: the caller may hold threads (a JAX backend in tests) that a fork would copy mid-work.
+    Returns the results by index, the common start and the last end (time.time())."""
+    ctx = multiprocessing.get_context("spawn")
+    q, start_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_process_share, args=(args, model, w, n, q, start_q), daemon=True) for w in range(n)]
+    for p in procs:
+        p.start()
+    results, t_begin, t_end, left, ready = {}, None, 0.0, n, 0
+    try:
+        while left:
+            try:
+                kind, value = q.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if not dead:
+                    continue
+                kind, value = "failed", f"exit code {dead[0]}"  # died without a word (killed, crashed)
+            if kind == "ready":
+                ready += 1
+                if ready == n:  # every process is up (each imports this module): start all at once
+                    t_begin = time.time() + 0.05
+                    for _ in range(n):
+                        start_q.put(t_begin)
+            elif kind == "done":
+                on_done()
+            elif kind == "results":
+                results.update(value[0])
+                t_end, left = max(t_end, value[1]), left - 1
+            else:
+                raise RuntimeError(f"a client process failed: {value}")
+    finally:
+        for p in procs:
+            if left:
+                p.kill()
+            p.join()
+    return results, t_begin, t_end
+
+
 def run(args) -> dict:
     model = args.model or httpx.get(f"{args.url}/v1/models", timeout=args.timeout).json()["data"][0]["id"]
     n = min(client_processes(args.processes), args.requests)
@@ -138,42 +179,7 @@ def run(args) -> dict:
         t_begin = time.time()
         results, t_end = asyncio.run(run_share(args, model, range(args.requests), t_begin, lambda: bar.update(1)))
     else:
-        # Several client processes, each with its own event loop, as many users' clients would be: one Python
-        # loop sending a burst of 128 requests serialised their sends, and that wait counted in their TTFT.
-        # spawned, not forked: the caller may hold threads (a JAX backend in tests) that a fork would copy mid-work
-        ctx = multiprocessing.get_context("spawn")
-        q, start_q = ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=_process_share, args=(args, model, w, n, q, start_q), daemon=True)
-                 for w in range(n)]
-        for p in procs:
-            p.start()
-        results, t_begin, t_end, left, ready = {}, None, 0.0, n, 0
-        while left:
-            try:
-                kind, value = q.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead:  # died without a word (killed, crashed): do not wait for it
-                    kind, value = "failed", f"exit code {dead[0]}"
-                else:
-                    continue
-            if kind == "ready":
-                ready += 1
-                if ready == n:  # every process is up (each imports this module): start all at once
-                    t_begin = time.time() + 0.05
-                    for _ in range(n):
-                        start_q.put(t_begin)
-            elif kind == "done":
-                bar.update(1)
-            elif kind == "results":
-                results.update(value[0])
-                t_end, left = max(t_end, value[1]), left - 1
-            else:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError(f"a client process failed: {value}")
-        for p in procs:
-            p.join()
+        results, t_begin, t_end = run_processes(args, model, n, lambda: bar.update(1))
     bar.close()
     summary = report(args, [results[i] for i in range(args.requests)], t_end - t_begin)
     summary["client_processes"] = n
@@ -226,7 +232,10 @@ def emit(summary: dict, path: str | None):
 
 def main(argv=None):
     args = parse_args(argv)
-    summary = run(args)
+    try:
+        summary = run(args)
+    except httpx.HTTPError as e:
+        raise SystemExit(f"error: cannot reach the server at {args.url}: {e}") from None
     emit(summary, args.json)
     return 0 if summary["ok"] else 1
 

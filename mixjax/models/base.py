@@ -105,7 +105,8 @@ class DecoderLayer(nnx.Module):
                 top_k=self.ffn.top_k, par=par, live=None if live is None else live.reshape(-1))
             return out.reshape(b, t, d), cache
         h = x + a
-        return h + (self.ffn(self.post_norm(h), par, live) if self.is_moe else self.ffn(self.post_norm(h), par)), cache
+        u = self.post_norm(h)
+        return h + (self.ffn(u, par, live) if self.is_moe else self.ffn(u, par)), cache
 
 
 class CausalLM(nnx.Module):
