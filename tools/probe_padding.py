@@ -34,15 +34,15 @@ cfg = bench_config(args.preset, args.layers, decode_vocab(args.preset, None))
 sm = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16)
 sm.set_state(nnx.state(bench_model(cfg)))
 V = cfg.vocab_size
-rng = np.random.RandomState(0)
 print(f"{args.preset}, {args.layers} layers, experts {sm.expert_impl}, {jax.devices()[0].device_kind}", flush=True)
 
 
 def prefill_ms(lengths: list[int], pad: int) -> float:
     b = args.bucket
     tokens = np.full((len(lengths), b), pad, np.int32)
+    prompts = np.random.RandomState(sum(lengths))  # the same prompts for either padding
     for i, n in enumerate(lengths):
-        tokens[i, :n] = rng.randint(0, V, n)
+        tokens[i, :n] = prompts.randint(0, V, n)
     tokens = jnp.asarray(tokens)
     pos = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[None], tokens.shape)
     last = jnp.asarray([n - 1 for n in lengths], jnp.int32)
@@ -61,7 +61,8 @@ decode_fn = jax.jit(lambda leaves, tok, pos, cache: decode_loop(
 
 
 def decode_ms(rows: int, live: int, pad: int) -> float:
-    tokens = jnp.asarray(np.r_[rng.randint(0, V, live), np.full(rows - live, pad)].astype(np.int32))
+    live_tokens = np.random.RandomState(rows * 1000 + live).randint(0, V, live)  # the same for either padding
+    tokens = jnp.asarray(np.r_[live_tokens, np.full(rows - live, pad)].astype(np.int32))
     pos = jnp.asarray(np.r_[np.full(live, 1024), np.zeros(rows - live)].astype(np.int32))  # live rows 1k deep
     state = {"cache": sm.init_cache(rows, args.ctx)}
 

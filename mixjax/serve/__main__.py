@@ -74,7 +74,7 @@ def parse_args(argv=None):
                         "mixjax.serve.engine.PREFILL_ROWS)")
     p.add_argument("--decode-rows", default=None,
                    help="comma-separated row counts of the multi-step decode programs compiled besides --max-batch: "
-                        "a call runs the fewest rows that hold its requests' slots (default: 8,32,128 below "
+                        "a call runs the fewest rows that hold its requests' slots (default: 1,8,32,128 below "
                         "--max-batch, mixjax.serve.engine.DECODE_ROWS; 'none' for all slots in every call)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
