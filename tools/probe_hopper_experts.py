@@ -14,6 +14,7 @@ ap = argparse.ArgumentParser(); ap.add_argument("tokens"); ap.add_argument("--qu
 ap.add_argument("--deepseek", action="store_true"); ap.add_argument("--shape", help="E,K,D,F")
 ap.add_argument("--bm", type=int, default=128, help="rows per block: 128, or 64 (tiles split by columns: each "
                 "compute warpgroup takes all 64 rows; less padding when experts hold one or two blocks of rows)")
+ap.add_argument("--skip-only", action="store_true", help="time each tiling with the padding skip only")
 a = ap.parse_args()
 E, K, D, F, R = (256, 8, 7168, 2048, 4) if a.deepseek else (128, 8, 2048, 768, 10)
 if a.shape:
@@ -40,7 +41,7 @@ for n in map(int, a.tokens.split(",")):
     be = np.asarray(lay.block_expert); used = int((be >= 0).sum())
     xp = ge.gather_rows_xla(x, lay)
     blk = dataclasses.replace(cur, bm=bm) if cur.bm != bm else cur
-    fl_a, fl_b = 2 * 2 * used * bm * D * F, 2 * used * bm * F * D
+    fl_a, fl_b = 2 * 2 * n * K * D * F, 2 * n * K * F * D  # the pairs' products, not the padding rows
     br = (np.asarray(lay.src_row) < n).reshape(nb, bm).sum(1)[:used]  # rows holding pairs per used block
     pad = dict(src_row=lay.src_row, n_x=n)
     print(f"n={n}: {used}/{nb} blocks of {bm} rows used, {br.sum() / (used * bm):.1%} of their rows hold pairs, "
@@ -55,11 +56,12 @@ for n in map(int, a.tokens.split(",")):
                    T(256, 64, "n", 2, epi=64)]  # each lowers for CUDA (checked on the CPU)
         cands_b = [T(256, 64, "n", 4, epi=64, chain=True), T(256, 64, "n", 4, epi=64), T(128, 64, "n", 4),
                    T(256, 64, "n", 2, chain=True)]
-    else:
-        cands_a = [gh.GATE_UP_TILES, T(128, 64, "m", 4, epi=64, chain=True), T(128, 64, "m", 2, epi=64, chain=True),
-                   T(128, 64, "m", 4, epi=64)]
-        cands_b = [gh.DOWN_TILES, T(256, 64, "m", 4, epi=64, chain=True), T(256, 64, "m", 3, epi=64, chain=True),
-                   T(256, 64, "m", 2, chain=True)]
+    else:  # the defaults, then clusters of 2 programs sharing each x tile (TMA multicast)
+        c2 = lambda tl: dataclasses.replace(tl, cluster=2)
+        cands_a = [gh.GATE_UP_TILES, c2(gh.GATE_UP_TILES), T(128, 64, "m", 4, epi=64, chain=True, cluster=2),
+                   T(128, 64, "m", 3, release=1, epi=64, cluster=2)]
+        cands_b = [gh.DOWN_TILES, c2(gh.DOWN_TILES), T(256, 64, "m", 3, epi=64, chain=True, cluster=2),
+                   T(256, 64, "m", 4, epi=64, cluster=2)]
     try:
         h_h = gh.gate_up(xp, lay.block_expert, wg, wu, cands_a[0])
         y_h = gh.down_proj(h_t, lay.block_expert, wd, cands_b[0])
@@ -80,22 +82,26 @@ for n in map(int, a.tokens.split(",")):
     if a.quick:
         cands_a, cands_b = cands_a[:2], cands_b[:2]
     for c in cands_a:
-        for skip in (False, True):
+        for skip in (True,) if a.skip_only else (False, True):
             r = pad if skip else {}
             try:
                 t = timeit(lambda xx, b, w1, w2, c=c, r=r: gh.gate_up(xx, b, w1, w2, c, **r),
                            xp, lay.block_expert, wg, wu)
-                print(f"   hopper A {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul",
-                      flush=True)
+                err = np.abs(np.asarray(gh.gate_up(xp, lay.block_expert, wg, wu, c, **r)[:rows], np.float32)[real]
+                             - np.asarray(h_t[:rows], np.float32)[real]).max()
+                print(f"   hopper A {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_a / t / rate:5.1%} of matmul"
+                      f"; max |hopper - triton| {err:.3g}", flush=True)
             except Exception as ex:
                 print(f"   hopper A {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
     for c in cands_b:
-        for skip in (False, True):
+        for skip in (True,) if a.skip_only else (False, True):
             r = pad if skip else {}
             try:
                 t = timeit(lambda hh, b, w, c=c, r=r: gh.down_proj(hh, b, w, c, **r),
                            h_t, lay.block_expert, wd)
-                print(f"   hopper B {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_b / t / rate:5.1%} of matmul",
-                      flush=True)
+                err = np.abs(np.asarray(gh.down_proj(h_t, lay.block_expert, wd, c, **r)[:rows], np.float32)[real]
+                             - np.asarray(y_t[:rows], np.float32)[real]).max()
+                print(f"   hopper B {c}{' skipping' if skip else ''}: {t * 1e6:7.1f} us {fl_b / t / rate:5.1%} of matmul"
+                      f"; max |hopper - triton| {err:.3g}", flush=True)
             except Exception as ex:
                 print(f"   hopper B {c} failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
