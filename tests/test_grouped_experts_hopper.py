@@ -13,7 +13,6 @@ E, D, F, N, K = 4, 128, 128, 80, 2
 TILES = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, release=1, epi=32)  # 2 output tiles, 2 k-steps, 2 stores
 CHAINED = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, chain=True)
 BY_COLUMNS = gh.HopperTiles(bn=128, bk=64, split="n", stages=2)  # each warpgroup: all 128 rows, 64 columns
-CLUSTERED = gh.HopperTiles(bn=64, bk=64, split="m", stages=2, release=1, epi=32, cluster=2)  # x tiles multicast
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +41,10 @@ def per_block(xp, block_expert, fn, bm=128):
 
 
 @pytest.mark.parametrize("tiles, programs, skip", [(TILES, 2, False), (CHAINED, 2, False), (CHAINED, 4, False),
-                                                   (BY_COLUMNS, 2, False), (TILES, 2, True), (CHAINED, 4, True),
-                                                   (CLUSTERED, 4, True), (CLUSTERED, 2, False)])
+                                                   (BY_COLUMNS, 2, False), (TILES, 2, True), (CHAINED, 4, True)])
 def test_hopper_kernels_equal_numpy(problem, tiles, programs, skip):
     """2 programs walk 3 tiles each (BY_COLUMNS: 3 blocks of one tile, 2 programs); with 4, two programs have a
-    single tile (chained: the first tile is the last). CLUSTERED: clusters of 2 programs, each taking one of a
-    block's two tiles, x's tiles copied once for both (2 clusters walk 3 blocks; 1 cluster walks all 3). skip: the kernels are given the layout's source rows, and a
+    single tile (chained: the first tile is the last). skip: the kernels are given the layout's source rows, and a
     warpgroup whose 64 rows are all padding (block 2's second) computes nothing: the rows that hold pairs must be
     the same."""
     xp, be, src_row, wg, wu, wd, _ = problem
@@ -98,8 +95,6 @@ def test_hopper_kernels_refuse_shapes_they_do_not_tile(problem):
         gh.gate_up(xp, jnp.concatenate([be, be]), wg, wu, TILES)  # twice the blocks: 64 rows, 32 per warpgroup
     with pytest.raises(ValueError, match="chained tiles need"):
         gh.gate_up(xp, be, wg, wu, gh.HopperTiles(bn=64, stages=3, chain=True))  # 3 stages, 2 k-steps
-    with pytest.raises(ValueError, match="clusters of 2"):
-        gh.gate_up(xp, be, wg, wu, gh.HopperTiles(bn=128, cluster=2))  # one output tile for two programs
     with pytest.raises(ValueError, match="together"):
         gh.gate_up(xp, be, wg, wu, TILES, n_x=N)  # the padding rule needs the source rows too
 

@@ -56,12 +56,11 @@ for n in map(int, a.tokens.split(",")):
                    T(256, 64, "n", 2, epi=64)]  # each lowers for CUDA (checked on the CPU)
         cands_b = [T(256, 64, "n", 4, epi=64, chain=True), T(256, 64, "n", 4, epi=64), T(128, 64, "n", 4),
                    T(256, 64, "n", 2, chain=True)]
-    else:  # the defaults, then clusters of 2 programs sharing each x tile (TMA multicast)
-        c2 = lambda tl: dataclasses.replace(tl, cluster=2)
-        cands_a = [gh.GATE_UP_TILES, c2(gh.GATE_UP_TILES), T(128, 64, "m", 4, epi=64, chain=True, cluster=2),
-                   T(128, 64, "m", 3, release=1, epi=64, cluster=2)]
-        cands_b = [gh.DOWN_TILES, c2(gh.DOWN_TILES), T(256, 64, "m", 3, epi=64, chain=True, cluster=2),
-                   T(256, 64, "m", 4, epi=64, cluster=2)]
+    else:
+        cands_a = [gh.GATE_UP_TILES, T(128, 64, "m", 4, epi=64, chain=True), T(128, 64, "m", 2, epi=64, chain=True),
+                   T(128, 64, "m", 4, epi=64)]
+        cands_b = [gh.DOWN_TILES, T(256, 64, "m", 4, epi=64, chain=True), T(256, 64, "m", 3, epi=64, chain=True),
+                   T(256, 64, "m", 2, chain=True)]
     try:
         h_h = gh.gate_up(xp, lay.block_expert, wg, wu, cands_a[0])
         y_h = gh.down_proj(h_t, lay.block_expert, wd, cands_b[0])

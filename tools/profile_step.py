@@ -24,13 +24,7 @@ ap.add_argument("--explain", action="store_true"); ap.add_argument("--preset", d
 ap.add_argument("--hlo-out", help="also keep the forward's optimized HLO in this file")
 ap.add_argument("--sample", type=float, default=None,
                 help="decode: also sample each row at this temperature as the engine does (seeded draw, logprob)")
-ap.add_argument("--cluster", type=int, default=0, help="the Hopper expert kernels' programs per cluster (A/B runs)")
 a = ap.parse_args()
-if a.cluster:
-    import dataclasses
-    from mixjax.kernels import grouped_experts_hopper as gh
-    gh.GATE_UP_TILES = dataclasses.replace(gh.GATE_UP_TILES, cluster=a.cluster)
-    gh.DOWN_TILES = dataclasses.replace(gh.DOWN_TILES, cluster=a.cluster)
 cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
 m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=jnp.bfloat16, expert_impl=a.impl)
 m.set_state(nnx.state(bench_model(cfg)))

@@ -50,9 +50,7 @@ class HopperTiles:
     flight when a step ends (its stage goes back to the TMA warpgroup that many steps later). epi: columns per store
     of the epilogue (0: all), which sizes its shared-memory buffer. chain: the TMA warpgroup starts the next tile's
     loads as soon as this tile's stages are consumed, instead of waiting for the whole tile first (the pipeline of
-    pipelines of `plgpu.emit_pipeline_warp_specialized`; needs release 0 and stages dividing the k steps).
-    cluster: programs per cluster (1 or 2). With 2, the two programs of a cluster take two neighbouring output tiles
-    of one block, and each tile of x is copied once for both (a TMA multicast): half the x traffic from L2."""
+    pipelines of `plgpu.emit_pipeline_warp_specialized`; needs release 0 and stages dividing the k steps)."""
 
     bn: int = 128
     bk: int = 64
@@ -63,7 +61,6 @@ class HopperTiles:
     release: int = 0
     epi: int = 0
     chain: bool = False
-    cluster: int = 1
 
 
 def hopper_available() -> bool:
@@ -93,7 +90,7 @@ def _grouped_kernel(block_expert, src_row, used, x, *refs, bm: int, t: HopperTil
     in_tr = _swizzled(t.bk, x.dtype)
     epi = t.epi or cols_w
     specs = [plgpu.BlockSpec((bm, t.bk), lambda k: (0, k), transforms=in_tr, memory_space=plgpu.SMEM,
-                             delay_release=t.release, collective_axes=("cluster",) if t.cluster > 1 else None)]
+                             delay_release=t.release)]
     specs += [plgpu.BlockSpec((t.bk, t.bn), lambda k: (k, 0), transforms=_swizzled(t.bn, x.dtype),
                               memory_space=plgpu.SMEM, delay_release=t.release) for _ in ws]
 
@@ -114,11 +111,9 @@ def _grouped_kernel(block_expert, src_row, used, x, *refs, bm: int, t: HopperTil
         wg = lax.axis_index("wg")
         n_used = used[0]
 
-        @plgpu.nd_loop((n_used * (n_tiles // t.cluster),), collective_axes="sm")
+        @plgpu.nd_loop((n_used * n_tiles,), collective_axes="sm")
         def _tile(info: plgpu.NDLoopInfo):
-            b, j = plgpu.planar_snake(info.index[0], (n_used, n_tiles // t.cluster), t.minor, t.width)
-            if t.cluster > 1:  # the cluster's programs: neighbouring tiles of one block, x multicast to both
-                j = j * t.cluster + lax.axis_index("cluster")
+            b, j = plgpu.planar_snake(info.index[0], (n_used, n_tiles), t.minor, t.width)
             e = block_expert[b]
             rows = pl.ds(b * bm, bm)
             w_rows = pl.ds(wg * rows_w, rows_w) if by_rows else pl.ds(0, bm)  # of the block
@@ -179,8 +174,6 @@ def tiling_error(bm: int, k: int, n_out: int, t: HopperTiles) -> str | None:
     if rows_w % 64 or k % t.bk or n_out % t.bn:
         return (f"{rows_w} rows per warpgroup (wgmma needs multiples of 64), contraction {k} by {t.bk}, {n_out} "
                 f"output columns by {t.bn}: shape does not tile")
-    if t.cluster not in (1, 2) or (n_out // t.bn) % t.cluster:
-        return f"clusters of {t.cluster} programs over {n_out // t.bn} output tiles (1, or 2 dividing them)"
     if t.chain and (t.release or (k // t.bk) % t.stages):
         return f"chained tiles need release 0 and {t.stages} stages dividing the {k // t.bk} k-steps"
     return None
@@ -200,8 +193,7 @@ def _grouped_call(x, block_expert, src_row, n_x, ws, n_out: int, t: HopperTiles,
     kernel = plgpu.kernel(  # persistent: one program per SM (or `programs`), three warpgroups
         functools.partial(_grouped_kernel, bm=bm, t=t, n_tiles=n_out // t.bn, k_steps=k // t.bk, swiglu=swiglu,
                           n_x=n_x),
-        out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=((programs or _num_sms()) // t.cluster,),
-        grid_names=("sm",), **(dict(cluster=(t.cluster,), cluster_names=("cluster",)) if t.cluster > 1 else {}),
+        out_type=jax.ShapeDtypeStruct((m, n_out), x.dtype), grid=(programs or _num_sms(),), grid_names=("sm",),
         num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
@@ -213,6 +205,9 @@ def _grouped_call(x, block_expert, src_row, n_x, ws, n_out: int, t: HopperTiles,
 # tokens: kernel A 306 / 425 / 701 us against 337 / 498 / 859 for the Triton kernel in the same run, kernel B
 # 189 / 252 / 393 against 205 / 287 / 477. Splitting the tile by columns was slower (4096: 499 / 286 us); chaining
 # helps B (12 k-steps a tile, 256 -> 252 and 421 -> 393 us) more than A (32 k-steps a tile, within noise).
+# Tried and slower (2026-12-02, docs/BENCHMARKS.md): clusters of 2 programs taking two tiles of one block with each
+# x tile multicast to both (kernel A 257 -> 280 us a layer at 2048 tokens; in git at commit 9b82ce3), and 192-row
+# blocks with three compute warpgroups (ptxas caps 512 threads at 128 registers: the accumulators do not fit).
 GATE_UP_TILES = HopperTiles(128, 64, "m", stages=4, release=1, epi=64)
 DOWN_TILES = HopperTiles(256, 64, "m", stages=4, epi=64, chain=True)
 
@@ -223,21 +218,21 @@ def fits(bm: int, d_model: int, d_ff: int) -> bool:
             and tiling_error(bm, d_ff, d_model, DOWN_TILES) is None)
 
 
-def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles | None = None, *, src_row=None, n_x: int | None = None,
+def gate_up(xp, block_expert, w_gate, w_up, t: HopperTiles = GATE_UP_TILES, *, src_row=None, n_x: int | None = None,
             interpret: bool = False, programs: int | None = None):
     """Kernel A on Hopper: h = silu(xp W_gate[e]) * (xp W_up[e]) per block of the padded, sorted xp [M, D]
     (blocks of expert -1, a suffix, are skipped and their rows left unwritten). src_row, n_x: `Layout.src_row` and
     the row count of the x it was made for (padding rows are those whose src_row is n_x): a warpgroup whose rows are
     all padding is not computed and its output rows are left unwritten (default: every row computed;
     `grouped_experts.skips_padding` says where skipping pays). interpret: run in Mosaic GPU's interpreter (any
-    backend, slow); programs: persistent programs (default: one per SM); t: tiles (default GATE_UP_TILES)."""
-    return _grouped_call(xp, block_expert, src_row, n_x, (w_gate, w_up), w_gate.shape[2], t or GATE_UP_TILES, swiglu=True,
+    backend, slow); programs: persistent programs (default: one per SM)."""
+    return _grouped_call(xp, block_expert, src_row, n_x, (w_gate, w_up), w_gate.shape[2], t, swiglu=True,
                          interpret=interpret, programs=programs)
 
 
-def down_proj(h, block_expert, w_down, t: HopperTiles | None = None, *, src_row=None, n_x: int | None = None,
+def down_proj(h, block_expert, w_down, t: HopperTiles = DOWN_TILES, *, src_row=None, n_x: int | None = None,
               interpret: bool = False, programs: int | None = None):
     """Kernel B on Hopper: y = h W_down[e] per block of rows of h [M, F], stored in h's dtype (src_row, n_x: as
-    for `gate_up`; t: default DOWN_TILES)."""
-    return _grouped_call(h, block_expert, src_row, n_x, (w_down,), w_down.shape[2], t or DOWN_TILES, swiglu=False,
+    for `gate_up`)."""
+    return _grouped_call(h, block_expert, src_row, n_x, (w_down,), w_down.shape[2], t, swiglu=False,
                          interpret=interpret, programs=programs)
