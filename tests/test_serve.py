@@ -128,6 +128,8 @@ def _post(server, path, body, **kw):
 
 
 def test_models_health_metrics(server, client):
+    # the server runs on uvicorn's C parser and uvloop (dependencies), and says so when ready
+    assert any("(HTTP parser httptools, event loop uvloop)" in line for line in server.lines)
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     text = httpx.get(server.url + "/metrics").text
@@ -352,3 +354,16 @@ def test_decode_rows_option():
     for bad in ("0", "8,-1", "eight", "8,,32"):
         with pytest.raises(ValueError, match="--decode-rows must be positive integers separated by commas"):
             parse_decode_rows(bad)
+
+
+def test_http_and_loop_option():
+    """--http / --loop: auto resolves to what uvicorn's auto would take (httptools and uvloop, installed as
+    dependencies); explicit choices pass through."""
+    from mixjax.serve.__main__ import http_and_loop, parse_args
+
+    assert http_and_loop() == ("httptools", "uvloop")
+    assert http_and_loop("h11", "asyncio") == ("h11", "asyncio")
+    a = parse_args(["--model", "m", "--http", "h11", "--loop", "asyncio"])
+    assert (a.http, a.loop) == ("h11", "asyncio")
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--http", "http2"])

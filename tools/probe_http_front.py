@@ -83,11 +83,14 @@ def main():
     ap.add_argument("--call-ms", type=float, default=15.0)
     ap.add_argument("--max-batch", type=int, default=128)
     ap.add_argument("--per-token", action="store_true")
+    ap.add_argument("--http", default="auto", help="uvicorn's HTTP parser: auto, h11 or httptools")
+    ap.add_argument("--loop", default="auto", help="uvicorn's event loop: auto, asyncio or uvloop")
     a = ap.parse_args()
     eng = StandInEngine(a.max_batch, a.k, a.call_ms, a.per_token)
     threading.Thread(target=eng.loop, daemon=True).start()
     app = build_app(Server(eng, "stand-in"), eng)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=a.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=a.port, log_level="warning", http=a.http,
+                                           loop=a.loop))
 
     def report(*_):
         t, late = np.array(eng.ttft) * 1e3, np.array(eng.late) * 1e3

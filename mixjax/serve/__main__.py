@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -90,6 +91,10 @@ def parse_args(argv=None):
                         "batch: ~1 ms of dispatch per step on an H200), 1 elsewhere")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
+    p.add_argument("--http", default="auto", choices=("auto", "httptools", "h11"),
+                   help="HTTP parser (uvicorn's): auto takes httptools (C) when installed, else h11 (pure Python)")
+    p.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                   help="event loop (uvicorn's): auto takes uvloop when installed, else asyncio")
     g = p.add_argument_group("multi-host (docs/MULTIHOST.md)", "One process per host, the same options on every "
                              "process; process 0 serves HTTP. Without these, a SLURM (srun) or Open MPI (mpirun) "
                              "launch of several processes is detected by jax.distributed.")
@@ -234,6 +239,20 @@ def _follow(engine, cluster):
     print(f"mixjax process {me} stopped", flush=True)
 
 
+def http_and_loop(http: str = "auto", loop: str = "auto") -> tuple[str, str]:
+    """uvicorn's HTTP parser and event loop, "auto" resolved as uvicorn resolves it (httptools and uvloop when they
+    import). Both are dependencies. Bursts of 128 streaming requests, TTFT p50 with h11 + asyncio against httptools
+    + uvloop: 155-262 against 126-168 ms on an H200 host (bench model), 644-920 against 372-696 ms on a 2-core CPU
+    with a stand-in engine (tools/probe_http_front.py), where the pure-Python stack also held the GIL long enough to
+    delay the engine's calls by 240-290 ms at p99 (docs/BENCHMARKS.md, "Serving on one H200")."""
+    have = lambda mod: importlib.util.find_spec(mod) is not None
+    if http == "auto":
+        http = "httptools" if have("httptools") else "h11"
+    if loop == "auto":
+        loop = "uvloop" if have("uvloop") else "asyncio"
+    return http, loop
+
+
 def _run_http(args, engine, model_dir, mesh_shape, strategy, reason):
     import uvicorn
 
@@ -244,7 +263,8 @@ def _run_http(args, engine, model_dir, mesh_shape, strategy, reason):
     name = args.served_model_name or model_dir.name
     app = build_app(Server(engine, name, {"mesh": mesh_shape, "strategy": strategy, "reason": reason}), engine)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    http, loop = http_and_loop(args.http, args.loop)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http=http, loop=loop,
                             timeout_graceful_shutdown=args.graceful_timeout)
     server = uvicorn.Server(config)
 
@@ -252,7 +272,7 @@ def _run_http(args, engine, model_dir, mesh_shape, strategy, reason):
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
-            print(f"mixjax ready on http://{args.host}:{args.port}", flush=True)
+            print(f"mixjax ready on http://{args.host}:{args.port} (HTTP parser {http}, event loop {loop})", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     # uvicorn handles SIGTERM (stop accepting, let in-flight requests finish) and then re-raises it to the
