@@ -301,14 +301,15 @@ def test_load_generator_reports_percentiles(server, tmp_path, processes):
     from mixjax.bench.serve import main as bench_main
 
     out = tmp_path / "report.json"
-    # queue is 4 and slots 4: a rate that stays inside them, so every request must succeed
-    rc = bench_main(["--url", server.url, "--requests", "6", "--rate", "20", "--prompt-len", "4:12",
+    # the queue holds 4: 4 requests fit in it even if the engine admits none before the last one arrives (at this
+    # rate they all arrive within ~0.2 s; with 6, a loaded CI machine once rejected the fifth), so all must succeed
+    rc = bench_main(["--url", server.url, "--requests", "4", "--rate", "20", "--prompt-len", "4:12",
                      "--output-len", "3:6", "--vocab-lo", "3", "--vocab-hi", "60", "--json", str(out),
                      "--processes", processes])
     report = json.loads(out.read_text())
-    assert rc == 0 and report["ok"] == 6 and report["errors"] == {}
+    assert rc == 0 and report["ok"] == 4 and report["errors"] == {}
     assert report["client_processes"] == int(processes)
-    assert 18 <= report["generated_tokens"] <= 36  # ignore_eos: each request makes its drawn length
+    assert 12 <= report["generated_tokens"] <= 24  # ignore_eos: each request makes its drawn length
     assert report["ttft_ms"]["p50"] > 0 and report["itl_ms"]["p99"] >= report["itl_ms"]["p50"]
 
 
