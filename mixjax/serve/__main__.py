@@ -241,10 +241,9 @@ def _follow(engine, cluster):
 
 def http_and_loop(http: str = "auto", loop: str = "auto") -> tuple[str, str]:
     """uvicorn's HTTP parser and event loop, "auto" resolved as uvicorn resolves it (httptools and uvloop when they
-    import). Both are dependencies. Bursts of 128 streaming requests, TTFT p50: on an H200 host (bench model) h11 +
-    asyncio 155-262 ms, h11 + uvloop 216-236, httptools + uvloop 126-175; on a 2-core CPU with a stand-in engine
-    (tools/probe_http_front.py) h11 + asyncio 644-920 ms, httptools + uvloop 372-696, where the pure-Python stack
-    also held the GIL long enough to delay the engine's calls by 240-290 ms at p99 (docs/BENCHMARKS.md)."""
+    import), so that the ready line can name them. Both are dependencies: under bursts of streaming requests the
+    pure-Python ones (h11, asyncio) added TTFT and held the GIL that the engine's thread needs (docs/BENCHMARKS.md,
+    "Serving on one H200")."""
     have = lambda mod: importlib.util.find_spec(mod) is not None
     if http == "auto":
         http = "httptools" if have("httptools") else "h11"
