@@ -129,7 +129,7 @@ def _post(server, path, body, **kw):
 
 def test_models_health_metrics(server, client):
     # the server runs on uvicorn's C parser and uvloop (dependencies), and says so when ready
-    assert any("(HTTP parser httptools, event loop uvloop)" in line for line in server.lines)
+    assert any("(HTTP parser httptools, event loop uvloop, GIL switch 0.2 ms)" in line for line in server.lines)
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     text = httpx.get(server.url + "/metrics").text
@@ -368,3 +368,22 @@ def test_http_and_loop_option():
     assert (a.http, a.loop) == ("h11", "asyncio")
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--http", "http2"])
+
+
+def test_gil_switch_option(capsys):
+    """--gil-switch-ms sets Python's thread switch interval (default 0.2 ms); a value that is not positive is a
+    usage error that names the option, given before anything loads."""
+    import sys
+
+    from mixjax.serve.__main__ import parse_args, set_gil_switch
+
+    assert parse_args(["--model", "m"]).gil_switch_ms == 0.2
+    before = sys.getswitchinterval()
+    try:
+        set_gil_switch(parse_args(["--model", "m", "--gil-switch-ms", "1.5"]).gil_switch_ms)
+        assert sys.getswitchinterval() == pytest.approx(0.0015)
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--gil-switch-ms", "0"])
+    assert "--gil-switch-ms must be positive, got 0" in capsys.readouterr().err

@@ -11,6 +11,7 @@ end, the engine-side time to first token (submit to first event) and its calls' 
 import argparse, collections, signal, sys, threading, time
 import numpy as np
 import uvicorn
+from mixjax.serve.__main__ import GIL_SWITCH_MS, set_gil_switch
 from mixjax.serve.api import Server, build_app
 from mixjax.serve.metrics import Metrics
 
@@ -85,7 +86,10 @@ def main():
     ap.add_argument("--per-token", action="store_true")
     ap.add_argument("--http", default="auto", help="uvicorn's HTTP parser: auto, h11 or httptools")
     ap.add_argument("--loop", default="auto", help="uvicorn's event loop: auto, asyncio or uvloop")
+    ap.add_argument("--gil-switch-ms", type=float, default=GIL_SWITCH_MS,
+                    help=f"Python's thread switch interval, ms (the server's default {GIL_SWITCH_MS:g}; Python's 5)")
     a = ap.parse_args()
+    set_gil_switch(a.gil_switch_ms)
     eng = StandInEngine(a.max_batch, a.k, a.call_ms, a.per_token)
     threading.Thread(target=eng.loop, daemon=True).start()
     app = build_app(Server(eng, "stand-in"), eng)

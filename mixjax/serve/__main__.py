@@ -15,6 +15,9 @@ from pathlib import Path
 import mixjax
 
 DTYPES = ("float32", "bfloat16")
+# The thread switch interval while serving, ms. H200, bursts of 128 streaming requests (docs/BENCHMARKS.md, "Serving on
+# one H200", fourteenth session): TTFT p50 over 7 runs each, median 153 ms at Python's 5 ms, 144 at 1, 127 at 0.2.
+GIL_SWITCH_MS = 0.2
 
 
 def decode_steps_for(value: str, platform: str) -> int:
@@ -95,6 +98,10 @@ def parse_args(argv=None):
                    help="HTTP parser (uvicorn's): auto takes httptools (C) when installed, else h11 (pure Python)")
     p.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
                    help="event loop (uvicorn's): auto takes uvloop when installed, else asyncio")
+    p.add_argument("--gil-switch-ms", type=float, default=GIL_SWITCH_MS, metavar="MS",
+                   help="Python's thread switch interval while serving (sys.setswitchinterval; Python's default is "
+                        f"5): how long the engine's thread may wait for the GIL while the HTTP event loop runs "
+                        f"(default {GIL_SWITCH_MS:g})")
     g = p.add_argument_group("multi-host (docs/MULTIHOST.md)", "One process per host, the same options on every "
                              "process; process 0 serves HTTP. Without these, a SLURM (srun) or Open MPI (mpirun) "
                              "launch of several processes is detected by jax.distributed.")
@@ -109,7 +116,10 @@ def parse_args(argv=None):
                         "error (env MIXJAX_FAILURE_TIMEOUT, default 20)")
     g.add_argument("--init-timeout", type=float, default=None, metavar="S",
                    help="seconds for all processes to join (env MIXJAX_INIT_TIMEOUT, default 300)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.gil_switch_ms > 0:  # checked before minutes of loading and warm-up, not after
+        p.error(f"--gil-switch-ms must be positive, got {args.gil_switch_ms:g}")
+    return args
 
 
 def main(argv=None):
@@ -252,6 +262,14 @@ def http_and_loop(http: str = "auto", loop: str = "auto") -> tuple[str, str]:
     return http, loop
 
 
+def set_gil_switch(ms: float):
+    """Python's thread switch interval: a thread that wants the GIL while another runs Python code waits this long
+    before asking it to let go. The engine's thread wants it back after every device call, and under load the HTTP
+    event loop holds it while it parses requests and writes streams: at Python's 5 ms the engine's next dispatch
+    could wait that long each time."""
+    sys.setswitchinterval(ms / 1e3)
+
+
 def _run_http(args, engine, model_dir, mesh_shape, strategy, reason):
     import uvicorn
 
@@ -263,6 +281,7 @@ def _run_http(args, engine, model_dir, mesh_shape, strategy, reason):
     app = build_app(Server(engine, name, {"mesh": mesh_shape, "strategy": strategy, "reason": reason}), engine)
 
     http, loop = http_and_loop(args.http, args.loop)
+    set_gil_switch(args.gil_switch_ms)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http=http, loop=loop,
                             timeout_graceful_shutdown=args.graceful_timeout)
     server = uvicorn.Server(config)
@@ -271,7 +290,8 @@ def _run_http(args, engine, model_dir, mesh_shape, strategy, reason):
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
-            print(f"mixjax ready on http://{args.host}:{args.port} (HTTP parser {http}, event loop {loop})", flush=True)
+            print(f"mixjax ready on http://{args.host}:{args.port} (HTTP parser {http}, event loop {loop}, "
+                  f"GIL switch {args.gil_switch_ms:g} ms)", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     # uvicorn handles SIGTERM (stop accepting, let in-flight requests finish) and then re-raises it to the
