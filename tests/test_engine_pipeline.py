@@ -22,7 +22,7 @@ def model():
     return load_sharded(MODEL, make_mesh("1x1"), STRATEGIES["tp"], progress=False)
 
 
-def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 4, groups: list | None = None,
+def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows=4, groups: list | None = None,
         first_picks: list | None = None, event_sizes: dict | None = None, decode_rows=None, rows_run: list | None = None):
     """The jobs' results; all submitted before the loop starts, so the first admission takes three at once.
     groups: collects the shape of each grouped prefill call's tokens. first_picks: collects, for each admission's
@@ -36,8 +36,9 @@ def run(model, pipeline: bool, jobs, decode_steps: int = 1, prefill_rows: int = 
         run_decode = eng._run_decode
         eng._run_decode = lambda *a: (rows_run.append(len(a[1])) if a[-1] > 1 else None) or run_decode(*a)
     if groups is not None:
-        grouped = eng._prefill_group
-        eng._prefill_group = lambda *a: groups.append(a[1].shape) or grouped(*a)
+        def recording(program):
+            return lambda *a: groups.append(a[1].shape) or program(*a)
+        eng._prefill_group = {r: recording(program) for r, program in eng._prefill_group.items()}
     if first_picks is not None:
         picks = dict(eng._picks)
 
@@ -131,11 +132,12 @@ def test_decode_calls_on_fewer_rows_equal_step_by_step(model, jobs_and_reference
 
 
 def test_prompts_prefilled_one_by_one_equal_grouped(model, jobs_and_reference):
-    """The first three prompts (5, 9 and 3 tokens: one bucket) are admitted in one prefill call of 4 rows; one
-    prompt per call gives the same tokens. The 80-token prompt is prefilled alone, in chunks, either way."""
+    """The first three prompts (5, 9 and 3 tokens: one bucket) are admitted in one prefill call, by the grouped
+    program of the fewest rows that holds them (4 of the programs of 2, 4 and 8 rows); one prompt per call gives the
+    same tokens. The 80-token prompt is prefilled alone, in chunks, either way."""
     jobs, step_by_step = jobs_and_reference
     groups = []
-    same(run(model, False, jobs, groups=groups), step_by_step)
+    same(run(model, False, jobs, prefill_rows=[2, 4, 8], groups=groups), step_by_step)
     assert groups and groups[0] == (4, 16)
     same(run(model, False, jobs, prefill_rows=1), step_by_step)
 
@@ -166,6 +168,23 @@ def test_prefill_groups_by_bucket():
     assert eng._groups([5, 70, 20, 9, 16, 3, 64]) == [[0, 3], [4, 5], [2, 6], [1]]
     eng.prefill_rows = 1
     assert eng._groups([5, 70, 20]) == [[0], [1], [2]]
+
+
+def test_prefill_row_counts():
+    """The grouped prefill's programs: 4 rows, and on accelerators also 16; a group goes to the fewest rows that
+    hold it. --prefill-rows takes a list of counts and rejects one that is not a positive integer."""
+    from mixjax.serve.__main__ import engine_options, parse_args
+    from mixjax.serve.engine import default_prefill_rows
+
+    assert default_prefill_rows(False) == [4] and default_prefill_rows(True) == [4, 16]
+    eng = Engine.__new__(Engine)
+    eng.group_rows = [4, 16]
+    assert [eng._group_program_rows(n) for n in (2, 4, 5, 16)] == [4, 4, 16, 16]
+    options = lambda *argv: engine_options(parse_args(["--model", "m", *argv]))
+    assert options()["prefill_rows"] is None and options("--prefill-rows", "4,16")["prefill_rows"] == [4, 16]
+    for bad in ("0", "4,x"):
+        with pytest.raises(ValueError, match="--prefill-rows must be positive integers separated by commas"):
+            options("--prefill-rows", bad)
 
 
 def test_decode_steps_must_be_positive(model):

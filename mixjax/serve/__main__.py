@@ -51,11 +51,15 @@ def parse_decode_rows(value: str | None) -> list[int] | None:
 def engine_options(args) -> dict:
     """The Engine's keyword arguments from the command line (args.decode_steps already resolved); ValueError on a
     bad value."""
-    from mixjax.serve.engine import PREFILL_ROWS
-
-    prefill_rows = PREFILL_ROWS if args.prefill_rows is None else args.prefill_rows
-    if prefill_rows < 1:
-        raise ValueError(f"--prefill-rows must be >= 1, got {prefill_rows}")
+    prefill_rows = None
+    if args.prefill_rows is not None:
+        try:
+            prefill_rows = [int(r) for r in args.prefill_rows.split(",")]
+        except ValueError:
+            prefill_rows = [0]
+        if min(prefill_rows) < 1:
+            raise ValueError(f"--prefill-rows must be positive integers separated by commas, not "
+                             f"{args.prefill_rows!r}")
     return dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                 prefill_buckets=[int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None,
                 pipeline=not args.no_pipeline, decode_steps=args.decode_steps, prefill_rows=prefill_rows,
@@ -73,9 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-buckets", default=None,
                    help="comma-separated prefill lengths (default: 32,128,512 below --max-seq-len; on GPUs also "
                         "2048, capped at --max-seq-len)")
-    p.add_argument("--prefill-rows", type=int, default=None,
-                   help="waiting prompts of one bucket prefilled in one call, at most (default: 4, "
-                        "mixjax.serve.engine.PREFILL_ROWS)")
+    p.add_argument("--prefill-rows", default=None, metavar="R1,R2,..",
+                   help="row counts of the grouped prefill programs: waiting prompts of one bucket are prefilled "
+                        "together, as many as the largest holds, each group by the smallest that holds it; 1: one "
+                        "prompt per call (default: 4, and on GPUs also 16)")
     p.add_argument("--decode-rows", default=None,
                    help="comma-separated row counts of the multi-step decode programs compiled besides --max-batch: "
                         "a call runs the fewest rows that hold its requests' slots (default: 1,8,32,128 below "
@@ -213,7 +218,8 @@ def _serve(args, cluster):
         cluster.watchdog.on_failure.append(engine.mark_failed)
         engine.metrics.processes = cluster.num_processes
     print(f"mixjax{me} loaded {model_dir} in {time.monotonic() - t0:.1f}s; {engine.slots} slots x "
-          f"{engine.max_seq_len} positions, prefill buckets {engine.buckets}; compiling...", flush=True)
+          f"{engine.max_seq_len} positions, prefill buckets {engine.buckets} "
+          f"(grouped prompts: programs of {engine.group_rows} rows); compiling...", flush=True)
     print(f"mixjax{me} warm-up (all compiles) took {engine.warmup():.1f}s", flush=True)
     if cluster is not None and not cluster.is_leader:
         return _follow(engine, cluster)

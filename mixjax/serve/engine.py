@@ -109,7 +109,12 @@ class _Inflight:
     k: int = 1
 
 
-PREFILL_ROWS = 4  # waiting prompts of one bucket prefilled together, at most (Engine's prefill_rows)
+# Row counts of the grouped prefill programs (Engine's prefill_rows): waiting prompts of one bucket are prefilled
+# together, as many as the largest holds, each group by the smallest program that holds it. On accelerators also 16
+# rows (`default_prefill_rows`): a burst of 128 prompts of 128-512 tokens then takes 8 calls instead of 32; H200, bench
+# model, bursts of 128 (docs/BENCHMARKS.md, fourteenth session): TTFT p50 111-172 ms with 4 rows, 81-107 with 16.
+PREFILL_ROWS = (4,)
+LONG_PREFILL_ROWS = 16
 SHORT_BUCKETS = (32, 128, 512)  # prefill lengths compiled by default
 # Rows of the K-step decode programs compiled besides the engine's slots (Engine's decode_rows). One row: a lone
 # request takes the batch-1 kernels (the gemv products), which only a one-row call can. H200, Qwen3-30B-A3B shapes,
@@ -117,6 +122,12 @@ SHORT_BUCKETS = (32, 128, 512)  # prefill lengths compiled by default
 # idle rows carried NO_TOKEN), alone in a one-row call 3.15 ms.
 DECODE_ROWS = (1, 8, 32, 128)
 LONG_BUCKET = 2048  # also compiled on accelerators (see default_buckets)
+
+
+def default_prefill_rows(accelerator: bool) -> list[int]:
+    """The grouped prefill's row counts by default: PREFILL_ROWS, and on an accelerator also LONG_PREFILL_ROWS (on a
+    CPU a call's time grows with its rows, so that larger groups gain nothing there and cost a compile)."""
+    return sorted({*PREFILL_ROWS, *((LONG_PREFILL_ROWS,) if accelerator else ())})
 
 
 def default_buckets(max_seq_len: int, accelerator: bool) -> list[int]:
@@ -139,15 +150,22 @@ class Engine:
 
     def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
                  prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None,
-                 cluster=None, pipeline: bool = True, decode_steps: int = 1, prefill_rows: int = PREFILL_ROWS,
+                 cluster=None, pipeline: bool = True, decode_steps: int = 1, prefill_rows=None,
                  decode_rows=None):
         self.sm = sm
         if int(decode_steps) < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
-        if int(prefill_rows) < 1:
+        accelerator = sm.mesh.devices.flat[0].platform != "cpu"
+        if prefill_rows is None:
+            prefill_rows = default_prefill_rows(accelerator)
+        counts = [int(r) for r in ([prefill_rows] if np.ndim(prefill_rows) == 0 else prefill_rows)]
+        if not counts or min(counts) < 1:
             raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
-        # Waiting prompts that fit one bucket are prefilled up to prefill_rows in one call (`_groups`)
-        self.prefill_rows = int(prefill_rows)
+        # Waiting prompts that fit one bucket are prefilled up to prefill_rows (the largest count) in one call
+        # (`_groups`), by the grouped program of the fewest rows that holds them (group_rows; one prompt alone: the
+        # one-prompt program)
+        self.group_rows = sorted({r for r in counts if r > 1})
+        self.prefill_rows = max(counts)
         self.decode_steps = int(decode_steps)
         # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
         # step n's tokens are read on the host, so the host's dispatch work overlaps the device's step.
@@ -169,7 +187,6 @@ class Engine:
         limit = sm.cfg.max_position_embeddings
         self.max_seq_len = min(max_seq_len, limit)
         if prefill_buckets is None:
-            accelerator = sm.mesh.devices.flat[0].platform != "cpu"
             prefill_buckets = default_buckets(self.max_seq_len, accelerator)
         self.buckets = sorted({min(int(b), self.max_seq_len) for b in prefill_buckets})
         self.max_queue = max_queue
@@ -194,7 +211,7 @@ class Engine:
         self._build()
         self.cache = sm.init_cache(self.slots, self.max_seq_len)
         self.small = sm.init_cache(dp, self.max_seq_len + self.buckets[-1])
-        self.small_group = self._group_cache() if self.prefill_rows > 1 else None
+        self.small_groups = {r: self._group_cache(r) for r in self.group_rows}
         self.cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
         self._copy = jax.jit(self._copy_fn, donate_argnums=0, out_shardings=self.cache_shardings)
 
@@ -260,8 +277,8 @@ class Engine:
         self._prefill = jax.jit(functools.partial(prefill, fwd_last=self.sm._forward_last), donate_argnums=(3,))
         self._prefill_fresh = self._prefill if self.sm._forward_last_fresh is self.sm._forward_last else jax.jit(
             functools.partial(prefill, fwd_last=self.sm._forward_last_fresh), donate_argnums=(3,))
-        self._prefill_group = jax.jit(functools.partial(prefill_group, fwd_last=self.sm._forward_last_fresh,
-                                                        rows=self.prefill_rows), donate_argnums=(3,))
+        self._prefill_group = {r: jax.jit(functools.partial(prefill_group, fwd_last=self.sm._forward_last_fresh,
+                                                            rows=r), donate_argnums=(3,)) for r in self.group_rows}
         self._decode = jax.jit(decode, donate_argnums=(5,))
         # Sampling is a separate small program per (draw, filter, want_top), chosen on the host for the batch: no
         # lax.cond inside the step (the GPU runtime would read its predicate back to the host mid-step).
@@ -284,18 +301,21 @@ class Engine:
             return b.at[(slots,) + keep].set(s[(rows,) + keep], mode="drop", unique_indices=True)
         return jax.tree.map(one, big, small)
 
-    def _group_slots(self, slots: list[int]):
-        """The slot and row arguments of `_copy` for a grouped prefill whose rows 0, 1, .. go to these slots (the
-        group's unused rows to distinct slots past the last, which the copy drops)."""
-        r = self.prefill_rows
+    def _group_slots(self, slots: list[int], r: int):
+        """The slot and row arguments of `_copy` for a grouped prefill of r rows whose rows 0, 1, .. go to these
+        slots (the unused rows to distinct slots past the last, which the copy drops)."""
         to = np.arange(self.slots, self.slots + r, dtype=np.int32)
         to[: len(slots)] = slots
         return to, np.arange(r, dtype=np.int32)
 
-    def _group_cache(self):
-        """The small cache of grouped prefills: prefill_rows rows per data-parallel shard, as many positions as the
+    def _group_cache(self, r: int):
+        """The small cache of the r-row grouped prefill: r rows per data-parallel shard, as many positions as the
         largest bucket (a grouped prompt fits one bucket: no chunks)."""
-        return self.sm.init_cache(self.sm.dp_size * self.prefill_rows, self.buckets[-1])
+        return self.sm.init_cache(self.sm.dp_size * r, self.buckets[-1])
+
+    def _group_program_rows(self, n: int) -> int:
+        """The rows of the grouped prefill program that runs a group of n > 1 prompts: the fewest that hold them."""
+        return next(r for r in self.group_rows if r >= n)
 
     def warmup(self, variants=None):
         """Compile every shape the loop uses (each prefill bucket, the slot copy, the decode step, and the K-step
@@ -309,17 +329,19 @@ class Engine:
                 logits, self.small = prog(self.sm.leaves, np.zeros((dp, b), np.int32),
                                           np.broadcast_to(np.arange(b, dtype=np.int32), (dp, b)), self.small,
                                           np.int32(0))
-            if self.prefill_rows > 1:
-                tokens, positions, last, group_sampling = self._group_inputs([], b)
-                group_logits, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions,
-                                                                     self.small_group, last)
-        for f in PICK_VARIANTS:  # the first tokens' sampling programs: one prompt's logits and a group's
+            group_outs = {}
+            for r in self.group_rows:
+                tokens, positions, last, group_sampling = self._group_inputs([], b, r)
+                group_logits, self.small_groups[r] = self._prefill_group[r](self.sm.leaves, tokens, positions,
+                                                                            self.small_groups[r], last)
+                group_outs[r] = group_logits, group_sampling
+        for f in PICK_VARIANTS:  # the first tokens' sampling programs: one prompt's logits and each group's
             np.asarray(self._picks[f](logits, *self._one_row_sampling(0, 1.0, 0, 1.0))[0])
-            if self.prefill_rows > 1:
+            for group_logits, group_sampling in group_outs.values():
                 np.asarray(self._picks[f](group_logits, *group_sampling)[0])
         self.cache = self._copy(self.cache, self.small, np.zeros(1, np.int32), np.zeros(1, np.int32))
-        if self.prefill_rows > 1:
-            self.cache = self._copy(self.cache, self.small_group, *self._group_slots([]))
+        for r in self.group_rows:
+            self.cache = self._copy(self.cache, self.small_groups[r], *self._group_slots([], r))
         z = np.zeros(self.slots, np.int32)  # (not _step: on a cluster every process warms up by itself)
         self._last_ids = z
         for _ in range(2):  # the second call sees the first one's device-resident ids, as every later step does
@@ -514,8 +536,7 @@ class Engine:
                     self._finish(req, error=f"prefill failed: {e}")
                 # the small caches were donated: make new ones
                 self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
-                if self.prefill_rows > 1:
-                    self.small_group = self._group_cache()
+                self.small_groups = {r: self._group_cache(r) for r in self.group_rows}
                 continue
             for (req, _), (_, slot, seed, temp, topk, topp), (tok, lp, top_ids, top_lp) in zip(items, args, outs):
                 req.slot = slot
@@ -544,12 +565,11 @@ class Engine:
         r = self.prefill_rows
         return [idx[j:j + r] for idx in by_bucket.values() for j in range(0, len(idx), r)] + alone
 
-    def _group_inputs(self, items, b: int):
-        """The grouped prefill's host inputs for up to prefill_rows prompts of at most b tokens (unused rows: a
-        row of NO_TOKEN, which nothing reads): tokens, positions, last positions, and the first
-        tokens' sampling arguments after the logits (seeds, steps, temperature, top_k, top_p; as
-        `_one_row_sampling`)."""
-        r, dp = self.prefill_rows, self.sm.dp_size
+    def _group_inputs(self, items, b: int, r: int):
+        """The r-row grouped prefill's host inputs for up to r prompts of at most b tokens (unused rows: a row of
+        NO_TOKEN, which nothing reads): tokens, positions, last positions, and the first tokens' sampling arguments
+        after the logits (seeds, steps, temperature, top_k, top_p; as `_one_row_sampling`)."""
+        dp = self.sm.dp_size
         tokens = np.full((dp * r, b), NO_TOKEN, np.int32)
         last = np.zeros(dp * r, np.int32)
         seeds, temp = np.zeros(r, np.uint32), np.ones(r, np.float32)
@@ -583,9 +603,11 @@ class Engine:
             out = self._run_admit(*items[0], fetch=fetch, want_top=want_top)
             return [out] if fetch else None
         b = next(x for x in self.buckets if x >= max(len(it[0]) for it in items))
-        tokens, positions, last, sampling = self._group_inputs(items, b)
-        logits, self.small_group = self._prefill_group(self.sm.leaves, tokens, positions, self.small_group, last)
-        self.cache = self._copy(self.cache, self.small_group, *self._group_slots([it[1] for it in items]))
+        r = self._group_program_rows(len(items))
+        tokens, positions, last, sampling = self._group_inputs(items, b, r)
+        logits, self.small_groups[r] = self._prefill_group[r](self.sm.leaves, tokens, positions, self.small_groups[r],
+                                                              last)
+        self.cache = self._copy(self.cache, self.small_groups[r], *self._group_slots([it[1] for it in items], r))
         out = self._first_tokens(logits, items, sampling, want_top)
         if not fetch:
             return None
