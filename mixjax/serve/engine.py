@@ -111,8 +111,9 @@ class _Inflight:
 
 # Row counts of the grouped prefill programs (Engine's prefill_rows): waiting prompts of one bucket are prefilled
 # together, as many as the largest holds, each group by the smallest program that holds it. On accelerators also 16
-# rows (`default_prefill_rows`): a burst of 128 prompts of 128-512 tokens then takes 8 calls instead of 32; H200, bench
-# model, bursts of 128 (docs/BENCHMARKS.md, fourteenth session): TTFT p50 111-172 ms with 4 rows, 81-107 with 16.
+# rows (`default_prefill_rows`): a burst of 128 prompts of 128-512 tokens then takes 8 calls instead of 32. H200, bench
+# model, bursts of 128, 4 runs each (docs/BENCHMARKS.md, fourteenth session): TTFT p50 111-306 ms with 4 rows, 94-149
+# with 4 and 16; 16 alone made the Poisson load's small groups run all 16 rows (TTFT p50 25 -> 29 ms).
 PREFILL_ROWS = (4,)
 LONG_PREFILL_ROWS = 16
 SHORT_BUCKETS = (32, 128, 512)  # prefill lengths compiled by default
