@@ -60,7 +60,7 @@ if mode == "copies":
             eng._run_admit_group(items)
             admit.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            eng.cache = jax.block_until_ready(fn(eng.cache, eng.small_group, *eng._group_slots([0, 1, 2, 3])))
+            eng.cache = jax.block_until_ready(fn(eng.cache, eng.small_groups[4], *eng._group_slots([0, 1, 2, 3], 4)))
             copy.append(time.perf_counter() - t0)
         print(f"{name}: grouped admission {np.median(admit) * 1e3:.2f} ms, the copies alone {np.median(copy) * 1e3:.3f}"
               f" ms (medians of 15)", flush=True)
@@ -78,7 +78,7 @@ def admission_inputs(eng, items, b):
     """An admission's host inputs (tokens, positions, last positions, the first tokens' sampling arguments), as
     `_run_admit` builds them for one prompt's one chunk and `_group_inputs` for a group."""
     if len(items) > 1:
-        return eng._group_inputs(items, b)
+        return eng._group_inputs(items, b, 4)
     ids, _slot, seed, temp, topk, topp = items[0]
     tokens = np.zeros((1, b), np.int32)
     tokens[0, :len(ids)] = ids
@@ -89,7 +89,8 @@ def admission_inputs(eng, items, b):
 def dispatch_prefill(eng, items, tokens, positions, last):
     """The admission's prefill call (not waited for): its prompts' last logits."""
     if len(items) > 1:
-        logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+        logits, eng.small_groups[4] = eng._prefill_group[4](eng.sm.leaves, tokens, positions,
+                                                             eng.small_groups[4], last)
     else:
         logits, eng.small = eng._prefill_fresh(eng.sm.leaves, tokens, positions, eng.small, last)
     return logits
@@ -98,7 +99,7 @@ def dispatch_prefill(eng, items, tokens, positions, last):
 def dispatch_copy(eng, items):
     """The admission's copy of its rows into their slots of the big cache (not waited for)."""
     if len(items) > 1:
-        eng.cache = eng._copy(eng.cache, eng.small_group, *eng._group_slots([it[1] for it in items]))
+        eng.cache = eng._copy(eng.cache, eng.small_groups[4], *eng._group_slots([it[1] for it in items], 4))
     else:
         eng.cache = eng._copy(eng.cache, eng.small, np.full(1, items[0][1], np.int32), np.zeros(1, np.int32))
     return eng.cache
@@ -219,14 +220,16 @@ if mode == "parts":
         # one prefill call alone under the profiler: the gaps between its kernels (the GPU waiting for the host
         # to launch the next one) are its span less its busy time
         b = next(x for x in eng.buckets if x >= n)
-        tokens, positions, last, _ = eng._group_inputs(items[:1], b)
+        tokens, positions, last, _ = eng._group_inputs(items[:1], b, 4)
         for _ in range(2):
-            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+            logits, eng.small_groups[4] = eng._prefill_group[4](eng.sm.leaves, tokens, positions,
+                                                                 eng.small_groups[4], last)
             jax.block_until_ready(logits)
         d = tempfile.mkdtemp()
         with jax.profiler.trace(d):
             t0 = time.perf_counter()
-            logits, eng.small_group = eng._prefill_group(eng.sm.leaves, tokens, positions, eng.small_group, last)
+            logits, eng.small_groups[4] = eng._prefill_group[4](eng.sm.leaves, tokens, positions,
+                                                                 eng.small_groups[4], last)
             jax.block_until_ready(logits)
             wall = time.perf_counter() - t0
         ks = gpu_kernels(d)
