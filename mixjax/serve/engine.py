@@ -162,11 +162,6 @@ class Engine:
         counts = [int(r) for r in ([prefill_rows] if np.ndim(prefill_rows) == 0 else prefill_rows)]
         if not counts or min(counts) < 1:
             raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
-        # Waiting prompts that fit one bucket are prefilled up to prefill_rows (the largest count) in one call
-        # (`_groups`), by the grouped program of the fewest rows that holds them (group_rows; one prompt alone: the
-        # one-prompt program)
-        self.group_rows = sorted({r for r in counts if r > 1})
-        self.prefill_rows = max(counts)
         self.decode_steps = int(decode_steps)
         # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
         # step n's tokens are read on the host, so the host's dispatch work overlaps the device's step.
@@ -178,6 +173,11 @@ class Engine:
         self.vocab = sm.vocab_size
         dp = sm.dp_size
         self.slots = -(-max_batch // dp) * dp
+        # Waiting prompts that fit one bucket are prefilled up to prefill_rows in one call (`_groups`), by the
+        # grouped program of the fewest rows that holds them (group_rows; one prompt alone: the one-prompt program).
+        # No more prompts than slots are admitted at once, so no program has more rows than that.
+        self.prefill_rows = min(max(counts), self.slots)
+        self.group_rows = sorted({min(r, self.slots) for r in counts} - {1})
         # A K-step decode call runs the first R slots only, R the smallest of these that holds every member (slots
         # are handed out lowest first): a few requests in a large engine do not pay for all its rows. With data
         # parallelism the slots are split across devices, and every call runs all of them.
