@@ -55,6 +55,36 @@ class Tokenizer:
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
+class DecodeStream:
+    """The text of a growing list of token ids, as `Tokenizer.decode` gives it for the whole list, at a cost per call
+    that does not grow with the list: a server re-decoding each request's whole output at every flush pays O(n^2)
+    over an n-token generation, on the engine's thread.
+
+    `text` is the text of ids[:read]; each call decodes only the window ids[prefix:] and the window's first part
+    ids[prefix:read], and adds what the window's text has beyond its first part's (decoding a window with a token
+    before the new ones keeps what a decoder does at a word's start, e.g. SentencePiece's leading space). The offsets
+    move on only when the window's text does not end in U+FFFD: its last token may hold part of a character. A
+    decoder whose window text does not extend its first part's gets a full decode instead. (`tokenizers`' own
+    DecodeStream holds a token back while its character is incomplete and never returns the U+FFFD that a full
+    decode ends with when the generation stops mid-character.)"""
+
+    def __init__(self, tok: "Tokenizer"):
+        self.tok = tok
+        self.prefix = self.read = 0
+        self.text = ""
+
+    def decode(self, ids: list[int]) -> str:
+        """decode(ids) for ids that extend the ids of the previous call."""
+        first = self.tok.decode(ids[self.prefix: self.read])
+        window = self.tok.decode(ids[self.prefix:])
+        if not window.startswith(first):
+            return self.tok.decode(ids)
+        full = self.text + window[len(first):]
+        if not window.endswith("\ufffd"):
+            self.text, self.prefix, self.read = full, self.read, len(ids)
+        return full
+
+
 def _token_text(v):
     return v.get("content") if isinstance(v, dict) else v
 

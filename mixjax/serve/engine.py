@@ -34,6 +34,7 @@ from mixjax.models.base import NO_TOKEN
 from mixjax.sampling import sample, sampling_flags
 from mixjax.sharding.runner import decode_loop
 from mixjax.serve.metrics import Metrics
+from mixjax.tokenizer import DecodeStream
 
 log = logging.getLogger("mixjax.serve")
 
@@ -83,6 +84,7 @@ class Request:
         self.out_ids: list[int] = []
         self.out_logprobs: list[float] = []
         self.emitted_text = ""  # text already sent
+        self.detok = None  # the output's text, decoded as it grows (a DecodeStream, made at the first flush)
         self.pending_ids: list[int] = []  # tokens not yet sent (held back while text is incomplete)
         self.pending_lp: list[float] = []
         self.pending_top: list = []
@@ -798,7 +800,9 @@ class Engine:
         if self.tok is None:
             full = ""
         else:
-            full = self.tok.decode(r.out_ids)
+            if r.detok is None:
+                r.detok = DecodeStream(self.tok)
+            full = r.detok.decode(r.out_ids)  # = self.tok.decode(r.out_ids), without decoding all of it each time
         hit = False
         if stops and full:
             found = [i for i in (full.find(s, max(0, len(r.emitted_text) - max(map(len, stops)))) for s in stops)
