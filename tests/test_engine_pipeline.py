@@ -3,13 +3,15 @@ decode steps per dispatch, in one device-side loop) give exactly the tokens of t
 sampling, greedy, stop tokens, length limits (max_tokens and the context limit), and requests joining mid-stream."""
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mixjax
-from mixjax.serve.engine import Engine, Request, SamplingParams
+from mixjax.serve.engine import Engine, Request, SamplingParams, _Inflight
+from mixjax.serve.metrics import Metrics
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import load_sharded
 from mixjax.sharding.strategies import STRATEGIES
@@ -233,3 +235,27 @@ def test_decode_loop_keeps_idle_rows_without_a_token():
                                                     lambda i, lg: (jnp.argmax(lg, -1),), unroll=3))(tokens)
     np.testing.assert_array_equal(np.asarray(ids)[:, 0], [4, 5, 6])
     np.testing.assert_array_equal(np.asarray(last), [6, NO_TOKEN])
+
+
+def test_collect_hands_out_tokens_and_intervals():
+    """A K-step call's tokens on the host: each request takes its tokens up to its limit (the rest of its rows are
+    dropped), and the inter-token histogram gets one interval per token: the wait since the request's last token
+    for the call's first, 0 for the others (they arrive together)."""
+    eng = Engine.__new__(Engine)
+    eng.tok, eng.metrics, eng.eos_ids, eng.max_seq_len, eng._active = None, Metrics(), set(), 1000, {}
+    events = {0: [], 1: []}
+    reqs = {}
+    for s, max_tokens in ((0, 100), (1, 3)):
+        r = Request([1, 2], SamplingParams(max_tokens=max_tokens, ignore_eos=True), events[s].append)
+        r.slot, r.out_ids, r.t_last = s, [7], time.monotonic() - 0.5  # its first token came 0.5 s ago
+        eng._active[s] = reqs[s] = r
+    k = 4
+    ids = np.arange(10, 10 + 2 * k, dtype=np.int32).reshape(k, 2)
+    out = (ids, np.zeros((k, 2), np.float32), np.zeros((k, 2, 5), np.int32), np.zeros((k, 2, 5), np.float32))
+    eng._collect(_Inflight(out, dict(eng._active), k))
+    assert reqs[0].out_ids == [7, 10, 12, 14, 16] and reqs[1].out_ids == [7, 11, 13]
+    assert [e["ids"] for e in events[0]] == [[10, 12, 14, 16]]
+    assert events[1][-1]["type"] == "done" and events[1][-1]["finish_reason"] == "length"
+    itl = eng.metrics.itl
+    assert itl.count == 4 + 2 and itl.sum == pytest.approx(1.0, abs=0.05)  # two gaps of ~0.5 s, four zeros
+    assert itl.counts[0] == 4  # the zeros, in the lowest bucket

@@ -15,11 +15,12 @@ class Histogram:
         self.count = 0
         self._lock = threading.Lock()
 
-    def observe(self, v: float):
+    def observe(self, v: float, n: int = 1):
+        """n observations of the value v."""
         with self._lock:
-            self.counts[bisect.bisect_left(self.buckets, v)] += 1
-            self.sum += v
-            self.count += 1
+            self.counts[bisect.bisect_left(self.buckets, v)] += n
+            self.sum += v * n
+            self.count += n
 
     def render(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
