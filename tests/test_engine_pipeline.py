@@ -174,11 +174,12 @@ def test_first_tokens_sampled_by_the_program_their_requests_need(model, jobs_and
 
 
 def test_prefill_groups_by_bucket():
-    """Prompts that fit one bucket are grouped by bucket, prefill_rows at most; longer ones go alone."""
+    """Prompts that fit one bucket are grouped by bucket, as many as the largest grouped program holds; longer ones
+    go alone, and all go alone without grouped programs."""
     eng = Engine.__new__(Engine)
-    eng.buckets, eng.prefill_rows = [16, 64], 2
+    eng.buckets, eng.group_rows = [16, 64], [2]
     assert eng._groups([5, 70, 20, 9, 16, 3, 64]) == [[0, 3], [4, 5], [2, 6], [1]]
-    eng.prefill_rows = 1
+    eng.group_rows = []
     assert eng._groups([5, 70, 20]) == [[0], [1], [2]]
 
 

@@ -5,34 +5,24 @@
 # tokens/s, TTFT p50 / p90 / p99 ms. Everything goes under $OUT (default ./out).
 #   bash tools/gpu_serve_ab.sh ROUNDS "NAME=server options" "NAME=server options" ...
 #   e.g. bash tools/gpu_serve_ab.sh 4 "default=" "gil1=--gil-switch-ms 1"
-# PY, PRESET, LAYERS, MAX_BATCH, MAX_SEQ_LEN and LOADS ("name:bench.serve options", several separated by ";", each
-# sent ROUNDS rounds in the order given) may be set in the environment.
+# PY, PRESET, LAYERS, MAX_BATCH, MAX_SEQ_LEN (tools/serve_bench_common.sh) and LOADS ("name:bench.serve options",
+# several separated by ";", each sent ROUNDS rounds in the order given; default the bursts) may be set in the
+# environment.
 set -u
 OUT=${OUT:-out}; ROUNDS=$1; shift
 mkdir -p "$OUT"
-if ! ${PY:-python3} -c "import fastapi, uvicorn" 2>/dev/null; then
-  ${PY:-python3} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
-PY=${PY:-python3}
-LOADS=${LOADS:-"bursts:--requests 384 --arrival bursty --burst 128 --rate 128 --prompt-len 128:512 --output-len 256:256 --vocab-hi 150000"}
+source tools/serve_bench_common.sh
+LOADS=${LOADS:-"bursts:$BURSTS"}
 FRACTION=$($PY -c "print(round(0.9 / $#, 3))")
 names=(); pids=()
 i=0
 for variant in "$@"; do
   name=${variant%%=*}; opts=${variant#*=}
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION $PY tools/serve_bench_model.py --preset ${PRESET:-qwen3-30b-a3b} \
-    --layers ${LAYERS:-4} --max-batch ${MAX_BATCH:-128} --max-seq-len ${MAX_SEQ_LEN:-4096} --max-queue 1024 \
-    --dtype bfloat16 --port $((8800 + i)) $opts > "$OUT/server-$name.log" 2>&1 &
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION $BENCH_SERVER --port $((8800 + i)) $opts > "$OUT/server-$name.log" 2>&1 &
   names+=("$name"); pids+=($!); i=$((i + 1))
 done
 for i in "${!names[@]}"; do
-  for _ in $(seq 900); do
-    curl -sf "http://127.0.0.1:$((8800 + i))/health" > /dev/null && break
-    kill -0 ${pids[$i]} 2>/dev/null || { echo "server ${names[$i]} died"; tail -30 "$OUT/server-${names[$i]}.log"; exit 1; }
-    sleep 1
-  done
+  wait_healthy $((8800 + i)) ${pids[$i]} "$OUT/server-${names[$i]}.log" || { kill "${pids[@]}"; exit 1; }
   head -2 "$OUT/server-${names[$i]}.log"
 done
 IFS=';' read -ra loads <<< "$LOADS"

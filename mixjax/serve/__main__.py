@@ -33,36 +33,35 @@ def decode_steps_for(value: str, platform: str) -> int:
     return k
 
 
-def parse_decode_rows(value: str | None) -> list[int] | None:
-    """--decode-rows: None (the engine's default), "none" (no programs on fewer rows) or positive integers."""
+def parse_row_counts(value: str | None, option: str, none: bool = False) -> list[int] | None:
+    """A list of row counts (--decode-rows, --prefill-rows): None (the engine's default), positive integers separated
+    by commas, or with none=True also "none" (an empty list)."""
     if value is None:
         return None
-    if value.strip().lower() == "none":
+    if none and value.strip().lower() == "none":
         return []
     try:
         rows = [int(x) for x in value.split(",")]
     except ValueError:
         rows = [0]
     if any(r < 1 for r in rows):
-        raise ValueError(f"--decode-rows must be positive integers separated by commas, or 'none', not {value!r}")
+        alternatives = ", or 'none'" if none else ""
+        raise ValueError(f"{option} must be positive integers separated by commas{alternatives}, not {value!r}")
     return rows
+
+
+def parse_decode_rows(value: str | None) -> list[int] | None:
+    """--decode-rows: None (the engine's default), "none" (no programs on fewer rows) or positive integers."""
+    return parse_row_counts(value, "--decode-rows", none=True)
 
 
 def engine_options(args) -> dict:
     """The Engine's keyword arguments from the command line (args.decode_steps already resolved); ValueError on a
     bad value."""
-    prefill_rows = None
-    if args.prefill_rows is not None:
-        try:
-            prefill_rows = [int(r) for r in args.prefill_rows.split(",")]
-        except ValueError:
-            prefill_rows = [0]
-        if min(prefill_rows) < 1:
-            raise ValueError(f"--prefill-rows must be positive integers separated by commas, not "
-                             f"{args.prefill_rows!r}")
     return dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                 prefill_buckets=[int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None,
-                pipeline=not args.no_pipeline, decode_steps=args.decode_steps, prefill_rows=prefill_rows,
+                pipeline=not args.no_pipeline, decode_steps=args.decode_steps,
+                prefill_rows=parse_row_counts(args.prefill_rows, "--prefill-rows"),
                 decode_rows=parse_decode_rows(args.decode_rows))
 
 

@@ -2,7 +2,7 @@
 and a decode step over all slots, and continuous batching driven by one background thread.
 
 Every step of the loop: drop cancelled requests (their slots are free at once), admit waiting requests into free
-slots (prefill into a small separate cache, then copy that row into the slot of the big cache; up to prefill_rows
+slots (prefill into a small separate cache, then copy that row into the slot of the big cache; several
 waiting prompts that fit one bucket in one prefill call), then run one decode step for all slots together.
 Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device; stop tokens, stop strings and
 max_tokens are checked on the host after each step.
@@ -175,10 +175,9 @@ class Engine:
         self.vocab = sm.vocab_size
         dp = sm.dp_size
         self.slots = -(-max_batch // dp) * dp
-        # Waiting prompts that fit one bucket are prefilled up to prefill_rows in one call (`_groups`), by the
-        # grouped program of the fewest rows that holds them (group_rows; one prompt alone: the one-prompt program).
-        # No more prompts than slots are admitted at once, so no program has more rows than that.
-        self.prefill_rows = min(max(counts), self.slots)
+        # Waiting prompts that fit one bucket are prefilled together, as many as the largest of group_rows holds
+        # (`_groups`), by the grouped program of the fewest rows that holds them (one prompt alone: the one-prompt
+        # program). No more prompts than slots are admitted at once, so no program has more rows than that.
         self.group_rows = sorted({min(r, self.slots) for r in counts} - {1})
         # A K-step decode call runs the first R slots only, R the smallest of these that holds every member (slots
         # are handed out lowest first): a few requests in a large engine do not pay for all its rows. With data
@@ -555,17 +554,17 @@ class Engine:
 
     def _groups(self, lengths: list[int]) -> list[list[int]]:
         """The admission order of prompts of these lengths, as groups of indices prefilled in one call each: prompts
-        that fit one bucket, by bucket, up to prefill_rows per group; longer ones (prefilled in chunks) alone. A
-        function of the lengths only: every process of a cluster forms the same groups."""
+        that fit one bucket, by bucket, as many per group as the largest grouped program holds; longer ones (prefilled
+        in chunks) alone. A function of the lengths only: every process of a cluster forms the same groups."""
         bmax = self.buckets[-1]
+        r = max(self.group_rows, default=1)  # prompts per group, at most
         by_bucket: dict[int, list[int]] = {}
         alone = []
         for i, n in enumerate(lengths):
-            if self.prefill_rows > 1 and n <= bmax:
+            if r > 1 and n <= bmax:
                 by_bucket.setdefault(next(b for b in self.buckets if b >= n), []).append(i)
             else:
                 alone.append([i])
-        r = self.prefill_rows
         return [idx[j:j + r] for idx in by_bucket.values() for j in range(0, len(idx), r)] + alone
 
     def _group_inputs(self, items, b: int, r: int):
