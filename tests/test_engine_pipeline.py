@@ -260,3 +260,89 @@ def test_collect_hands_out_tokens_and_intervals():
     itl = eng.metrics.itl
     assert itl.count == 4 + 2 and itl.sum == pytest.approx(1.0, abs=0.05)  # two gaps of ~0.5 s, four zeros
     assert itl.counts[0] == 4  # the zeros, in the lowest bucket
+
+
+def test_prefill_work_and_admissible_prompts():
+    """The prefill work of an admission is the tokens of the programs that run it, padding included: a group's rows
+    x its bucket, a prompt alone its bucket, a long one its chunks. Under a budget, the most prompts (in arrival
+    order) whose work fits are admitted, at least one."""
+    eng = Engine.__new__(Engine)
+    eng.buckets, eng.group_rows = [16, 64], [2, 4]
+    assert eng._prefill_work([5]) == 16 and eng._prefill_work([20]) == 64
+    assert eng._prefill_work([5, 9]) == 2 * 16 and eng._prefill_work([5, 9, 3]) == 4 * 16  # 3 prompts: 4 rows
+    assert eng._prefill_work([70]) == 64 + 16 and eng._prefill_work([128]) == 64 + 64  # chunks of 64
+    assert eng._prefill_work([5, 20, 9]) == 2 * 16 + 64
+    lengths = [5, 9, 3, 12, 20]
+    assert [eng._admissible(lengths, b) for b in (1, 16, 32, 63, 64, 127, 128, 1000)] == [1, 1, 2, 2, 4, 4, 5, 5]
+    assert eng._admissible([200, 5], 64) == 1  # too large for the budget: alone
+
+
+def test_prefill_budget_interleaves_admissions_with_decode_steps(model):
+    """While a request decodes, three prompts that arrive together are admitted under a budget of one 2-row group
+    of their bucket: two, then a single decode step for the running request, then the third. Without a limit all
+    three go in one call. Every request's tokens are the same either way."""
+    eng = Engine(model, None, max_batch=4, max_seq_len=96, prefill_buckets=[16], decode_steps=4, prefill_rows=[2],
+                 decode_rows=[], max_prefill_tokens=32)
+    eng.warmup(variants=[(False, False, False)])
+    log = []
+    admit, run_decode = eng._admit, eng._run_decode
+    eng._admit = lambda batch: log.append(("admit", len(batch))) or admit(batch)
+    eng._run_decode = lambda *a: log.append(("decode", a[-1])) or run_decode(*a)
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(3, 500, size=n).tolist() for n in (6, 10, 4, 13)]
+    eng.start()
+
+    def scenario():
+        log.clear()
+        results, first, done = {}, threading.Event(), threading.Event()
+
+        def sink_for(i):
+            toks = []
+
+            def sink(ev):
+                if ev["type"] == "token":
+                    toks.extend(ev["ids"])
+                    first.set()
+                else:
+                    results[i] = toks
+                    if len(results) == 4:
+                        done.set()
+            return sink
+        greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        eng.submit(Request(prompts[0], greedy(40), sink_for(0)))
+        assert first.wait(60)
+        with eng._lock:  # the three arrive together: the loop sees all of them or none
+            for i in (1, 2, 3):
+                eng.submit(Request(prompts[i], greedy(8), sink_for(i)))
+        assert done.wait(60)
+        return [results[i] for i in range(4)], log[log.index(("admit", 1)) + 1:]
+
+    try:
+        budgeted, steps = scenario()
+        admissions = [x for x in steps if x[0] == "admit"]
+        assert admissions == [("admit", 2), ("admit", 1)]
+        i = steps.index(("admit", 2))
+        assert steps[i + 1: steps.index(("admit", 1))] == [("decode", 1)]
+        eng.max_prefill_tokens = None
+        unlimited, steps = scenario()
+        assert [x for x in steps if x[0] == "admit"] == [("admit", 3)]
+    finally:
+        eng.stop()
+    assert budgeted == unlimited and [len(t) for t in budgeted] == [40, 8, 8, 8]
+
+
+def test_max_prefill_tokens_option():
+    """--max-prefill-tokens: the engine's default when not given, 'none' for no limit, else a positive integer."""
+    from mixjax.serve.__main__ import engine_options, parse_args
+    from mixjax.serve.engine import MAX_PREFILL_TOKENS
+
+    options = lambda *argv: engine_options(parse_args(["--model", "m", *argv]))
+    assert "max_prefill_tokens" not in options()
+    assert options("--max-prefill-tokens", "none")["max_prefill_tokens"] is None
+    assert options("--max-prefill-tokens", "4096")["max_prefill_tokens"] == 4096
+    for bad in ("0", "-3", "lots"):
+        with pytest.raises(ValueError, match="--max-prefill-tokens must be a positive integer or 'none'"):
+            options("--max-prefill-tokens", bad)
+    with pytest.raises(ValueError, match="max_prefill_tokens must be >= 1"):
+        Engine.__init__(Engine.__new__(Engine), None, max_prefill_tokens=0)
+    assert MAX_PREFILL_TOKENS == 8192

@@ -2,12 +2,13 @@
 # A/B of server options on one GPU: one bench-model server per variant, side by side (each gets 0.9/N of the GPU's
 # memory), then ROUNDS rounds of one load (default: the bursts of tools/gpu_serve_loadtest.sh) sent to each server in
 # turn, so that drifts of the machine fall on every variant alike. Prints one line per run: variant, round,
-# tokens/s, TTFT p50 / p90 / p99 ms. Everything goes under $OUT (default ./out).
+# tokens/s, TTFT p50 / p90 / p99 ms, stall (each request's longest pause between
+# two tokens) p50 / p90 / p99 ms. Everything goes under $OUT (default ./out).
 #   bash tools/gpu_serve_ab.sh ROUNDS "NAME=server options" "NAME=server options" ...
 #   e.g. bash tools/gpu_serve_ab.sh 4 "default=" "gil1=--gil-switch-ms 1"
 # PY, PRESET, LAYERS, MAX_BATCH, MAX_SEQ_LEN (tools/serve_bench_common.sh) and LOADS ("name:bench.serve options",
-# several separated by ";", each sent ROUNDS rounds in the order given; default the bursts) may be set in the
-# environment.
+# or the name alone of a load of tools/serve_bench_common.sh (light, poisson, bursts, mixed), several separated by
+# ";", each sent ROUNDS rounds in the order given; default the bursts) may be set in the environment.
 set -u
 OUT=${OUT:-out}; ROUNDS=$1; shift
 mkdir -p "$OUT"
@@ -28,12 +29,16 @@ done
 IFS=';' read -ra loads <<< "$LOADS"
 for load in "${loads[@]}"; do
   lname=${load%%:*}; lopts=${load#*:}
-  echo "# $lname ($lopts): variant round tokens/s TTFT-p50 p90 p99 (ms)"
+  if [[ $load != *:* ]]; then  # a name alone: that load of tools/serve_bench_common.sh
+    case $load in light) lopts=$LIGHT;; poisson) lopts=$POISSON;; bursts) lopts=$BURSTS;; mixed) lopts=$MIXED;;
+      *) echo "unknown load $load"; kill "${pids[@]}"; exit 1;; esac
+  fi
+  echo "# $lname ($lopts): variant round tokens/s TTFT-p50 p90 p99 | stall-p50 p90 p99 (ms; stall: each request's longest pause between two tokens)"
   for round in $(seq "$ROUNDS"); do
     for i in "${!names[@]}"; do
       json="$OUT/$lname-${names[$i]}-$round.json"
       $PY -m mixjax.bench.serve --url "http://127.0.0.1:$((8800 + i))" $lopts --json "$json" > "$json.log" 2>&1
-      $PY -c "import json,sys; d=json.load(open(sys.argv[1])); t=d['ttft_ms']; print(sys.argv[2], sys.argv[3], round(d['throughput_tok_s']), round(t['p50']), round(t['p90']), round(t['p99']), '' if not d['errors'] else f\"errors {d['errors']}\")" "$json" "${names[$i]}" "$round" || tail -5 "$json.log"
+      $PY -c "import json,sys; d=json.load(open(sys.argv[1])); t=d['ttft_ms']; s=d.get('stall_ms') or {}; print(sys.argv[2], sys.argv[3], round(d['throughput_tok_s']), round(t['p50']), round(t['p90']), round(t['p99']), '| stall', *(round(s[p]) for p in ('p50', 'p90', 'p99') if p in s), '' if not d['errors'] else f\"errors {d['errors']}\")" "$json" "${names[$i]}" "$round" || tail -5 "$json.log"
     done
   done
 done

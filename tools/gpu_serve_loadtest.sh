@@ -11,7 +11,7 @@ OUT=${OUT:-out}; TAG=${1:-run}; shift || true
 mkdir -p "$OUT"
 source tools/serve_bench_common.sh
 PORT=8800
-summary() { $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], json.dumps({k: d[k] for k in ('ok', 'errors', 'wall_s', 'throughput_tok_s', 'ttft_ms', 'itl_ms')}))" "$1" "$2"; }
+summary() { $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], json.dumps({k: d[k] for k in ('ok', 'errors', 'wall_s', 'throughput_tok_s', 'ttft_ms', 'itl_ms', 'tpot_ms', 'stall_ms')}))" "$1" "$2"; }
 
 $BENCH_SERVER "$@" --port $PORT > "$OUT/server-$TAG.log" 2>&1 &
 PID=$!

@@ -1,6 +1,6 @@
 # Sourced by tools/gpu_serve_loadtest.sh and tools/gpu_serve_ab.sh: the HTTP packages (the GPU image lacks them: carried
 # as wheels in .whl, installed into /tmp/site), the bench-model server's command (BENCH_SERVER), the default loads
-# (LIGHT, POISSON, BURSTS: bench.serve options) and the wait for a server to answer /health.
+# (LIGHT, POISSON, BURSTS, MIXED: bench.serve options) and the wait for a server to answer /health.
 # PY, PRESET, LAYERS, MAX_BATCH, MAX_SEQ_LEN and the loads may be set in the environment.
 PY=${PY:-python3}
 if ! $PY -c "import fastapi, uvicorn" 2>/dev/null; then
@@ -13,6 +13,8 @@ BENCH_SERVER="$PY tools/serve_bench_model.py --preset ${PRESET:-qwen3-30b-a3b} -
 LIGHT=${LIGHT:-"--requests 32 --rate 2 --prompt-len 512:2048 --output-len 64:128 --vocab-hi 150000"}
 POISSON=${POISSON:-"--requests 512 --rate 64 --prompt-len 128:1024 --output-len 128:256 --vocab-hi 150000"}
 BURSTS=${BURSTS:-"--requests 384 --arrival bursty --burst 128 --rate 128 --prompt-len 128:512 --output-len 256:256 --vocab-hi 150000"}
+# bursts of long prompts while earlier requests decode: their stalls behind the prefills (--max-prefill-tokens)
+MIXED=${MIXED:-"--requests 256 --arrival bursty --burst 32 --rate 64 --prompt-len 1024:2048 --output-len 256:512 --vocab-hi 150000"}
 
 # wait_healthy PORT PID LOG: until the server on PORT answers /health (0), or its process PID is gone (1: the tail of
 # its LOG is printed)

@@ -37,7 +37,8 @@ except ValueError as e:
 engine = Engine(sm, None, **opts)
 print(f"bench model {mine.preset}, {mine.layers} layers, experts {sm.expert_impl}; {engine.slots} slots x "
       f"{engine.max_seq_len} positions, buckets {engine.buckets} (grouped on rows {engine.group_rows}), "
-      f"{args.decode_steps} decode steps per dispatch on rows {engine.decode_rows}; "
+      f"{args.decode_steps} decode steps per dispatch on rows {engine.decode_rows}, prefill while decoding "
+      f"{engine.max_prefill_tokens or 'unlimited'} tokens; "
       f"warm-up {engine.warmup():.1f} s", flush=True)
 
 

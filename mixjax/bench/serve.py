@@ -7,8 +7,9 @@ Requests are streamed completions (`/v1/completions`, `stream: true`, `ignore_eo
 generates its drawn output length). Arrivals: `poisson` (exponential gaps at --rate requests/s) or `bursty`
 (bursts of --burst requests at once, bursts spaced so the mean rate is --rate). Prompt and output lengths are
 drawn uniformly from LO:HI (tokens; prompts are token ids in [--vocab-lo, --vocab-hi)). TTFT is the time from
-sending a request to its first streamed token; ITL the gaps between later tokens; throughput the generated
-tokens over the whole run. The requests are shared by --processes client processes (default: half the cores, at
+sending a request to its first streamed token; ITL the gaps between later tokens; TPOT each request's mean gap;
+stall each request's longest gap (its pause behind other requests' prefills); throughput the generated tokens over
+the whole run. The requests are shared by --processes client processes (default: half the cores, at
 most 8), each with its own event loop and its share of every burst.
 """
 
@@ -192,6 +193,12 @@ def report(args, results: list[dict], wall: float) -> dict:
     ttft = np.array([r["ttft"] for r in ok]) * 1e3
     itl = np.array([x for r in ok for x in r["itl"]]) * 1e3
     tokens = sum(r["tokens"] for r in ok)
+    # Per request, of those with two tokens or more: its longest pause between two tokens (a stall behind other
+    # requests' prefills shows here, where the many short gaps of the ITL percentiles hide it), and its time per
+    # output token after the first (TPOT: the decode pace it saw).
+    longer = [r for r in ok if r["itl"]]
+    stall = np.array([max(r["itl"]) for r in longer]) * 1e3
+    tpot = np.array([sum(r["itl"]) / len(r["itl"]) for r in longer]) * 1e3
 
     def pct(a):
         return {f"p{p}": float(np.percentile(a, p)) for p in (50, 90, 99)} | {"mean": float(a.mean())} if len(a) else {}
@@ -199,7 +206,8 @@ def report(args, results: list[dict], wall: float) -> dict:
     errors = Counter(str(r["status"]) for r in results if r["status"] != 200 or r["ttft"] is None)
     return {"requests": args.requests, "ok": len(ok), "errors": dict(errors),
             "rate": args.rate, "arrival": args.arrival, "wall_s": wall, "generated_tokens": tokens,
-            "throughput_tok_s": tokens / wall, "ttft_ms": pct(ttft), "itl_ms": pct(itl)}
+            "throughput_tok_s": tokens / wall, "ttft_ms": pct(ttft), "itl_ms": pct(itl),
+            "tpot_ms": pct(tpot), "stall_ms": pct(stall)}
 
 
 def parse_args(argv=None):

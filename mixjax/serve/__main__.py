@@ -55,6 +55,22 @@ def parse_decode_rows(value: str | None) -> list[int] | None:
     return parse_row_counts(value, "--decode-rows", none=True)
 
 
+def parse_max_prefill_tokens(value: str | None) -> dict:
+    """--max-prefill-tokens: {} (the engine's default), {"max_prefill_tokens": None} for "none" (no limit), or a
+    positive integer."""
+    if value is None:
+        return {}
+    if value.strip().lower() == "none":
+        return {"max_prefill_tokens": None}
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--max-prefill-tokens must be a positive integer or 'none', not {value!r}")
+    return {"max_prefill_tokens": n}
+
+
 def engine_options(args) -> dict:
     """The Engine's keyword arguments from the command line (args.decode_steps already resolved); ValueError on a
     bad value."""
@@ -62,7 +78,7 @@ def engine_options(args) -> dict:
                 prefill_buckets=[int(b) for b in args.prefill_buckets.split(",")] if args.prefill_buckets else None,
                 pipeline=not args.no_pipeline, decode_steps=args.decode_steps,
                 prefill_rows=parse_row_counts(args.prefill_rows, "--prefill-rows"),
-                decode_rows=parse_decode_rows(args.decode_rows))
+                decode_rows=parse_decode_rows(args.decode_rows)) | parse_max_prefill_tokens(args.max_prefill_tokens)
 
 
 def parse_args(argv=None):
@@ -84,6 +100,12 @@ def parse_args(argv=None):
                    help="comma-separated row counts of the multi-step decode programs compiled besides --max-batch: "
                         "a call runs the fewest rows that hold its requests' slots (default: 1,8,32,128 below "
                         "--max-batch, mixjax.serve.engine.DECODE_ROWS; 'none' for all slots in every call)")
+    p.add_argument("--max-prefill-tokens", default=None, metavar="N",
+                   help="while requests are decoding, the prefill work admitted between two decode calls: tokens of "
+                        "the prefill programs, padding included (a group: its rows x its bucket); at least one "
+                        "prompt. The other waiting prompts follow after single decode steps, so that running "
+                        "requests pause for a part of a burst at a time. 'none': admit every prompt that has a "
+                        "slot at once (default: 8192, mixjax.serve.engine.MAX_PREFILL_TOKENS)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -218,7 +240,8 @@ def _serve(args, cluster):
         engine.metrics.processes = cluster.num_processes
     print(f"mixjax{me} loaded {model_dir} in {time.monotonic() - t0:.1f}s; {engine.slots} slots x "
           f"{engine.max_seq_len} positions, prefill buckets {engine.buckets} "
-          f"(grouped prompts: programs of {engine.group_rows} rows); compiling...", flush=True)
+          f"(grouped prompts: programs of {engine.group_rows} rows; prefill while decoding: "
+          f"{engine.max_prefill_tokens or 'no limit'} tokens per call); compiling...", flush=True)
     print(f"mixjax{me} warm-up (all compiles) took {engine.warmup():.1f}s", flush=True)
     if cluster is not None and not cluster.is_leader:
         return _follow(engine, cluster)

@@ -125,6 +125,11 @@ SHORT_BUCKETS = (32, 128, 512)  # prefill lengths compiled by default
 # idle rows carried NO_TOKEN), alone in a one-row call 3.15 ms.
 DECODE_ROWS = (1, 8, 32, 128)
 LONG_BUCKET = 2048  # also compiled on accelerators (see default_buckets)
+# Prefill work admitted between two decode calls while requests are decoding (Engine's max_prefill_tokens): the tokens
+# of the prefill programs run, padding included (a group of prompts: its program's rows x its bucket). Without a
+# limit, a burst of prompts is prefilled all at once and every running request waits for all of it. 8192: one 4-row
+# group of 2048-token prompts, or one 16-row group of 512; as vLLM's default token budget per step for online serving.
+MAX_PREFILL_TOKENS = 8192
 
 
 def default_prefill_rows(accelerator: bool) -> list[int]:
@@ -154,16 +159,24 @@ class Engine:
     def __init__(self, sm, tokenizer=None, *, max_batch: int = 8, max_seq_len: int = 2048,
                  prefill_buckets=None, max_queue: int = 64, eos_ids=None, metrics: Metrics | None = None,
                  cluster=None, pipeline: bool = True, decode_steps: int = 1, prefill_rows=None,
-                 decode_rows=None):
+                 decode_rows=None, max_prefill_tokens: int | None = MAX_PREFILL_TOKENS):
         self.sm = sm
         if int(decode_steps) < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        if max_prefill_tokens is not None and int(max_prefill_tokens) < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1 (or None: no limit), got {max_prefill_tokens}")
         accelerator = sm.mesh.devices.flat[0].platform != "cpu"
         if prefill_rows is None:
             prefill_rows = default_prefill_rows(accelerator)
         counts = [int(r) for r in ([prefill_rows] if np.ndim(prefill_rows) == 0 else prefill_rows)]
         if not counts or min(counts) < 1:
             raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
+        # While requests are decoding, the prompts admitted before the next decode call are the longest run of the
+        # waiting ones (in arrival order) whose prefill work (`_prefill_work`) fits this; at least one. The others
+        # wait, and the decode calls run one step each until they are all in (`_held_back`): running requests then
+        # pause for one such part of a burst at a time, not for all of it. None: no limit.
+        self.max_prefill_tokens = None if max_prefill_tokens is None else int(max_prefill_tokens)
+        self._held_back = False
         self.decode_steps = int(decode_steps)
         # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
         # step n's tokens are read on the host, so the host's dispatch work overlaps the device's step.
@@ -504,6 +517,14 @@ class Engine:
                 self._finish(req, error=f"prefill failed: {msg}")
                 continue
             batch.append((req, free.pop(0)))
+        self._held_back = False
+        if len(batch) > 1 and self.max_prefill_tokens is not None and self._active:
+            n = self._admissible([len(r.prompt_ids) for r, _ in batch], self.max_prefill_tokens)
+            if n < len(batch):  # the rest wait at the queue's head, in their order, for the calls after the next decode
+                with self._lock:
+                    self._waiting.extendleft(r for r, _ in reversed(batch[n:]))
+                    self.metrics.queue_length = len(self._waiting)
+                batch, self._held_back = batch[:n], True
         if batch:
             self._admit(batch)
         self._update_gauges()
@@ -566,6 +587,31 @@ class Engine:
             else:
                 alone.append([i])
         return [idx[j:j + r] for idx in by_bucket.values() for j in range(0, len(idx), r)] + alone
+
+    def _prefill_work(self, lengths: list[int]) -> int:
+        """The tokens of the prefill programs that admit prompts of these lengths, padding included: each group's
+        (`_groups`) program rows x its bucket; a prompt alone, its bucket, or its chunks (of the largest bucket, the
+        last one of the bucket that holds it)."""
+        bmax, work = self.buckets[-1], 0
+        for group in self._groups(lengths):
+            n = max(lengths[i] for i in group)
+            head = (n - 1) // bmax * bmax  # the chunks before the last
+            rows = self._group_program_rows(len(group)) if len(group) > 1 else 1
+            work += head + rows * next(b for b in self.buckets if b >= n - head)
+        return work
+
+    def _admissible(self, lengths: list[int], budget: int) -> int:
+        """How many of the prompts of these lengths (in arrival order) to admit now: the most whose prefill work
+        fits the budget, at least one (a prompt larger than the budget goes alone). The work only grows with more
+        prompts, so that a bisection finds the count."""
+        lo, hi = 1, len(lengths)  # lo fits (or is the one that must go), hi + 1 does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._prefill_work(lengths[:mid]) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _group_inputs(self, items, b: int, r: int):
         """The r-row grouped prefill's host inputs for up to r prompts of at most b tokens (unused rows: a row of
@@ -684,7 +730,8 @@ class Engine:
         # K steps when some member can use at least half of them: its tail of single steps would cost more than
         # the discarded steps of one K-step call (H200, 48-token requests at batch 1: 7 single steps at the end
         # made the mean interval 0.82 ms against 0.56 ms per device step)
-        k = self.decode_steps if 2 * room >= self.decode_steps else 1
+        # One step while prompts are held back by the prefill budget: they are admitted before the next call.
+        k = self.decode_steps if 2 * room >= self.decode_steps and not self._held_back else 1
         rows = [(r.params.temperature, r.params.top_k, r.params.top_p) for r in members.values()]
         flags = np.array([*sampling_flags(rows), any(r.params.logprobs for r in members.values())], np.int32)
         # a K-step call: the fewest rows that hold every member (decode_rows)
