@@ -129,13 +129,16 @@ def _post(server, path, body, **kw):
 
 def test_models_health_metrics(server, client):
     # the server runs on uvicorn's C parser and uvloop (dependencies), and says so when ready
-    assert any("(HTTP parser httptools, event loop uvloop, GIL switch 0.2 ms)" in line for line in server.lines)
+    # ... and how many objects it froze out of the garbage collector's walks after the warm-up
+    ready = next(line for line in server.lines if "mixjax ready on" in line)
+    assert "(HTTP parser httptools, event loop uvloop, GIL switch 0.2 ms, " in ready
+    assert int(ready.split("GIL switch 0.2 ms, ")[1].split(" objects frozen for the GC)")[0]) > 10_000
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     text = httpx.get(server.url + "/metrics").text
     for name in ("mixjax_time_to_first_token_seconds_bucket", "mixjax_inter_token_latency_seconds_count",
                  "mixjax_queue_length", "mixjax_running_slots", "mixjax_generation_tokens_total",
-                 "mixjax_kv_cache_usage_ratio"):
+                 "mixjax_kv_cache_usage_ratio", "mixjax_gc_pause_seconds_count"):
         assert name in text
 
 
@@ -387,3 +390,43 @@ def test_gil_switch_option(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--gil-switch-ms", "0"])
     assert "--gil-switch-ms must be positive, got 0" in capsys.readouterr().err
+
+
+def test_gc_freeze_and_gc_pauses():
+    """After the warm-up the server freezes the objects alive out of the collector's walks (--no-gc-freeze keeps
+    them in) and times every collection into mixjax_gc_pause_seconds."""
+    import gc
+
+    from mixjax.serve.__main__ import parse_args, settle_gc
+    from mixjax.serve.metrics import Metrics
+
+    assert parse_args(["--model", "m"]).gc_freeze and not parse_args(["--model", "m", "--no-gc-freeze"]).gc_freeze
+    m, before = Metrics(), gc.get_freeze_count()  # (a library may have frozen a few already)
+    try:
+        assert settle_gc(False, m) == 0 and gc.get_freeze_count() == before
+        gc.collect()
+        assert m.gc_pause.count == 1 and m.gc_pause.sum > 0
+        assert settle_gc(True, m) == gc.get_freeze_count() > before + 1000  # this test process's objects
+        assert m.gc_pause.count == 2  # the collection before the freeze, timed once (watch_gc is not repeated)
+        assert "mixjax_gc_pause_seconds_count 2" in m.render()
+    finally:
+        m.unwatch_gc()
+        gc.unfreeze()
+    gc.collect()
+    assert m.gc_pause.count == 2
+
+
+def test_load_report_stalls_and_time_per_output_token():
+    """Per request with two tokens or more: its longest gap (stall) and its mean gap (TPOT), as percentiles."""
+    from argparse import Namespace
+
+    from mixjax.bench.serve import report
+
+    results = [{"status": 200, "ttft": 0.1, "itl": [0.01, 0.03], "tokens": 3},
+               {"status": 200, "ttft": 0.2, "itl": [0.02, 0.02, 0.05], "tokens": 4},
+               {"status": 200, "ttft": 0.3, "itl": [], "tokens": 1},
+               {"status": 500, "ttft": None, "itl": [], "tokens": 0}]
+    r = report(Namespace(requests=4, rate=1.0, arrival="poisson"), results, 2.0)
+    assert r["ok"] == 3 and r["errors"] == {"500": 1} and r["generated_tokens"] == 8
+    assert r["stall_ms"]["p50"] == pytest.approx(40.0) and r["stall_ms"]["mean"] == pytest.approx(40.0)
+    assert r["tpot_ms"]["p50"] == pytest.approx(25.0) and r["tpot_ms"]["mean"] == pytest.approx(25.0)

@@ -33,12 +33,15 @@ for load in "${loads[@]}"; do
     case $load in light) lopts=$LIGHT;; poisson) lopts=$POISSON;; bursts) lopts=$BURSTS;; mixed) lopts=$MIXED;;
       *) echo "unknown load $load"; kill "${pids[@]}"; exit 1;; esac
   fi
-  echo "# $lname ($lopts): variant round tokens/s TTFT-p50 p90 p99 | stall-p50 p90 p99 (ms; stall: each request's longest pause between two tokens)"
+  echo "# $lname ($lopts): variant round tokens/s TTFT-p50 p90 p99 | stall-p50 p90 p99 (ms; stall: each request's longest pause between two tokens) | the engine's own gaps over 0.1 and 0.25 s | the server's GC time and pauses over 0.1 s"
   for round in $(seq "$ROUNDS"); do
     for i in "${!names[@]}"; do
       json="$OUT/$lname-${names[$i]}-$round.json"
-      $PY -m mixjax.bench.serve --url "http://127.0.0.1:$((8800 + i))" $lopts --json "$json" > "$json.log" 2>&1
-      $PY -c "import json,sys; d=json.load(open(sys.argv[1])); t=d['ttft_ms']; s=d.get('stall_ms') or {}; print(sys.argv[2], sys.argv[3], round(d['throughput_tok_s']), round(t['p50']), round(t['p90']), round(t['p99']), '| stall', *(round(s[p]) for p in ('p50', 'p90', 'p99') if p in s), '' if not d['errors'] else f\"errors {d['errors']}\")" "$json" "${names[$i]}" "$round" || tail -5 "$json.log"
+      url="http://127.0.0.1:$((8800 + i))"
+      curl -sf "$url/metrics" > "$json.before" || true
+      $PY -m mixjax.bench.serve --url "$url" $lopts --json "$json" > "$json.log" 2>&1
+      curl -sf "$url/metrics" > "$json.after" || true
+      $PY tools/ab_line.py "$json" "${names[$i]}" "$round" "$json.before" "$json.after" || tail -5 "$json.log"
     done
   done
 done

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import gc
 import threading
+import time
 
 
 class Histogram:
@@ -36,6 +38,7 @@ class Histogram:
 
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+_GC = (0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
@@ -43,6 +46,10 @@ class Metrics:
         self.ttft = Histogram("mixjax_time_to_first_token_seconds",
                               "Time from request arrival to its first generated token.", _LAT)
         self.itl = Histogram("mixjax_inter_token_latency_seconds", "Time between two tokens of one request.", _LAT)
+        # Python's garbage collections stop every thread of the process, the engine's included (`watch_gc`)
+        self.gc_pause = Histogram("mixjax_gc_pause_seconds",
+                                  "Python garbage collections in the serving process, by duration.", _GC)
+        self._gc_start = None
         self.queue_length = 0
         self.running = 0
         self.slots_total = 0
@@ -56,6 +63,23 @@ class Metrics:
         self.healthy = 1  # 0 once the engine cannot run any more (e.g. a process of a multi-host cluster died)
         self.processes = 1  # processes (hosts) that run the model
         self.plan_channel = None  # process 0 of a cluster: the PlanChannel that sends step plans
+
+    def watch_gc(self):
+        """Time every garbage collection of this process into gc_pause (gc.callbacks; `unwatch_gc` ends it)."""
+        if self._gc_start is not None or self._on_gc in gc.callbacks:
+            return
+        gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self):
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase, _info):
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self.gc_pause.observe(time.perf_counter() - self._gc_start)
+            self._gc_start = None
 
     def render(self) -> str:
         def metric(name, kind, help, value, labels=""):
@@ -89,5 +113,5 @@ class Metrics:
                   "# TYPE mixjax_requests_finished_total counter"]
         for k, v in sorted(self.finished.items()):
             lines.append(f'mixjax_requests_finished_total{{reason="{k}"}} {v}')
-        lines += self.ttft.render() + self.itl.render()
+        lines += self.ttft.render() + self.itl.render() + self.gc_pause.render()
         return "\n".join(lines) + "\n"
