@@ -279,20 +279,24 @@ def test_prefill_work_and_admissible_prompts():
 
 def test_prefill_budget_interleaves_admissions_with_decode_steps(model):
     """While a request decodes, three prompts that arrive together are admitted under a budget of one 2-row group
-    of their bucket: two, then a single decode step for the running request, then the third. Without a limit all
-    three go in one call. Every request's tokens are the same either way."""
+    of their bucket: two, then a single decode step for the running request, then the third. A prompt of four chunks
+    goes in two chunks at a time, a single decode step between. Without a limit the three go in one call and the
+    long prompt's chunks back to back. Every request's tokens are the same either way."""
     eng = Engine(model, None, max_batch=4, max_seq_len=96, prefill_buckets=[16], decode_steps=4, prefill_rows=[2],
                  decode_rows=[], max_prefill_tokens=32)
     eng.warmup(variants=[(False, False, False)])
     log = []
-    admit, run_decode = eng._admit, eng._run_decode
+    admit, run_decode, chunk = eng._admit, eng._run_decode, eng._prefill_chunk
     eng._admit = lambda batch: log.append(("admit", len(batch))) or admit(batch)
     eng._run_decode = lambda *a: log.append(("decode", a[-1])) or run_decode(*a)
+    eng._prefill_chunk = lambda ids, p0: log.append(("chunk", p0)) or chunk(ids, p0)
     rng = np.random.RandomState(1)
-    prompts = [rng.randint(3, 500, size=n).tolist() for n in (6, 10, 4, 13)]
+    prompts = [rng.randint(3, 500, size=n).tolist() for n in (6, 10, 4, 13, 50)]
     eng.start()
 
-    def scenario():
+    def scenario(later):
+        """prompts[0] decoding 40 tokens; once it has its first token, the prompts `later` (indices) arrive
+        together, 8 tokens each. Returns every request's tokens and the loop's steps after the first admission."""
         log.clear()
         results, first, done = {}, threading.Event(), threading.Event()
 
@@ -305,30 +309,36 @@ def test_prefill_budget_interleaves_admissions_with_decode_steps(model):
                     first.set()
                 else:
                     results[i] = toks
-                    if len(results) == 4:
+                    if len(results) == 1 + len(later):
                         done.set()
             return sink
         greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         eng.submit(Request(prompts[0], greedy(40), sink_for(0)))
         assert first.wait(60)
-        with eng._lock:  # the three arrive together: the loop sees all of them or none
-            for i in (1, 2, 3):
+        with eng._lock:  # they arrive together: the loop sees all of them or none
+            for i in later:
                 eng.submit(Request(prompts[i], greedy(8), sink_for(i)))
         assert done.wait(60)
-        return [results[i] for i in range(4)], log[log.index(("admit", 1)) + 1:]
+        return results, log[log.index(("admit", 1)) + 2:]  # after the first prompt's admission and its one chunk
 
+    between = lambda steps, a, b: steps[steps.index(a) + 1: steps.index(b)]
     try:
-        budgeted, steps = scenario()
-        admissions = [x for x in steps if x[0] == "admit"]
-        assert admissions == [("admit", 2), ("admit", 1)]
-        i = steps.index(("admit", 2))
-        assert steps[i + 1: steps.index(("admit", 1))] == [("decode", 1)]
+        budgeted, steps = scenario([1, 2, 3])
+        assert [x for x in steps if x[0] == "admit"] == [("admit", 2), ("admit", 1)]
+        assert between(steps, ("admit", 2), ("admit", 1)) == [("decode", 1)]
+        long_budgeted, long_steps = scenario([4])
+        assert [x for x in long_steps if x[0] != "decode"] == [("chunk", p0) for p0 in (0, 16, 32, 48)]
+        assert between(long_steps, ("chunk", 16), ("chunk", 32)) == [("decode", 1)]
         eng.max_prefill_tokens = None
-        unlimited, steps = scenario()
+        unlimited, steps = scenario([1, 2, 3])
         assert [x for x in steps if x[0] == "admit"] == [("admit", 3)]
+        long_unlimited, long_steps = scenario([4])
+        i = long_steps.index(("admit", 1))
+        assert long_steps[i + 1: i + 5] == [("chunk", p0) for p0 in (0, 16, 32, 48)]
     finally:
         eng.stop()
-    assert budgeted == unlimited and [len(t) for t in budgeted] == [40, 8, 8, 8]
+    assert budgeted == unlimited and [len(budgeted[i]) for i in range(4)] == [40, 8, 8, 8]
+    assert long_budgeted == long_unlimited and len(long_budgeted[4]) == 8
 
 
 def test_max_prefill_tokens_option():

@@ -104,9 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--max-prefill-tokens", default=None, metavar="N",
                    help="while requests are decoding, the prefill work admitted between two decode calls: tokens of "
                         "the prefill programs, padding included (a group: its rows x its bucket); at least one "
-                        "prompt. The other waiting prompts follow after single decode steps, so that running "
-                        "requests pause for a part of a burst at a time. 'none': admit every prompt that has a "
-                        "slot at once (default: 8192, mixjax.serve.engine.MAX_PREFILL_TOKENS)")
+                        "prompt, or of a long prompt's chunks. The other waiting prompts (or chunks) follow after "
+                        "single decode steps, so that running requests pause for a part of a burst at a time. "
+                        "'none': admit every prompt that has a slot at once (default: 8192, "
+                        "mixjax.serve.engine.MAX_PREFILL_TOKENS)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="float32", choices=DTYPES)

@@ -3,7 +3,9 @@ and a decode step over all slots, and continuous batching driven by one backgrou
 
 Every step of the loop: drop cancelled requests (their slots are free at once), admit waiting requests into free
 slots (prefill into a small separate cache, then copy that row into the slot of the big cache; several
-waiting prompts that fit one bucket in one prefill call), then run one decode step for all slots together.
+waiting prompts that fit one bucket in one prefill call), then run one decode step for all slots together. While
+requests decode, the prefill work admitted before each decode call is limited (`max_prefill_tokens`): the rest of a
+burst, or of a long prompt's chunks, follows after single decode steps.
 Sampling (greedy, temperature, top-k, top-p, per-request seed) runs on device; stop tokens, stop strings and
 max_tokens are checked on the host after each step.
 
@@ -111,6 +113,18 @@ class _Inflight:
     k: int = 1
 
 
+@dataclass
+class _Partial:
+    """A long prompt prefilled over several iterations (chunks of the largest bucket, in the one-prompt small cache)
+    while other requests decode: its request, its reserved slot, the positions prefilled so far, and the last
+    chunk's logits."""
+
+    req: Request
+    slot: int
+    p0: int = 0
+    logits: object = None
+
+
 # Row counts of the grouped prefill programs (Engine's prefill_rows): waiting prompts of one bucket are prefilled
 # together, as many as the largest holds, each group by the smallest program that holds it. On accelerators also 16
 # rows (`default_prefill_rows`): a burst of 128 prompts of 128-512 tokens then takes 8 calls instead of 32. H200, bench
@@ -174,9 +188,11 @@ class Engine:
         # While requests are decoding, the prompts admitted before the next decode call are the longest run of the
         # waiting ones (in arrival order) whose prefill work (`_prefill_work`) fits this; at least one. The others
         # wait, and the decode calls run one step each until they are all in (`_held_back`): running requests then
-        # pause for one such part of a burst at a time, not for all of it. None: no limit.
+        # pause for one such part of a burst at a time, not for all of it. A prompt whose chunks alone exceed it goes
+        # in that much at a time (`_advance_partial`). None: no limit.
         self.max_prefill_tokens = None if max_prefill_tokens is None else int(max_prefill_tokens)
         self._held_back = False
+        self._partial: _Partial | None = None  # a long prompt whose chunks are spread over decode calls
         self.decode_steps = int(decode_steps)
         # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
         # step n's tokens are read on the host, so the host's dispatch work overlaps the device's step.
@@ -404,11 +420,11 @@ class Engine:
         with self._lock:
             self._accepting = False
             if cancel:
-                for r in list(self._waiting) + list(self._active.values()):
+                for r in list(self._waiting) + list(self._active.values()) + self._prefilling():
                     r.cancelled = True
             self._lock.notify()
         deadline = time.monotonic() + timeout
-        while not cancel and (self._waiting or self._active) and time.monotonic() < deadline:
+        while not cancel and (self._waiting or self._active or self._partial) and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._lock:
             self._stop = True
@@ -439,13 +455,18 @@ class Engine:
         with self._lock:
             self.failed = message
             self._accepting = False
-            reqs = list(self._waiting) + list(self._active.values())
+            reqs = list(self._waiting) + list(self._active.values()) + self._prefilling()
         self.metrics.healthy = 0
         for r in reqs:
             if not r.finished:
                 r.finished = True
                 self.metrics.requests_failed += 1
                 r.emit({"type": "error", "message": f"engine unhealthy: {message}"})
+
+    def _prefilling(self) -> list[Request]:
+        """The request whose long prompt is being prefilled over several iterations, if any."""
+        p = self._partial
+        return [] if p is None else [p.req]
 
     @property
     def queue_length(self) -> int:
@@ -471,7 +492,7 @@ class Engine:
             with self._lock:
                 if self._stop:
                     break
-                if not self._waiting and not self._active:
+                if not self._waiting and not self._active and self._partial is None:
                     self._lock.wait(0.1)
                     continue
             try:
@@ -488,8 +509,9 @@ class Engine:
                     self.cache = self.sm.init_cache(self.slots, self.max_seq_len)
                 except Exception:
                     log.error("could not re-create the KV cache:\n%s", traceback.format_exc())
-        for r in list(self._active.values()):
+        for r in list(self._active.values()) + self._prefilling():
             self._finish(r, reason="cancelled")
+        self._partial = None
         with self._lock:
             rest = list(self._waiting)
             self._waiting.clear()
@@ -499,6 +521,16 @@ class Engine:
     def _iteration(self):
         for r in [r for r in self._active.values() if r.cancelled]:
             self._finish(r, reason="cancelled")
+        if self._partial is not None and self._partial.req.cancelled:
+            self._finish(self._partial.req, reason="cancelled")
+            self._partial = None
+        budget = self.max_prefill_tokens if self._active else None  # no request decoding: no one waits for prefills
+        self._held_back = False
+        if self._partial is not None:
+            self._advance_partial(budget)
+            if budget is not None:  # this call's prefill work is spent: decode one step, then go on
+                self._held_back = True
+                return self._decode_iteration()
         free = [s for s in range(self.slots) if s not in self._active]
         batch = []
         while free:
@@ -517,20 +549,55 @@ class Engine:
                 self._finish(req, error=f"prefill failed: {msg}")
                 continue
             batch.append((req, free.pop(0)))
-        self._held_back = False
-        if len(batch) > 1 and self.max_prefill_tokens is not None and self._active:
-            n = self._admissible([len(r.prompt_ids) for r, _ in batch], self.max_prefill_tokens)
+        if batch and budget is not None:
+            lengths = [len(r.prompt_ids) for r, _ in batch]
+            n = self._admissible(lengths, budget)
             if n < len(batch):  # the rest wait at the queue's head, in their order, for the calls after the next decode
                 with self._lock:
                     self._waiting.extendleft(r for r, _ in reversed(batch[n:]))
                     self.metrics.queue_length = len(self._waiting)
                 batch, self._held_back = batch[:n], True
+            if n == 1 and self.cluster is None and self._prefill_work(lengths[:1]) > budget:
+                # a long prompt over the budget: its chunks go in a budget's worth at a time, between decode calls
+                # (on a cluster it goes in at once: the other processes follow whole admissions only)
+                self._partial = _Partial(*batch[0])
+                self._advance_partial(budget)
+                self._held_back, batch = True, []
         if batch:
             self._admit(batch)
+        self._decode_iteration()
+
+    def _decode_iteration(self):
         self._update_gauges()
         if self._active:
             self._step()
         self._update_gauges()
+
+    def _advance_partial(self, budget: int | None):
+        """Prefill the partial prompt's next chunks, as many as the budget holds (at least one; None: all). After its
+        last chunk: copy it into its slot, sample its first token and start its request."""
+        p, bmax = self._partial, self.buckets[-1]
+        r, ids = p.req, p.req.prompt_ids
+        args = (ids, p.slot, np.uint32(r.seed), np.float32(r.params.temperature), np.int32(r.params.top_k),
+                np.float32(r.params.top_p))
+        try:
+            spent = 0
+            while p.p0 < len(ids):
+                b = self._chunk_bucket(len(ids) - p.p0)
+                if budget is not None and spent and spent + b > budget:
+                    return
+                p.logits = self._prefill_chunk(ids, p.p0)
+                spent += b
+                p.p0 += bmax
+            out = self._finish_prefill(p.logits, *args, want_top=bool(r.params.logprobs))
+        except Exception as e:  # as _admit: the request fails alone, the small cache is made anew
+            log.error("prefill failed for request %d: %s\n%s", r.id, e, traceback.format_exc())
+            self._partial = None
+            self._finish(r, error=f"prefill failed: {e}")
+            self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
+            return
+        self._partial = None
+        self._start(r, args, out)
 
     def _admit(self, batch: list[tuple[Request, int]]):
         """Prefill each (request, slot) and hand the request its first token."""
@@ -561,17 +628,24 @@ class Engine:
                 self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
                 self.small_groups = {r: self._group_cache(r) for r in self.group_rows}
                 continue
-            for (req, _), (_, slot, seed, temp, topk, topp), (tok, lp, top_ids, top_lp) in zip(items, args, outs):
-                req.slot = slot
-                self._active[slot] = req
-                self._h_temp[slot], self._h_topk[slot], self._h_topp[slot], self._h_seed[slot] = temp, topk, topp, seed
-                L = len(req.prompt_ids)
-                req.pos = L
-                now = time.monotonic()
-                self.metrics.ttft.observe(now - req.t_submit)
-                self.metrics.prompt_tokens += L
-                req.t_last = now
-                self._on_token(req, int(tok), float(lp), top_ids, top_lp)
+            for (req, _), a, out in zip(items, args, outs):
+                self._start(req, a, out)
+
+    def _start(self, req: Request, args, out):
+        """A prefilled request into its slot: args (ids, slot, seed, temperature, top_k, top_p), out its first
+        token (id, logprob, top ids, top logprobs)."""
+        _, slot, seed, temp, topk, topp = args
+        tok, lp, top_ids, top_lp = out
+        req.slot = slot
+        self._active[slot] = req
+        self._h_temp[slot], self._h_topk[slot], self._h_topp[slot], self._h_seed[slot] = temp, topk, topp, seed
+        L = len(req.prompt_ids)
+        req.pos = L
+        now = time.monotonic()
+        self.metrics.ttft.observe(now - req.t_submit)
+        self.metrics.prompt_tokens += L
+        req.t_last = now
+        self._on_token(req, int(tok), float(lp), top_ids, top_lp)
 
     def _groups(self, lengths: list[int]) -> list[list[int]]:
         """The admission order of prompts of these lengths, as groups of indices prefilled in one call each: prompts
@@ -666,22 +740,34 @@ class Engine:
         """The compiled calls of one admission: bucketed (chunked) prefill into the small cache, the copy of its
         row into `slot` of the big cache, and the first token's sampling. Returns the first token's (id, logprob,
         top ids, top logprobs)."""
-        L = len(ids)
-        dp, bmax = self.sm.dp_size, self.buckets[-1]
-        p0 = 0
-        while True:
-            rem = L - p0
-            b = bmax if rem > bmax else next(x for x in self.buckets if x >= rem)
-            chunk = ids[p0: p0 + b]
-            tokens = np.full((dp, b), NO_TOKEN, np.int32)  # the bucket's padding: no expert computes it
-            tokens[:, : len(chunk)] = chunk
-            positions = np.broadcast_to(p0 + np.arange(b, dtype=np.int32), (dp, b))
-            last_idx = np.int32(min(rem, b) - 1)
-            prog = self._prefill_fresh if p0 == 0 else self._prefill
-            logits, self.small = prog(self.sm.leaves, tokens, positions, self.small, last_idx)
-            if rem <= bmax:
-                break
-            p0 += bmax
+        for p0 in range(0, len(ids), self.buckets[-1]):
+            logits = self._prefill_chunk(ids, p0)
+        return self._finish_prefill(logits, ids, slot, seed, temp, topk, topp, fetch=fetch, want_top=want_top)
+
+    def _chunk_bucket(self, rem: int) -> int:
+        """The bucket of a prompt's chunk with rem tokens left: the largest while more are left, else the smallest
+        that holds them."""
+        bmax = self.buckets[-1]
+        return bmax if rem > bmax else next(x for x in self.buckets if x >= rem)
+
+    def _prefill_chunk(self, ids, p0: int):
+        """Prefill the chunk of the prompt `ids` from position p0 (a multiple of the largest bucket) into the small
+        cache; returns its last position's logits."""
+        dp = self.sm.dp_size
+        rem = len(ids) - p0
+        b = self._chunk_bucket(rem)
+        chunk = ids[p0: p0 + b]
+        tokens = np.full((dp, b), NO_TOKEN, np.int32)  # the bucket's padding: no expert computes it
+        tokens[:, : len(chunk)] = chunk
+        positions = np.broadcast_to(p0 + np.arange(b, dtype=np.int32), (dp, b))
+        last_idx = np.int32(min(rem, b) - 1)
+        prog = self._prefill_fresh if p0 == 0 else self._prefill
+        logits, self.small = prog(self.sm.leaves, tokens, positions, self.small, last_idx)
+        return logits
+
+    def _finish_prefill(self, logits, ids, slot: int, seed, temp, topk, topp, fetch: bool = True,
+                        want_top: bool = False):
+        """After a prompt's last chunk: its row of the small cache into `slot`, its first token sampled."""
         self.cache = self._copy(self.cache, self.small, np.full(1, slot, np.int32), np.zeros(1, np.int32))
         out = self._first_tokens(logits, [(ids, slot, seed, temp, topk, topp)],
                                  self._one_row_sampling(seed, temp, topk, topp), want_top)
