@@ -14,7 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 from mixjax.bench.decode import bench_config, bench_model, decode_vocab
-from mixjax.serve.__main__ import _run_http, decode_steps_for, engine_options, parse_args
+from mixjax.serve.__main__ import _run_http, decode_steps_for, engine_options, parse_args, settle_gc
 from mixjax.serve.engine import Engine
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import ShardedModel
@@ -72,6 +72,7 @@ def run_direct(load_options: str):
 
 
 if mine.direct:
+    settle_gc(args.gc_freeze, engine.metrics)  # as the server does before it serves
     engine.start()
     for load_options in mine.direct:
         run_direct(load_options)
