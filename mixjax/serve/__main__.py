@@ -21,17 +21,24 @@ DTYPES = ("float32", "bfloat16")
 GIL_SWITCH_MS = 0.2
 
 
+def positive_or(value: str, option: str, word: str) -> int | None:
+    """An option that takes a positive integer or a word ("auto", "none"): None for the word, else the integer;
+    ValueError naming the option for anything else."""
+    if value.strip().lower() == word:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{option} must be a positive integer or '{word}', not {value!r}")
+    return n
+
+
 def decode_steps_for(value: str, platform: str) -> int:
     """--decode-steps: a positive integer, or "auto" (8 on GPU, 1 elsewhere)."""
-    if value == "auto":
-        return 8 if platform == "gpu" else 1
-    try:
-        k = int(value)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise ValueError(f"--decode-steps must be a positive integer or 'auto', not {value!r}")
-    return k
+    k = positive_or(value, "--decode-steps", "auto")
+    return (8 if platform == "gpu" else 1) if k is None else k
 
 
 def parse_row_counts(value: str | None, option: str, none: bool = False) -> list[int] | None:
@@ -59,17 +66,7 @@ def parse_decode_rows(value: str | None) -> list[int] | None:
 def parse_max_prefill_tokens(value: str | None) -> dict:
     """--max-prefill-tokens: {} (the engine's default), {"max_prefill_tokens": None} for "none" (no limit), or a
     positive integer."""
-    if value is None:
-        return {}
-    if value.strip().lower() == "none":
-        return {"max_prefill_tokens": None}
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"--max-prefill-tokens must be a positive integer or 'none', not {value!r}")
-    return {"max_prefill_tokens": n}
+    return {} if value is None else {"max_prefill_tokens": positive_or(value, "--max-prefill-tokens", "none")}
 
 
 def engine_options(args) -> dict:
