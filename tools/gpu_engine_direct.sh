@@ -10,8 +10,7 @@ source tools/serve_bench_common.sh
 loads=("$@"); [ ${#loads[@]} -gt 0 ] || loads=(bursts bursts bursts)
 args=(); i=0
 for name in "${loads[@]}"; do
-  case $name in light) o=$LIGHT;; poisson) o=$POISSON;; bursts) o=$BURSTS;; mixed) o=$MIXED;;
-    *) echo "unknown load $name"; exit 1;; esac
+  o=$(load_options "$name") || exit 1
   i=$((i + 1)); args+=(--direct "$o --json $OUT/direct-$i-$name.json")
 done
 $BENCH_SERVER ${SERVER_OPTS:-} "${args[@]}" > "$OUT/direct.log" 2>&1 || { tail -20 "$OUT/direct.log"; exit 1; }

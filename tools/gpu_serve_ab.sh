@@ -30,8 +30,7 @@ IFS=';' read -ra loads <<< "$LOADS"
 for load in "${loads[@]}"; do
   lname=${load%%:*}; lopts=${load#*:}
   if [[ $load != *:* ]]; then  # a name alone: that load of tools/serve_bench_common.sh
-    case $load in light) lopts=$LIGHT;; poisson) lopts=$POISSON;; bursts) lopts=$BURSTS;; mixed) lopts=$MIXED;;
-      *) echo "unknown load $load"; kill "${pids[@]}"; exit 1;; esac
+    lopts=$(load_options "$load") || { kill "${pids[@]}"; exit 1; }
   fi
   echo "# $lname ($lopts): variant round tokens/s TTFT-p50 p90 p99 | stall-p50 p90 p99 (ms; stall: each request's longest pause between two tokens) | the engine's own gaps over 0.1 and 0.25 s | the server's GC time and pauses over 0.1 s"
   for round in $(seq "$ROUNDS"); do

@@ -16,6 +16,12 @@ BURSTS=${BURSTS:-"--requests 384 --arrival bursty --burst 128 --rate 128 --promp
 # bursts of long prompts while earlier requests decode: their stalls behind the prefills (--max-prefill-tokens)
 MIXED=${MIXED:-"--requests 256 --arrival bursty --burst 32 --rate 64 --prompt-len 1024:2048 --output-len 256:512 --vocab-hi 150000"}
 
+# load_options NAME: the bench.serve options of the load named light, poisson, bursts or mixed (1 for another name)
+load_options() {
+  case $1 in light) echo "$LIGHT";; poisson) echo "$POISSON";; bursts) echo "$BURSTS";; mixed) echo "$MIXED";;
+    *) echo "unknown load $1" >&2; return 1;; esac
+}
+
 # wait_healthy PORT PID LOG: until the server on PORT answers /health (0), or its process PID is gone (1: the tail of
 # its LOG is printed)
 wait_healthy() {

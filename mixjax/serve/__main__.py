@@ -297,8 +297,9 @@ def settle_gc(freeze: bool, metrics) -> int:
     """After the warm-up: time the process's garbage collections into the metrics and, with freeze, collect once and
     move every object alive into Python's permanent generation (gc.freeze), so that later full collections do not
     walk them. After the warm-up a server holds ~280k objects (the model's modules, jax's traced and compiled
-    programs), which a full collection walks: ~140 ms on a 2-core CPU, and one comes every few seconds under load,
-    stopping the engine's thread and the HTTP loop alike. Returns the objects frozen."""
+    programs), which a full collection walks: ~150 ms on a 2-core CPU (tools/probe_gc.py), ~0.25-0.3 s on an H200
+    host, where one came in about every other load run, stopping the engine's thread and the HTTP loop alike.
+    Returns the objects frozen."""
     metrics.watch_gc()
     if not freeze:
         return 0

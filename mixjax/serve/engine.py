@@ -116,13 +116,11 @@ class _Inflight:
 @dataclass
 class _Partial:
     """A long prompt prefilled over several iterations (chunks of the largest bucket, in the one-prompt small cache)
-    while other requests decode: its request, its reserved slot, the positions prefilled so far, and the last
-    chunk's logits."""
+    while other requests decode: its request, its reserved slot, and the positions prefilled so far."""
 
     req: Request
     slot: int
     p0: int = 0
-    logits: object = None
 
 
 # Row counts of the grouped prefill programs (Engine's prefill_rows): waiting prompts of one bucket are prefilled
@@ -187,11 +185,10 @@ class Engine:
             raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
         # While requests are decoding, the prompts admitted before the next decode call are the longest run of the
         # waiting ones (in arrival order) whose prefill work (`_prefill_work`) fits this; at least one. The others
-        # wait, and the decode calls run one step each until they are all in (`_held_back`): running requests then
+        # wait, and the decode calls run one step each until they are all in (`_step`'s single): running requests then
         # pause for one such part of a burst at a time, not for all of it. A prompt whose chunks alone exceed it goes
         # in that much at a time (`_advance_partial`). None: no limit.
         self.max_prefill_tokens = None if max_prefill_tokens is None else int(max_prefill_tokens)
-        self._held_back = False
         self._partial: _Partial | None = None  # a long prompt whose chunks are spread over decode calls
         self.decode_steps = int(decode_steps)
         # Pipelined decode: step n+1 is dispatched (its tokens taken on the device from step n's output) before
@@ -241,7 +238,7 @@ class Engine:
 
         self._build()
         self.cache = sm.init_cache(self.slots, self.max_seq_len)
-        self.small = sm.init_cache(dp, self.max_seq_len + self.buckets[-1])
+        self.small = self._prompt_cache()
         self.small_groups = {r: self._group_cache(r) for r in self.group_rows}
         self.cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
         self._copy = jax.jit(self._copy_fn, donate_argnums=0, out_shardings=self.cache_shardings)
@@ -338,6 +335,11 @@ class Engine:
         to = np.arange(self.slots, self.slots + r, dtype=np.int32)
         to[: len(slots)] = slots
         return to, np.arange(r, dtype=np.int32)
+
+    def _prompt_cache(self):
+        """The small cache of one prompt's prefill: a row per data-parallel shard, room for a long prompt's chunks
+        (max_seq_len + the largest bucket positions)."""
+        return self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
 
     def _group_cache(self, r: int):
         """The small cache of the r-row grouped prefill: r rows per data-parallel shard, as many positions as the
@@ -525,12 +527,10 @@ class Engine:
             self._finish(self._partial.req, reason="cancelled")
             self._partial = None
         budget = self.max_prefill_tokens if self._active else None  # no request decoding: no one waits for prefills
-        self._held_back = False
         if self._partial is not None:
             self._advance_partial(budget)
             if budget is not None:  # this call's prefill work is spent: decode one step, then go on
-                self._held_back = True
-                return self._decode_iteration()
+                return self._decode_iteration(single=True)
         free = [s for s in range(self.slots) if s not in self._active]
         batch = []
         while free:
@@ -549,6 +549,7 @@ class Engine:
                 self._finish(req, error=f"prefill failed: {msg}")
                 continue
             batch.append((req, free.pop(0)))
+        held_back = False  # prompts (or a long prompt's chunks) wait for the budget: the next decode call runs one step
         if batch and budget is not None:
             lengths = [len(r.prompt_ids) for r, _ in batch]
             n = self._admissible(lengths, budget)
@@ -556,21 +557,21 @@ class Engine:
                 with self._lock:
                     self._waiting.extendleft(r for r, _ in reversed(batch[n:]))
                     self.metrics.queue_length = len(self._waiting)
-                batch, self._held_back = batch[:n], True
+                batch, held_back = batch[:n], True
             if n == 1 and self.cluster is None and self._prefill_work(lengths[:1]) > budget:
                 # a long prompt over the budget: its chunks go in a budget's worth at a time, between decode calls
                 # (on a cluster it goes in at once: the other processes follow whole admissions only)
                 self._partial = _Partial(*batch[0])
                 self._advance_partial(budget)
-                self._held_back, batch = True, []
+                held_back, batch = True, []
         if batch:
             self._admit(batch)
-        self._decode_iteration()
+        self._decode_iteration(single=held_back)
 
-    def _decode_iteration(self):
+    def _decode_iteration(self, single: bool = False):
         self._update_gauges()
         if self._active:
-            self._step()
+            self._step(single)
         self._update_gauges()
 
     def _advance_partial(self, budget: int | None):
@@ -582,19 +583,19 @@ class Engine:
                 np.float32(r.params.top_p))
         try:
             spent = 0
-            while p.p0 < len(ids):
+            while p.p0 < len(ids):  # the last chunk runs in the call that finishes: its logits need not be kept
                 b = self._chunk_bucket(len(ids) - p.p0)
                 if budget is not None and spent and spent + b > budget:
                     return
-                p.logits = self._prefill_chunk(ids, p.p0)
+                logits = self._prefill_chunk(ids, p.p0)
                 spent += b
                 p.p0 += bmax
-            out = self._finish_prefill(p.logits, *args, want_top=bool(r.params.logprobs))
+            out = self._finish_prefill(logits, *args, want_top=bool(r.params.logprobs))
         except Exception as e:  # as _admit: the request fails alone, the small cache is made anew
             log.error("prefill failed for request %d: %s\n%s", r.id, e, traceback.format_exc())
             self._partial = None
             self._finish(r, error=f"prefill failed: {e}")
-            self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
+            self.small = self._prompt_cache()
             return
         self._partial = None
         self._start(r, args, out)
@@ -625,7 +626,7 @@ class Engine:
                     log.error("prefill failed for request %d: %s\n%s", req.id, e, traceback.format_exc())
                     self._finish(req, error=f"prefill failed: {e}")
                 # the small caches were donated: make new ones
-                self.small = self.sm.init_cache(self.sm.dp_size, self.max_seq_len + self.buckets[-1])
+                self.small = self._prompt_cache()
                 self.small_groups = {r: self._group_cache(r) for r in self.group_rows}
                 continue
             for (req, _), a, out in zip(items, args, outs):
@@ -671,7 +672,7 @@ class Engine:
             n = max(lengths[i] for i in group)
             head = (n - 1) // bmax * bmax  # the chunks before the last
             rows = self._group_program_rows(len(group)) if len(group) > 1 else 1
-            work += head + rows * next(b for b in self.buckets if b >= n - head)
+            work += head + rows * self._chunk_bucket(n - head)
         return work
 
     def _admissible(self, lengths: list[int], budget: int) -> int:
@@ -789,12 +790,12 @@ class Engine:
         self._last_ids = out[0]
         return out  # [slots, ...]: _collect adds the step axis on the host
 
-    def _dispatch_decode(self, prev: _Inflight | None) -> _Inflight | None:
+    def _dispatch_decode(self, prev: _Inflight | None, single: bool = False) -> _Inflight | None:
         """Start a decode call for the active requests. A request that is in `prev` (not yet read) continues from
         its last token on the device, prev.k positions further; one that `prev` is sure to finish (length limits)
         is left out. If `prev` ends a request another way (a stop token or string, a cancel), the call's row for it
         is wasted work and its output is dropped. The call runs decode_steps steps when some member can use at
-        least half of them, else one; a row's steps past its own limits are discarded on collection (positions past
+        least half of them and not `single`, else one; a row's steps past its own limits are discarded on collection (positions past
         the cache's end write into that row's last slot, which no live request reads)."""
         n = self.slots
         # idle rows carry no token: the rows of a call that hold no request read no expert
@@ -816,8 +817,8 @@ class Engine:
         # K steps when some member can use at least half of them: its tail of single steps would cost more than
         # the discarded steps of one K-step call (H200, 48-token requests at batch 1: 7 single steps at the end
         # made the mean interval 0.82 ms against 0.56 ms per device step)
-        # One step while prompts are held back by the prefill budget: they are admitted before the next call.
-        k = self.decode_steps if 2 * room >= self.decode_steps and not self._held_back else 1
+        # One step (single) while prompts are held back by the prefill budget: they are admitted before the next call.
+        k = self.decode_steps if 2 * room >= self.decode_steps and not single else 1
         rows = [(r.params.temperature, r.params.top_k, r.params.top_p) for r in members.values()]
         flags = np.array([*sampling_flags(rows), any(r.params.logprobs for r in members.values())], np.int32)
         # a K-step call: the fewest rows that hold every member (decode_rows)
@@ -837,10 +838,12 @@ class Engine:
             x.copy_to_host_async()
         return _Inflight(out, members, k)
 
-    def _step(self):
+    def _step(self, single: bool = False):
+        """Dispatch the next decode call (one step if single, else as `_dispatch_decode` decides) and collect the
+        previous one."""
         prev, self._inflight = self._inflight, None
         if prev is None or self.pipeline:
-            self._inflight = self._dispatch_decode(prev)
+            self._inflight = self._dispatch_decode(prev, single)
         if prev is None and not self.pipeline:
             prev, self._inflight = self._inflight, None
         if prev is not None:

@@ -66,9 +66,8 @@ class Metrics:
 
     def watch_gc(self):
         """Time every garbage collection of this process into gc_pause (gc.callbacks; `unwatch_gc` ends it)."""
-        if self._gc_start is not None or self._on_gc in gc.callbacks:
-            return
-        gc.callbacks.append(self._on_gc)
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
 
     def unwatch_gc(self):
         if self._on_gc in gc.callbacks:
