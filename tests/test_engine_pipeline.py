@@ -288,7 +288,14 @@ def test_prefill_budget_interleaves_admissions_with_decode_steps(model):
     log = []
     admit, run_decode, chunk = eng._admit, eng._run_decode, eng._prefill_chunk
     eng._admit = lambda batch: log.append(("admit", len(batch))) or admit(batch)
-    eng._run_decode = lambda *a: log.append(("decode", a[-1])) or run_decode(*a)
+    gauges = []  # (positions prefilled so far of a prompt going in chunks, running gauge, KV gauge) at each decode call
+
+    def logged_decode(*a):
+        p, m = eng._partial, eng.metrics
+        gauges.append((p and p.p0, m.running, m.kv_used, sum(r.pos for r in eng._active.values())))
+        log.append(("decode", a[-1]))
+        return run_decode(*a)
+    eng._run_decode = logged_decode
     eng._prefill_chunk = lambda ids, p0: log.append(("chunk", p0)) or chunk(ids, p0)
     rng = np.random.RandomState(1)
     prompts = [rng.randint(3, 500, size=n).tolist() for n in (6, 10, 4, 13, 50)]
@@ -326,9 +333,12 @@ def test_prefill_budget_interleaves_admissions_with_decode_steps(model):
         budgeted, steps = scenario([1, 2, 3])
         assert [x for x in steps if x[0] == "admit"] == [("admit", 2), ("admit", 1)]
         assert between(steps, ("admit", 2), ("admit", 1)) == [("decode", 1)]
+        gauges.clear()
         long_budgeted, long_steps = scenario([4])
         assert [x for x in long_steps if x[0] != "decode"] == [("chunk", p0) for p0 in (0, 16, 32, 48)]
         assert between(long_steps, ("chunk", 16), ("chunk", 32)) == [("decode", 1)]
+        # while its chunks go in, the long prompt holds a slot and its prefilled positions: the gauges count them
+        assert [g[1:] for g in gauges if g[0]] == [(2, 32 + g[3], g[3]) for g in gauges if g[0]] != []
         eng.max_prefill_tokens = None
         unlimited, steps = scenario([1, 2, 3])
         assert [x for x in steps if x[0] == "admit"] == [("admit", 3)]

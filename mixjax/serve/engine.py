@@ -476,7 +476,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._active)
+        """Requests holding a slot: decoding, or a long prompt being prefilled in chunks."""
+        return len(self._active) + (self._partial is not None)
 
     # --- the loop (engine thread) ------------------------------------------------------------------------------
     def _loop(self):
@@ -988,7 +989,9 @@ class Engine:
 
     def _update_gauges(self):
         m = self.metrics
-        m.running = len(self._active)
+        p = self._partial
+        m.running = self.running
         m.queue_length = len(self._waiting)
-        m.kv_used = sum(r.pos for r in self._active.values())
+        # a prompt being prefilled in chunks holds its slot and the positions prefilled so far
+        m.kv_used = sum(r.pos for r in self._active.values()) + (p.p0 if p is not None else 0)
         m.kv_capacity = self.slots * self.max_seq_len

@@ -95,7 +95,7 @@ class Metrics:
                             "Time process 0 spent sending step plans.", f"{ch.send_seconds:.6f}")
             lines += metric("mixjax_step_plan_bytes_total", "counter", "Bytes of step plans sent.", ch.bytes_sent)
         lines += metric("mixjax_queue_length", "gauge", "Requests waiting for a slot.", self.queue_length)
-        lines += metric("mixjax_running_slots", "gauge", "Slots generating now.", self.running)
+        lines += metric("mixjax_running_slots", "gauge", "Slots held by requests: generating, or prefilling a long prompt in chunks.", self.running)
         lines += metric("mixjax_slots_total", "gauge", "Decode slots (maximum batch).", self.slots_total)
         lines += metric("mixjax_kv_cache_usage_ratio", "gauge",
                         "Fraction of KV-cache positions held by running requests.",
