@@ -222,8 +222,11 @@ def test_two_processes_serve_same_greedy_tokens(reference):
 # --- multi-step decode on 2 processes: K travels in the step plan -------------------------------------------------
 def test_two_processes_multi_step_decode(reference):
     """`--decode-steps 4` on every process: the followers run the same 4-step programs from process 0's plans, and
-    the tokens are those of one process (18 tokens: the last call of 4 overshoots and its extra tokens are dropped)."""
-    c = Cluster(2, extra=["--decode-steps", "4"])
+    the tokens are those of one process (18 tokens: the last call of 4 overshoots and its extra tokens are dropped).
+    With a prefill budget of one largest bucket (64), a 100-token prompt that arrives while a request decodes goes
+    in one chunk per decode call: the followers prefill each chunk from its own plan, and both requests' tokens are
+    still those of one process."""
+    c = Cluster(2, extra=["--decode-steps", "4", "--max-prefill-tokens", "64"])
     try:
         c.wait_ready()
         n = 18
@@ -236,6 +239,29 @@ def test_two_processes_multi_step_decode(reference):
                 return [r.json()["choices"][0]["token_ids"] for r in rs]
 
         assert asyncio.run(go()) == want
+
+        long_ids = [(7 * i + 3) % 500 + 4 for i in range(100)]  # two chunks of 64: over the budget
+
+        async def long_while_decoding():
+            async with httpx.AsyncClient(timeout=120) as cl:
+                async with cl.stream("POST", c.url + "/v1/completions", json={
+                        "prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0, "stream": True}) as s:
+                    lines = s.aiter_lines()
+                    first = await anext(lines)  # decoding: now the long prompt arrives
+                    long = asyncio.create_task(cl.post(c.url + "/v1/completions", json={
+                        "prompt": long_ids, "max_tokens": 8, "temperature": 0}))
+                    rest = [first] + [line async for line in lines]
+                streamed = [t for line in rest if line.startswith("data: {")
+                            for t in json.loads(line[6:])["choices"][0].get("token_ids") or []]
+                return streamed, (await long).json()["choices"][0]["token_ids"]
+
+        streamed, got_long = asyncio.run(long_while_decoding())
+        assert streamed == _greedy(reference, PROMPTS[0], 64)
+        assert got_long == _greedy(reference, long_ids, 8)
+        metrics = httpx.get(c.url + "/metrics", timeout=10).text
+        deferrals = float(next(l.split()[1] for l in metrics.splitlines()
+                               if l.startswith("mixjax_prefill_deferrals_total")))
+        assert deferrals >= 1, metrics  # the long prompt's chunks were spread over decode calls
         c.procs[0].proc.send_signal(signal.SIGTERM)
         assert [p.wait(60) for p in c.procs] == [0, 0], c.procs[1].text[-2000:]
     finally:

@@ -531,6 +531,7 @@ class Engine:
         if self._partial is not None:
             self._advance_partial(budget)
             if budget is not None:  # this call's prefill work is spent: decode one step, then go on
+                self.metrics.prefill_deferrals += 1
                 return self._decode_iteration(single=True)
         free = [s for s in range(self.slots) if s not in self._active]
         batch = []
@@ -559,14 +560,14 @@ class Engine:
                     self._waiting.extendleft(r for r, _ in reversed(batch[n:]))
                     self.metrics.queue_length = len(self._waiting)
                 batch, held_back = batch[:n], True
-            if n == 1 and self.cluster is None and self._prefill_work(lengths[:1]) > budget:
+            if n == 1 and self._prefill_work(lengths[:1]) > budget:
                 # a long prompt over the budget: its chunks go in a budget's worth at a time, between decode calls
-                # (on a cluster it goes in at once: the other processes follow whole admissions only)
                 self._partial = _Partial(*batch[0])
                 self._advance_partial(budget)
                 held_back, batch = True, []
         if batch:
             self._admit(batch)
+        self.metrics.prefill_deferrals += held_back
         self._decode_iteration(single=held_back)
 
     def _decode_iteration(self, single: bool = False):
@@ -588,11 +589,15 @@ class Engine:
                 b = self._chunk_bucket(len(ids) - p.p0)
                 if budget is not None and spent and spent + b > budget:
                     return
+                if self.cluster is not None:  # the other processes run the same chunk (and finish) from this plan
+                    self.cluster.channel.send("chunk", self._chunk_plan(p, last=p.p0 + bmax >= len(ids)))
                 logits = self._prefill_chunk(ids, p.p0)
                 spent += b
                 p.p0 += bmax
             out = self._finish_prefill(logits, *args, want_top=bool(r.params.logprobs))
         except Exception as e:  # as _admit: the request fails alone, the small cache is made anew
+            if self.cluster is not None:
+                raise  # the other processes cannot follow a recovery: the loop stops the cluster
             log.error("prefill failed for request %d: %s\n%s", r.id, e, traceback.format_exc())
             self._partial = None
             self._finish(r, error=f"prefill failed: {e}")
@@ -600,6 +605,17 @@ class Engine:
             return
         self._partial = None
         self._start(r, args, out)
+
+    @staticmethod
+    def _chunk_plan(p: _Partial, last: bool) -> dict[str, np.ndarray]:
+        """The step plan of a long prompt's chunk from position p.p0 (`follow`): the prompt, and for its last chunk
+        the slot and the first token's sampling arguments."""
+        r = p.req
+        return {"ids": np.asarray(r.prompt_ids, np.int32), "p0": np.array([p.p0], np.int32),
+                "last": np.array([last], np.int32), "slot": np.array([p.slot], np.int32),
+                "seeds": np.array([r.seed], np.uint32), "temp": np.array([r.params.temperature], np.float32),
+                "topk": np.array([r.params.top_k], np.int32), "topp": np.array([r.params.top_p], np.float32),
+                "logprobs": np.array([bool(r.params.logprobs)], np.int32)}
 
     def _admit(self, batch: list[tuple[Request, int]]):
         """Prefill each (request, slot) and hand the request its first token."""
@@ -912,6 +928,12 @@ class Engine:
                 for group in self._groups(lengths):  # the groups process 0 forms from the same lengths
                     self._run_admit_group([items[i] for i in group], fetch=False,
                                           want_top=bool(a["logprobs"][group].any()))
+            elif kind == "chunk":  # a long prompt prefilled over several iterations (`_advance_partial`)
+                ids = a["ids"]
+                logits = self._prefill_chunk(ids, int(a["p0"][0]))
+                if a["last"][0]:
+                    self._finish_prefill(logits, ids, int(a["slot"][0]), a["seeds"][0], a["temp"][0], a["topk"][0],
+                                         a["topp"][0], fetch=False, want_top=bool(a["logprobs"][0]))
             elif kind == "decode":
                 self._run_decode(a["use_prev"], a["tokens"], a["positions"], a["steps"], a["seeds"], a["temp"],
                                  a["topk"], a["topp"], a["flags"], int(a["k"][0]))

@@ -59,6 +59,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.requests_rejected = 0
         self.requests_failed = 0
+        self.prefill_deferrals = 0  # times --max-prefill-tokens held prefill work back for a single decode step
         self.finished: dict[str, int] = {}
         self.healthy = 1  # 0 once the engine cannot run any more (e.g. a process of a multi-host cluster died)
         self.processes = 1  # processes (hosts) that run the model
@@ -95,7 +96,11 @@ class Metrics:
                             "Time process 0 spent sending step plans.", f"{ch.send_seconds:.6f}")
             lines += metric("mixjax_step_plan_bytes_total", "counter", "Bytes of step plans sent.", ch.bytes_sent)
         lines += metric("mixjax_queue_length", "gauge", "Requests waiting for a slot.", self.queue_length)
-        lines += metric("mixjax_running_slots", "gauge", "Slots held by requests: generating, or prefilling a long prompt in chunks.", self.running)
+        lines += metric("mixjax_running_slots", "gauge",
+                        "Slots held by requests: generating, or prefilling a long prompt in chunks.", self.running)
+        lines += metric("mixjax_prefill_deferrals_total", "counter",
+                        "Decode calls cut to one step because the prefill budget held prompts or chunks back.",
+                        self.prefill_deferrals)
         lines += metric("mixjax_slots_total", "gauge", "Decode slots (maximum batch).", self.slots_total)
         lines += metric("mixjax_kv_cache_usage_ratio", "gauge",
                         "Fraction of KV-cache positions held by running requests.",
