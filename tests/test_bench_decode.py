@@ -203,3 +203,23 @@ def test_bench_model_routes_a_long_prompt_evenly():
         if name == "bench":
             assert all((c > 0).all() for c in counts)
     assert busiest["bench"] < 0.15 < 0.3 < busiest["plain"]
+
+
+def test_engine_ratio_is_to_the_roofline_of_the_positions_it_read(tmp_path, monkeypatch):
+    """The engine decodes from 8-token prompts, so its steps read far less of the cache than --ctx positions: its
+    ratio must be to the roofline of the positions it read, not to the --ctx one (which flattered it at large
+    batches)."""
+    monkeypatch.setattr(decode, "measure_hbm_bandwidth", lambda: 1e11)
+    monkeypatch.setattr(decode, "measure_matmul_rate", lambda: 1e12)
+    out = tmp_path / "eng.json"
+    assert decode.main(["--preset", "tiny", "--layers", "1", "--batch", "2", "--ctx", "64", "--impl", "dense",
+                        "--iters", "1", "--dtype", "float32", "--engine", "6", "--engine-steps", "2",
+                        "--json", str(out), "--plot", str(tmp_path / "d.png")]) == 0
+    (r,) = json.loads(out.read_text())["decode"]
+    # tokens 1..5 of each request (the first comes from the prefill) read 8 + j positions, j in 1..5
+    assert 9 <= r["engine_mean_ctx"] <= 13
+    cfg = bench_config("tiny", 1, json.loads(out.read_text())["args"]["vocab"])
+    assert r["engine_roofline_s"] == pytest.approx(decode.step_bytes(cfg, 2, r["engine_mean_ctx"]) / 1e11)
+    assert r["engine_roofline_s"] < r["roofline_s"]  # 64 positions counted for the forward
+    for key in ("engine_pipelined", "engine_multistep2"):
+        assert r[key + "_ratio"] == pytest.approx(r["engine_roofline_s"] / r[key + "_step_s"])
