@@ -17,9 +17,11 @@ def reference(q, k_new, v_new, kc, vc, pos, scale):
 
 
 # (batch, query heads, KV heads, head dim, cache slots, positions): groups of 8 (padded to 16 rows) and 16, one
-# chunk and several, a position in the first block, mid-cache, at the last slot and past the end (clamped write).
+# chunk and several, a position in the first block, mid-cache, at the last slot and past the end (clamped write);
+# groups of 6 (not a power of two: the chunks combined by XLA, not by the combine kernel).
 @pytest.mark.parametrize("b,h,kv,d,s,pos", [(1, 8, 1, 16, 64, [37]), (3, 8, 2, 32, 128, [0, 70, 127]),
-                                            (2, 32, 2, 16, 256, [255, 300]), (4, 16, 4, 16, 48, [5, 16, 33, 47])])
+                                            (2, 32, 2, 16, 256, [255, 300]), (4, 16, 4, 16, 48, [5, 16, 33, 47]),
+                                            (2, 12, 2, 32, 128, [10, 127])])
 def test_decode_attention_equals_reference(b, h, kv, d, s, pos):
     rng = np.random.RandomState(b * s)
     f = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))

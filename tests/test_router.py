@@ -32,3 +32,14 @@ def test_router_kernel_equals_numpy_and_xla(n, e, k, norm):
     xla_ids, xla_w = softmax_topk(jnp.asarray(logits), k, norm)
     np.testing.assert_array_equal(np.asarray(xla_ids), want_ids)
     np.testing.assert_allclose(np.asarray(xla_w), want_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("e", [128, 60])
+def test_router_kernel_reads_bf16_logits_as_their_float32_values(e):
+    """A router product's bf16 logits go to the kernel as they are (it converts them itself): the same ids and
+    weights as the float32 values of those logits."""
+    logits = jnp.asarray(np.random.RandomState(e).randn(3, e), jnp.bfloat16)
+    ids, w = route(logits, k=8, norm=True, interpret=True)
+    want_ids, want_w = route(logits.astype(jnp.float32), k=8, norm=True, interpret=True)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(want_w))

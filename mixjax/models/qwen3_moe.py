@@ -154,11 +154,11 @@ class Qwen3MoE(MoE):
     def route(self, x, pallas: str | None = None):
         """Softmax over all experts (float32), top-k, optionally renormalised over the k chosen. The Pallas path
         takes one kernel for it (mixjax.kernels.router) instead of XLA's five, whose top-k is a sort."""
-        logits = self.router(x, pallas=pallas).astype(jnp.float32)
-        if pallas:
+        logits = self.router(x, pallas=pallas)  # in x's dtype, as Hugging Face's router; float32 from here on
+        if pallas:  # the kernel converts the logits itself
             ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, interpret=pallas == "interpret")
         else:
-            ids, w = router_kernel.softmax_topk(logits, self.top_k, self.norm_topk)
+            ids, w = router_kernel.softmax_topk(logits.astype(jnp.float32), self.top_k, self.norm_topk)
         return ids, w.astype(x.dtype)
 
 
