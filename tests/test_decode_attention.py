@@ -60,3 +60,30 @@ def test_decode_attention_with_qk_norm_and_rope_equals_reference(b, h, kv, d, s,
     assert rel_err(np.asarray(got[0]), np.asarray(want[0])) < 1e-5
     assert rel_err(np.asarray(got[1]), np.asarray(want[1])) < 1e-6  # the rotated key, written into its slot
     np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+
+
+@pytest.mark.parametrize("b,h,kv,d,s,pos", [(1, 32, 4, 32, 64, [37]), (2, 32, 8, 16, 128, [0, 90])])
+def test_decode_attention_reads_a_fused_qkv_output_in_place(b, h, kv, d, s, pos):
+    """q, k and v given as one fused projection's output [B, H + 2K, D]: the kernel reads its rows in place
+    (each program's 16 rows run past its group into the next group or the k / v heads, and those rows' results
+    are discarded) and returns what it returns for q, k and v apart."""
+    from mixjax.kernels.decode_attention import reads_in_place
+    rng = np.random.RandomState(h + b)
+    f = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
+    qkv, kc, vc = f(b, h + 2 * kv, d), f(b, kv, s, d), f(b, kv, s, d)
+    qw, kw = f(d) * 0.5 + 1, f(d) * 0.5 + 1
+    pos = jnp.asarray(pos, jnp.int32)
+    cos, sin = rope_cos_sin(pos[:, None], *rope_inv_freq(d, 10000.0, None, 4096))
+    kw_args = dict(scale=d ** -0.5, interpret=True, qk_norm=(qw, kw, cos[:, 0], sin[:, 0]), eps=1e-6)
+    assert reads_in_place(h, kv, h + 2 * kv, 0)
+    want = decode_attention(qkv[:, :h], qkv[:, h:h + kv], qkv[:, h + kv:], kc, vc, pos, **kw_args)
+    got = decode_attention(qkv, qkv, qkv, kc, vc, pos, fused=(0, h, h, h + kv), **kw_args)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_in_place_reads_stay_inside_the_fused_output():
+    from mixjax.kernels.decode_attention import reads_in_place
+    assert reads_in_place(32, 4, 40, 0)  # Qwen3-30B-A3B: the last group's 8 padding rows are the 4 k and 4 v heads
+    assert not reads_in_place(8, 1, 10, 0)  # one KV head: its group's 16 rows would run 6 past the end
+    assert reads_in_place(64, 4, 72, 0)  # groups of 16: no padding rows

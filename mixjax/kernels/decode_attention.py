@@ -60,7 +60,7 @@ def _norm_rope(x1, x2, w_ref, cos, sin, eps: float, dtype):
 
 
 def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chunk_blocks: int, s_len: int,
-            scale: float, eps: float | None):
+            scale: float, eps: float | None, rows: tuple[int, int, int, int]):
     """eps None: q / k_new come rotated and normalised. Otherwise they are the raw projections and rest starts
     with the q-norm and k-norm weights [D] and this step's cos / sin [B, D/2]: normalised and rotated here."""
     if eps is None:
@@ -73,14 +73,18 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chun
     d = q_ref.shape[-1]
     half = d // 2
     lo, hi = pl.ds(0, half), pl.ds(half, half)
+    q0, stride, k0, v0 = rows
+    gp = o_ref.shape[3]
+    qr = pl.ds(q0 + h * stride, gp)  # this KV head's query heads, and the rows after them up to gp (discarded)
     if eps is None:
-        q = (q_ref[b, h, :, lo], q_ref[b, h, :, hi])  # [gp, D/2] each
-        kn = (kn_ref[b, h, lo][None, :], kn_ref[b, h, hi][None, :])
+        q = (q_ref[b, qr, lo], q_ref[b, qr, hi])  # [gp, D/2] each
+        kn = (kn_ref[b, k0 + h, lo][None, :], kn_ref[b, k0 + h, hi][None, :])
     else:
         cos, sin = cos_ref[b, :][None, :], sin_ref[b, :][None, :]
-        q = _norm_rope(q_ref[b, h, :, lo], q_ref[b, h, :, hi], qw_ref, cos, sin, eps, q_ref.dtype)
-        kn = _norm_rope(kn_ref[b, h, lo][None, :], kn_ref[b, h, hi][None, :], kw_ref, cos, sin, eps, kn_ref.dtype)
-    vn = vn_ref[b, h, :]  # [D]
+        q = _norm_rope(q_ref[b, qr, lo], q_ref[b, qr, hi], qw_ref, cos, sin, eps, q_ref.dtype)
+        kn = _norm_rope(kn_ref[b, k0 + h, lo][None, :], kn_ref[b, k0 + h, hi][None, :], kw_ref, cos, sin, eps,
+                        kn_ref.dtype)
+    vn = vn_ref[b, v0 + h, :]  # [D]
     dt = q[0].dtype
     first = c * chunk_blocks
     last = jnp.minimum(first + chunk_blocks, slot // bk + 1)  # blocks past the position: unread
@@ -156,22 +160,51 @@ def combine_kernel(o, m, l, group: int, dtype, *, interpret: bool = False):
     )(o, m, l)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "warps", "stages", "programs", "eps"))
+def padded_group(heads: int, kv_heads: int) -> int:
+    """Rows of query heads per program: the group of query heads of one KV head, at least 16 (a tensor-core tile)."""
+    return max(16, 1 << (heads // kv_heads - 1).bit_length())
+
+
+def reads_in_place(heads: int, kv_heads: int, rows: int, q0: int) -> bool:
+    """Whether a fused projection's output of `rows` heads, query heads from row q0, can be read in place: each
+    program reads `padded_group` rows from its group's first query head, so the last group's must not run past
+    the end (with the k and v heads after the query heads, Qwen3-30B-A3B's 4 + 4 of them fill the last group's
+    8 missing rows exactly)."""
+    group = heads // kv_heads
+    return q0 + (kv_heads - 1) * group + padded_group(heads, kv_heads) <= rows
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "warps", "stages", "programs", "eps", "fused"))
 def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: float, interpret: bool = False,
-                     warps: int = 4, stages: int = 3, programs: int = PROGRAMS, qk_norm=None, eps: float = 1e-6):
+                     warps: int = 4, stages: int = 3, programs: int = PROGRAMS, qk_norm=None, eps: float = 1e-6,
+                     fused: tuple[int, int, int, int] | None = None):
     """Write k_new / v_new [B, K, D] into the cache [B, K, S, D] at slot min(position, S - 1) and return
     (softmax(q k^T * scale over slots <= position) v as [B, H, D] in q's dtype, new k cache, new v cache).
 
     qk_norm: (q-norm weight [D], k-norm weight [D], cos [B, D/2], sin [B, D/2]) when q and k_new are the raw
     projections (Qwen3): the kernel applies RMSNorm (eps) and RoPE to them itself. XLA ran five small kernels for
-    that, ~6 us of a ~80 us batch-1 layer (H200, 2026-11-29)."""
-    b, h, d = q.shape
+    that, ~6 us of a ~80 us batch-1 layer (H200, 2026-11-29).
+
+    fused: (q0, H, k0, v0) when q is a fused q/k/v projection's output [B, R, D] (k_new and v_new are then not
+    read: pass q) holding the H query heads from row q0, the K new keys from k0 and values from v0. The kernel
+    reads them in place, where XLA made two kernels of slicing q, k and v apart and padding q's groups to 16 rows
+    (~2.3 us of a ~65 us batch-1 layer, H200 2026-12-03). Needs `reads_in_place`."""
     kheads, s_len = k_cache.shape[1], k_cache.shape[2]
-    group = h // kheads
-    gp = max(16, 1 << (group - 1).bit_length())
-    qg = q.reshape(b, kheads, group, d)
-    if gp != group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+    if fused is None:
+        b, h, d = q.shape
+        group, gp = h // kheads, padded_group(h, kheads)
+        qg = q.reshape(b, kheads, group, d)
+        if gp != group:
+            qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+        qg = qg.reshape(b, kheads * gp, d)
+        rows = (0, gp, 0, 0)
+    else:
+        q0, h, k0, v0 = fused
+        b, r, d = q.shape
+        group, gp = h // kheads, padded_group(h, kheads)
+        assert reads_in_place(h, kheads, r, q0), (h, kheads, r, q0)
+        qg, k_new, v_new = q, q, q
+        rows = (q0, group, k0, v0)
     bk, chunks = plan(b, kheads, s_len, programs)
     params = triton_params(warps, stages, interpret)
     f32 = jnp.float32
@@ -181,7 +214,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
         extra = (qw, kw, cos.reshape(b, d // 2).astype(f32), sin.reshape(b, d // 2).astype(f32))
     o, m, l, kc, vc = pl.pallas_call(
         functools.partial(_kernel, bk=bk, chunk_blocks=s_len // bk // chunks, s_len=s_len, scale=scale,
-                          eps=None if qk_norm is None else eps),
+                          eps=None if qk_norm is None else eps, rows=rows),
         out_shape=(jax.ShapeDtypeStruct((b, kheads, chunks, gp, d), f32),
                    jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
                    jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),

@@ -16,7 +16,8 @@ from flax import nnx
 from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
 from mixjax.models.layers import (MLP, Experts, FusedLinear, Linear, RMSNorm, apply_rope, attend, causal_mask,
                                   rope_cos_sin, rope_inv_freq, write_cache)
-from mixjax.kernels.decode_attention import decode_attention, supported as decode_attention_supported
+from mixjax.kernels.decode_attention import decode_attention, reads_in_place as decode_attention_reads_in_place
+from mixjax.kernels.decode_attention import supported as decode_attention_supported
 from mixjax.kernels import router as router_kernel
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
 from mixjax.kernels.norm_rope import norm_rope, supported as norm_rope_supported
@@ -113,11 +114,14 @@ class Qwen3Attention(nnx.Module):
         cos, sin = rope_cos_sin(positions, inv_freq, factor)
         starts = positions[:, 0]
         if par.pallas and t == 1 and decode_attention_supported(hd, cache["k"].shape[2], par.pallas == "gpu"):
-            # one token per row: q/k norms, RoPE, cache write and attention in one kernel (XLA makes ~13 of them)
-            out, kc, vc = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], starts,
+            # one token per row: q/k norms, RoPE, cache write and attention in one kernel (XLA makes ~13 of them),
+            # q, k and v read in place from the fused projection's output where they can be
+            in_place = qa is ka and decode_attention_reads_in_place(hq, hk, qa.shape[2], q0)
+            qkv = (qa[:, 0],) * 3 if in_place else (q[:, 0], k[:, 0], v[:, 0])
+            out, kc, vc = decode_attention(*qkv, cache["k"], cache["v"], starts,
                                            scale=hd ** -0.5, interpret=par.pallas == "interpret",
                                            qk_norm=(self.q_norm.w[...], self.k_norm.w[...], cos[:, 0], sin[:, 0]),
-                                           eps=self.q_norm.eps)
+                                           eps=self.q_norm.eps, fused=(q0, hq, k0, k0 + hk) if in_place else None)
             cache = {"k": kc, "v": vc}
         else:
             if par.pallas and norm_rope_supported(hq, hd) and norm_rope_supported(hk, hd) and hq % hk == 0:
