@@ -113,7 +113,6 @@ def test_pair_kernel_equals_pair_layout_kernels_and_dense(n, monkeypatch):
     wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
     wd = rng.randn(e, f, d).astype(np.float32) * 0.2
     assert PairTiles().fit(d, f) == PairTiles(32, 64, 64)
-    monkeypatch.setenv(ge.PAIR_KERNEL_ENV, "1")
     run = lambda: np.asarray(grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=k,
                                             blk=choose_blocks(n * k, e, d, f), interpret=True))
     got = run()

@@ -367,7 +367,6 @@ def test_grouped_expert_cost_by_hand(monkeypatch):
         32 * per_expert)
     # 2 tokens, top-1 of 2 experts: 2 pairs, each its own row in the pair kernel, whether or not they share an
     # expert: the weights read once per pair; one 32-wide F slice, so one float32 part of d per pair
-    monkeypatch.setenv("MIXJAX_PAIR_EXPERTS", "1")
     g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=2, tokens=2, wbytes=2, abytes=2)
     assert g["bm"] == 1 and g["blocks"] == pytest.approx(2) and g["padded_rows"] == pytest.approx(2)
     assert g["weight_bytes"] == pytest.approx(2 * 3 * 64 * 32 * 2) and g["layout_bytes"] == 0

@@ -137,8 +137,7 @@ class Layout:
 BIG_EXPERT_BYTES = 24 << 20  # gate + up weights (bf16) above which an expert's weights do not stay in L2
 PAIR_BLOCKS_MAX = 16  # pairs up to which each (row, expert) pair gets its own block (`pair_layout`)
 PAIR_KERNEL_ENV = "MIXJAX_PAIR_EXPERTS"  # "1": those pairs through the pair kernel; "0": the pair layout, A and B
-# Off until it is timed on a GPU against kernels A and B (written 2026-12-03 with no GPU to be had; exact on CPU)
-PAIR_KERNEL_DEFAULT = "0"
+PAIR_KERNEL_DEFAULT = "1"
 
 
 def pair_kernel_tiles(pairs: int, d_model: int, d_ff: int) -> PairTiles | None:
