@@ -351,7 +351,7 @@ def test_validate_smoke():
 
 
 # ---------------------------------------------------------------- grouped experts and flash attention (mixjax mode)
-def test_grouped_expert_cost_by_hand(monkeypatch):
+def test_grouped_expert_cost_by_hand():
     from mixjax.planner.cost import expected_blocks, grouped_expert_cost
 
     # k = E: every token picks every expert, 40 rows each. choose_blocks(40 * 4 pairs, 4 experts): 40 rows per
@@ -365,16 +365,10 @@ def test_grouped_expert_cost_by_hand(monkeypatch):
     per_expert = 1 - 0.5 ** 20 + sum(math.comb(20, c) for c in range(17, 21)) / 2 ** 20
     assert g["bm"] == 16 and g["blocks"] == pytest.approx(2 * per_expert) and g["padded_rows"] == pytest.approx(
         32 * per_expert)
-    # 2 tokens, top-1 of 2 experts: 2 pairs, each its own row in the pair kernel, whether or not they share an
-    # expert: the weights read once per pair; one 32-wide F slice, so one float32 part of d per pair
-    g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=2, tokens=2, wbytes=2, abytes=2)
-    assert g["bm"] == 1 and g["blocks"] == pytest.approx(2) and g["padded_rows"] == pytest.approx(2)
-    assert g["weight_bytes"] == pytest.approx(2 * 3 * 64 * 32 * 2) and g["layout_bytes"] == 0
-    assert g["touched"] == pytest.approx(1.5)  # 2 (1 - (1/2)^2)
-    # with the pair kernel switched off: a block of 16 rows each (pair layout, no sort)
-    monkeypatch.setenv("MIXJAX_PAIR_EXPERTS", "0")
+    # 2 tokens, top-1 of 2 experts: 2 pairs, a block each (pair layout, no sort), whether or not they share an expert
     g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=2, tokens=2, wbytes=2, abytes=2)
     assert g["bm"] == 16 and g["blocks"] == pytest.approx(2) and g["padded_rows"] == pytest.approx(32)
+    assert g["touched"] == pytest.approx(1.5)  # 2 (1 - (1/2)^2)
     # E[ceil(c / 2)], c ~ Binomial(3, 1/2): P(1) 3/8 * 1 + P(2) 3/8 * 1 + P(3) 1/8 * 2
     assert expected_blocks(3, 0.5, 2) == pytest.approx(3 / 8 + 3 / 8 + 2 / 8)
     # an FFN slice too narrow for the kernels' tiles: mixjax falls back to the dense path

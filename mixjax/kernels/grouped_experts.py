@@ -136,17 +136,7 @@ class Layout:
 
 BIG_EXPERT_BYTES = 24 << 20  # gate + up weights (bf16) above which an expert's weights do not stay in L2
 PAIR_BLOCKS_MAX = 16  # pairs up to which each (row, expert) pair gets its own block (`pair_layout`)
-PAIR_KERNEL_ENV = "MIXJAX_PAIR_EXPERTS"  # "1": those pairs through the pair kernel; "0": the pair layout, A and B
-PAIR_KERNEL_DEFAULT = "1"
-
-
-def pair_kernel_tiles(pairs: int, d_model: int, d_ff: int) -> PairTiles | None:
-    """The pair kernel's tiles (mixjax.kernels.pair_experts) where it runs these pairs: at most PAIR_BLOCKS_MAX of
-    them (one or two tokens), shapes its tiles fit, and not switched off by $MIXJAX_PAIR_EXPERTS; else None (the
-    pair layout with kernels A and B, or the sorted layout)."""
-    if pairs > PAIR_BLOCKS_MAX or os.environ.get(PAIR_KERNEL_ENV, PAIR_KERNEL_DEFAULT) != "1":
-        return None
-    return PairTiles().fit(d_model, d_ff)
+PAIR_KERNEL_ENV = "MIXJAX_PAIR_EXPERTS"  # "0": those pairs through the pair layout and kernels A and B (comparisons)
 
 
 def _pairs(gates, k: int, routed):
@@ -377,7 +367,7 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
     paired = n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX
-    tiles = pair_kernel_tiles(n * min(k, gates.shape[1]), d, w_gate.shape[2])
+    tiles = PairTiles().fit(d, w_gate.shape[2]) if paired and os.environ.get(PAIR_KERNEL_ENV) != "0" else None
     if tiles is not None:  # one or two tokens: every pair in one kernel (mixjax.kernels.pair_experts)
         w, ids = _pairs(gates, min(k, gates.shape[1]), routed)
         return pair_swiglu(x, ids, w, w_gate, w_up, w_down, tiles=tiles, interpret=interpret)

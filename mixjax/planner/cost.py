@@ -416,13 +416,11 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
     E[ceil(c / BM)], c ~ Binomial(tokens, k / E); padded rows = BM * blocks. Kernel A (gate/up) and kernel B
     (down) read each touched expert's weight tiles once per row block of that expert (L2 reuse between blocks
     not counted) and do 2 * 3 d F_l FLOPs per padded row, matmuls BM rows wide. With at most PAIR_BLOCKS_MAX
-    pairs the pair kernel (mixjax.kernels.pair_experts) computes each pair's row alone ("bm" 1: every touched
-    expert's weights once per pair, x's row once per F slice, float32 parts written and read by the combine), or
-    with it switched off each pair is its own block (`pair_layout`, no sort or scatters). Around them: the layout step
+    pairs each pair is its own block (`pair_layout`, no sort or scatters). Around them: the layout step
     (top-k of the float32 gates, counts, a sort of the pairs, scatters; the gather of x into the padded buffer
     of the static size M) and the combine (a gather of [rows, k, d] expert outputs, float32, and a weighted
     sum)."""
-    from mixjax.kernels.grouped_experts import PAIR_BLOCKS_MAX, choose_blocks, pair_kernel_tiles  # noqa: PLC0415
+    from mixjax.kernels.grouped_experts import PAIR_BLOCKS_MAX, choose_blocks  # noqa: PLC0415
 
     if f_l != int(f_l) or e_l != int(e_l):
         return None
@@ -436,14 +434,6 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
     p = top_k / num_experts  # probability that a token picks a given expert
     touched = e_l * (1 - (1 - p) ** tokens) if tokens > 0 else 0.0
     ab, wb, f32, i32 = abytes, wbytes, 4, 4
-    tiles = pair_kernel_tiles(pairs_static, d, f_l)
-    if tiles is not None:  # the pair kernel: one row per pair, no padding, no layout; F / bf float32 parts per pair
-        pairs = tokens * top_k * e_l / num_experts
-        parts = pairs_static * (f_l // tiles.bf) * d * f32
-        return {"bm": 1, "blocks": pairs, "padded_rows": pairs, "touched": touched, "pairs": pairs,
-                "flops": 2 * 3 * d * f_l * pairs, "mm_width": 1, "weight_bytes": pairs * 3 * d * f_l * wb,
-                "layout_bytes": 0, "kernel_bytes": pairs * 3 * d * f_l * wb + pairs * (f_l // tiles.bf) * d * ab
-                + parts, "combine_bytes": parts + rows * k * (f32 + i32) + rows * d * ab}
     if pairs_static <= PAIR_BLOCKS_MAX:  # pair_layout: a block per pair, no sort (two tokens' shared expert: twice)
         blocks = tokens * top_k * e_l / num_experts
         m_static = pairs_static * bm
