@@ -49,7 +49,7 @@ print(f"pair layout + kernels A, B: {t0:7.1f} us ({floor_us / t0:.0%} of the flo
 tiles = [PairTiles()]
 if a.sweep:
     tiles += [PairTiles(bf, bk, bd, w, s) for bf, bk, bd, w, s in itertools.product(
-        (16, 32, 64), (128, 256), (256,), (4, 8), (3,)) if PairTiles(bf, bk, bd, w, s) != tiles[0]]
+        (16, 32, 64), (64, 128, 256), (256,), (4, 8), (2, 3)) if PairTiles(bf, bk, bd, w, s) != tiles[0]]
 best = None
 for t in tiles:
     try:
