@@ -98,30 +98,6 @@ def test_pair_layout_gives_each_pair_its_block():
                 assert dest[row, j] == p * bm and gates[row, block_expert[p]] == weight[row, j]
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_pair_kernel_equals_pair_layout_kernels_and_dense(n, monkeypatch):
-    """One or two tokens take the pair kernel (mixjax.kernels.pair_experts: every pair's SwiGLU, F in slices,
-    in one launch); it computes what the pair layout with kernels A and B computes (MIXJAX_PAIR_EXPERTS=0), and
-    the dense reference. F = 96 takes 32-wide slices; a pair of weight 0 (row 0's last) contributes nothing."""
-    from mixjax.kernels import grouped_experts as ge
-    from mixjax.kernels.pair_experts import PairTiles
-    rng = np.random.RandomState(10 + n)
-    e, k, d, f = 16, 8, 64, 96
-    x = rng.randn(n, d).astype(np.float32)
-    gates = routed_gates(rng, n, e, k)
-    gates[0, np.nonzero(gates[0])[0][-1]] = 0
-    wg, wu = (rng.randn(e, d, f).astype(np.float32) * 0.2 for _ in range(2))
-    wd = rng.randn(e, f, d).astype(np.float32) * 0.2
-    assert PairTiles().fit(d, f) == PairTiles(32, 64, 64)
-    run = lambda: np.asarray(grouped_swiglu(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd, k=k,
-                                            blk=choose_blocks(n * k, e, d, f), interpret=True))
-    got = run()
-    monkeypatch.setenv(ge.PAIR_KERNEL_ENV, "0")
-    kernels_a_b = run()
-    want = dense_reference(x, gates, wg, wu, wd)
-    assert rel_err(got, want) < 1e-5 and rel_err(got, kernels_a_b) < 1e-5
-
-
 @pytest.mark.parametrize("n,k", [(1, 8), (2, 8), (3, 8)])  # 8, 16 pairs: one block per pair; 24: sorted
 def test_router_pairs_equal_gate_matrix(n, k):
     """Passing the router's (ids, weights) (which skips a top-k) gives the gate matrix's result, with the pair

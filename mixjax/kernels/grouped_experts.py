@@ -36,7 +36,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mixjax.kernels import grouped_experts_hopper as hopper
-from mixjax.kernels.pair_experts import PairTiles, pair_swiglu
 from mixjax.kernels import pow2_divisor, triton_params
 
 
@@ -136,7 +135,6 @@ class Layout:
 
 BIG_EXPERT_BYTES = 24 << 20  # gate + up weights (bf16) above which an expert's weights do not stay in L2
 PAIR_BLOCKS_MAX = 16  # pairs up to which each (row, expert) pair gets its own block (`pair_layout`)
-PAIR_KERNEL_ENV = "MIXJAX_PAIR_EXPERTS"  # "0": those pairs through the pair layout and kernels A and B (comparisons)
 
 
 def _pairs(gates, k: int, routed):
@@ -367,10 +365,6 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
     paired = n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX
-    tiles = PairTiles().fit(d, w_gate.shape[2]) if paired and os.environ.get(PAIR_KERNEL_ENV) != "0" else None
-    if tiles is not None:  # one or two tokens: every pair in one kernel (mixjax.kernels.pair_experts)
-        w, ids = _pairs(gates, min(k, gates.shape[1]), routed)
-        return pair_swiglu(x, ids, w, w_gate, w_up, w_down, tiles=tiles, interpret=interpret)
     lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
     sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
     xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
