@@ -4,7 +4,9 @@ the cache, in one kernel (Pallas, Triton backend; `interpret=True` runs it anywh
 XLA compiles the same step (`layers.write_cache` + `layers.attend`) into about eight kernels per layer: two cache
 writes with their index fix-ups, the score product, a max and a sum for the softmax, a conversion, the value
 product. At batch 1 each is 1-2.5 us for ~1 us of traffic: ~13 us of a ~120 us Qwen3-30B-A3B decode layer on an
-H200 (2026-11-29). Here: one kernel, plus a small combine of the split partial results.
+H200 (2026-11-29). Here: one kernel, plus a small kernel that combines the split partial results (`combine_kernel`;
+XLA's combine was three more kernels). Given a fused q/k/v projection's output, it reads q, k and v in place
+(`fused`, `reads_in_place`).
 
 Each program holds one (row, KV head)'s query heads (padded to 16 rows, the smallest tensor-core tile) and one chunk
 of the cache; chunks split the keys so that a small batch still occupies the GPU (flash-decoding). Over its chunk it
