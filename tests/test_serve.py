@@ -406,7 +406,11 @@ def test_gc_freeze_and_gc_pauses():
         assert settle_gc(False, m) == 0 and gc.get_freeze_count() == before
         gc.collect()
         assert m.gc_pause.count == 1 and m.gc_pause.sum > 0
-        assert settle_gc(True, m) == gc.get_freeze_count() > before + 1000  # this test process's objects
+        frozen = settle_gc(True, m)
+        assert frozen > before + 1000  # this test process's objects
+        # frozen objects that die later leave the permanent generation (other threads of the test process may free
+        # a few between the two reads: 2 did once in CI), none join it without another freeze
+        assert 0 <= frozen - gc.get_freeze_count() < 100
         assert m.gc_pause.count == 2  # the collection before the freeze, timed once (watch_gc is not repeated)
         assert "mixjax_gc_pause_seconds_count 2" in m.render()
     finally:
