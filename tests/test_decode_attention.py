@@ -77,7 +77,7 @@ def test_decode_attention_reads_a_fused_qkv_output_in_place(b, h, kv, d, s, pos)
     kw_args = dict(scale=d ** -0.5, interpret=True, qk_norm=(qw, kw, cos[:, 0], sin[:, 0]), eps=1e-6)
     assert reads_in_place(h, kv, h + 2 * kv, 0)
     want = decode_attention(qkv[:, :h], qkv[:, h:h + kv], qkv[:, h + kv:], kc, vc, pos, **kw_args)
-    got = decode_attention(qkv, qkv, qkv, kc, vc, pos, fused=(0, h, h, h + kv), **kw_args)
+    got = decode_attention(qkv, None, None, kc, vc, pos, fused=(0, h, h, h + kv), **kw_args)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 

@@ -46,7 +46,8 @@ step n's tokens on the device), with one decode step per dispatch and with --eng
 one device-side loop), and reports the interval between a request's tokens (its mean; median over requests).
 The engine's requests start from 8-token prompts, so its steps read the KV cache up to positions 9 to N + 8, not
 --ctx: its ratio is to the roofline of the positions it read (their mean: the cache bytes are linear in it), printed
-as "eng roof ms" and kept as engine_roofline_s / engine_mean_ctx. At large batches the cache is most of a step's
+as "eng roof ms" (that of the K-step run) and kept per run as engine_*_roofline_s / engine_*_mean_ctx (the two runs'
+windows can differ a little: timing starts once the last request joined). At large batches the cache is most of a step's
 bytes, so a ratio to the --ctx roofline would flatter the engine (2026-12-03: 98.8% where 71.3% is right).
 
 --plot draws step time against batch with the roofline; --prefill-plot the prefill's share of the matmul rate
@@ -354,10 +355,13 @@ def plot(path: str, result: dict):
                 label=f"mixjax serving engine, {what} per dispatch (per token)")
     ax.plot([r["batch"] for r in rows], [r["roofline_s"] * 1e3 for r in rows], "k--",
             label=f"HBM roofline (cache of {a['ctx']} positions)")
-    er = [r for r in rows if "engine_roofline_s" in r]
-    if er:  # the engine decodes from short prompts: its steps read less of the cache
-        ax.plot([r["batch"] for r in er], [r["engine_roofline_s"] * 1e3 for r in er], "k:",
-                label=f"HBM roofline at the engine's positions (mean {statistics.mean(r['engine_mean_ctx'] for r in er):.0f})")
+    eroof = sorted({k[:-len("_roofline_s")] for r in rows for k in r if k.startswith("engine_")
+                    and k.endswith("_roofline_s")})
+    if eroof:  # the engine decodes from short prompts: its steps read less of the cache (the K-step run's, last)
+        er = [r for r in rows if eroof[-1] + "_roofline_s" in r]
+        ax.plot([r["batch"] for r in er], [r[eroof[-1] + "_roofline_s"] * 1e3 for r in er], "k:",
+                label=f"HBM roofline at the engine's positions "
+                      f"(mean {statistics.mean(r[eroof[-1] + '_mean_ctx'] for r in er):.0f})")
     if result.get("peer"):
         pr = result["peer"]["rows"]
         ax.plot([r["batch"] for r in pr], [r["step_s"] * 1e3 for r in pr], "s-", label=result["peer"]["peer"])
@@ -485,9 +489,9 @@ def main(argv=None):
                     key = "engine_pipelined" if k == 1 else f"engine_multistep{k}"
                     row[key + "_step_s"], row[key + "_ratio"] = te, eroof / te
                     row[key + "_distinct_tokens"] = distinct
-                    row["engine_roofline_s"], row["engine_mean_ctx"] = eroof, mean_ctx
+                    row[key + "_roofline_s"], row[key + "_mean_ctx"] = eroof, mean_ctx
                     extra += f" {te * 1e3:10.3f} {eroof / te:6.1%}"
-                extra += f" {distinct:8.0%} {row['engine_roofline_s'] * 1e3:11.3f}"
+                extra += f" {distinct:8.0%} {eroof * 1e3:11.3f}"
             print(f"{b:6d} {t * 1e3:9.3f} {roof * 1e3:12.3f} {roof / t:7.1%} {b / t:9.0f} {vs:7.1f}x "
                   f"{t_b2b * 1e3:8.3f} {roof / t_b2b:9.1%}{extra}", flush=True)
         if args.prefill:

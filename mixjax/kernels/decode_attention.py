@@ -187,10 +187,10 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
     projections (Qwen3): the kernel applies RMSNorm (eps) and RoPE to them itself. XLA ran five small kernels for
     that, ~6 us of a ~80 us batch-1 layer (H200, 2026-11-29).
 
-    fused: (q0, H, k0, v0) when q is a fused q/k/v projection's output [B, R, D] (k_new and v_new are then not
-    read: pass q) holding the H query heads from row q0, the K new keys from k0 and values from v0. The kernel
-    reads them in place, where XLA made two kernels of slicing q, k and v apart and padding q's groups to 16 rows
-    (~2.3 us of a ~65 us batch-1 layer, H200 2026-12-03). Needs `reads_in_place`."""
+    fused: (q0, H, k0, v0) when q is a fused q/k/v projection's output [B, R, D] (k_new and v_new are then None)
+    holding the H query heads from row q0, the K new keys from k0 and values from v0. The kernel reads them in
+    place, where XLA made two kernels of slicing q, k and v apart and padding q's groups to 16 rows (~2.3 us of a
+    ~65 us batch-1 layer, H200 2026-12-03). Needs `reads_in_place`."""
     kheads, s_len = k_cache.shape[1], k_cache.shape[2]
     if fused is None:
         b, h, d = q.shape

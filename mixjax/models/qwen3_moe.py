@@ -117,7 +117,7 @@ class Qwen3Attention(nnx.Module):
             # one token per row: q/k norms, RoPE, cache write and attention in one kernel (XLA makes ~13 of them),
             # q, k and v read in place from the fused projection's output where they can be
             in_place = qa is ka and decode_attention_reads_in_place(hq, hk, qa.shape[2], q0)
-            qkv = (qa[:, 0],) * 3 if in_place else (q[:, 0], k[:, 0], v[:, 0])
+            qkv = (qa[:, 0], None, None) if in_place else (q[:, 0], k[:, 0], v[:, 0])
             out, kc, vc = decode_attention(*qkv, cache["k"], cache["v"], starts,
                                            scale=hd ** -0.5, interpret=par.pallas == "interpret",
                                            qk_norm=(self.q_norm.w[...], self.k_norm.w[...], cos[:, 0], sin[:, 0]),
