@@ -55,3 +55,25 @@ def test_gemv_many_equals_each_projection():
     assert [o.shape for o in outs] == [(1, 32), (1, 8), (1, 8)]
     for o, w in zip(outs, ws):
         np.testing.assert_allclose(np.asarray(o), _ref(x, w, norm, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_adds_the_residual_and_emits_the_row_it_read():
+    """add= takes the residual sum h = x + a (rounded to x's dtype, as XLA's add) before the norm, and emit=16
+    returns the normed row the products read, on top of zero rows: in bf16 the row equals XLA's RMSNorm(h) bit for bit, and the product
+    is that row's (to bf16 rounding: XLA may keep excess precision where the kernel rounds)."""
+    from mixjax.models.layers import RMSNorm
+
+    rng = np.random.RandomState(7)
+    x, a = (jnp.asarray(rng.randn(1, 64), jnp.bfloat16) for _ in range(2))
+    w = jnp.asarray(rng.randn(16, 64), jnp.bfloat16)
+    norm = RMSNorm(64, "n", eps=1e-6, dtype=jnp.bfloat16)
+    norm.w[...] = jnp.asarray(1 + 0.3 * rng.randn(64), jnp.bfloat16)
+    y, u = gemv_many(x, (w,), norm=norm.w[...], eps=1e-6, add=a, emit=16, interpret=True)
+    want_u = norm(x + a)
+    assert u.shape == (16, 64)
+    np.testing.assert_array_equal(np.asarray(u[:1], np.float32), np.asarray(want_u, np.float32))
+    assert not np.asarray(u[1:], np.float32).any()
+    want_y = _ref(np.asarray(want_u, np.float32), np.asarray(w, np.float32))
+    np.testing.assert_allclose(np.asarray(y, np.float32), want_y, rtol=0, atol=1e-2 * np.abs(want_y).max())
+    with pytest.raises(ValueError, match="x's shape"):
+        gemv_many(x, (w,), add=a[:, :32], interpret=True)

@@ -262,3 +262,36 @@ def test_padding_of_no_token_leaves_live_logits_unchanged(mesh, strategy):
     pos = np.broadcast_to(np.arange(t + 3, dtype=np.int32), tokens.shape)
     logits, _ = model.forward(jnp.asarray(tokens), jnp.asarray(pos), model.init_cache(b + 2, t + 3))
     assert rel_err(np.asarray(logits)[:b, :t, : model.vocab_size], ref["logits"]) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_token_moe_equals_the_unfused_layer_bit_for_bit(monkeypatch, dtype):
+    """A batch-1 decode step's MoE half in five kernels (MoE.one_token: the router's product computes the residual
+    sum and its norm and writes the normed row, kernels A and B read it and the router's outputs in place) gives the
+    logits of the layer's unfused path exactly, in float32 and in bf16 (where every rounding must fall the same
+    way), for a token and for a row without one (NO_TOKEN: no expert computes it)."""
+    from mixjax.models import base
+
+    path = next(p for p in fixture_dirs() if p.name == "qwen3_moe_shard")
+    model = load_sharded(path, make_mesh("1x1"), STRATEGIES["tp"], dtype=dtype, progress=False,
+                         expert_impl="grouped-interpret")
+    prompt = jnp.asarray(reference("qwen3_moe_shard")["input_ids"][:1, :6].astype(np.int32))
+    _, cache = model.forward(prompt, jnp.arange(6, dtype=jnp.int32)[None], model.init_cache(1, 8))
+    steps = [(jnp.asarray([[int(prompt[0, 2])]], jnp.int32), jnp.asarray([[6]], jnp.int32)),
+             (jnp.asarray([[base.NO_TOKEN]], jnp.int32), jnp.asarray([[7]], jnp.int32))]
+    used = []
+    one_token = base.MoE.one_token
+
+    def spy(self, *args, **kw):
+        out = one_token(self, *args, **kw)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(base.MoE, "one_token", spy)
+    run = lambda tok, pos: np.asarray(model.forward(tok, pos, jax.tree.map(jnp.copy, cache))[0], np.float32)
+    fused = [run(tok, pos) for tok, pos in steps]
+    assert used and all(used)  # every MoE layer of the decode steps took the one-token path
+    monkeypatch.setattr(base.MoE, "one_token", lambda *args, **kw: None)
+    unfused = [run(tok, pos) for tok, pos in steps]
+    for a, b in zip(fused, unfused):
+        np.testing.assert_array_equal(a, b)

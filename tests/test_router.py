@@ -43,3 +43,16 @@ def test_router_kernel_reads_bf16_logits_as_their_float32_values(e):
     want_ids, want_w = route(logits.astype(jnp.float32), k=8, norm=True, interpret=True)
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
     np.testing.assert_array_equal(np.asarray(w), np.asarray(want_w))
+
+
+def test_router_kernel_masks_rows_without_a_token_and_rounds_the_weights():
+    """live= zeroes the weights of rows that carry no token, dtype= rounds them as XLA's conversion does, and
+    padded=True returns the kernel's [n, k_pad] outputs whose first k columns are the routing."""
+    logits = jnp.asarray(np.random.RandomState(1).randn(3, 128), jnp.float32)
+    ids, w = route(logits, k=8, norm=True, interpret=True)
+    live = jnp.asarray([True, False, True])
+    pids, pw = route(logits, k=8, norm=True, live=live, dtype=jnp.bfloat16, padded=True, interpret=True)
+    assert pids.shape == pw.shape == (3, 16) and pw.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(pids[:, :8]), np.asarray(ids))
+    want = jnp.where(live[:, None], w, 0).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(pw[:, :8], np.float32), np.asarray(want, np.float32))

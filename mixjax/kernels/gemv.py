@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mixjax.kernels import triton_params
+from mixjax.kernels import pow2_divisor, triton_params
 
 
 def supported(n: int, k: int, gpu: bool = True) -> bool:
@@ -41,24 +41,39 @@ def tiles(n: int, k: int) -> tuple[int, int, int]:
     return min(4, n & -n), min(2048, k & -k), 8
 
 
-def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float | None):
+def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float | None, add: bool, emit: int):
     n_w = len(starts) - 1
-    w_refs, o_refs = refs[:n_w], refs[len(refs) - n_w:]
+    add_ref = refs[0] if add else None
+    refs = refs[1:] if add else refs
+    w_refs = refs[:n_w]
     norm_ref = refs[n_w] if eps is not None else None
+    o_refs = refs[len(refs) - n_w - bool(emit):len(refs) - bool(emit)]
     k_dim = x_ref.shape[-1]
     dtype = x_ref.dtype
     pid = pl.program_id(0)
+
+    def row(ks):
+        """Elements ks of the input row: x, or the residual sum x + add rounded to x's dtype (as XLA adds them)."""
+        if add_ref is None:
+            return x_ref[0, ks]
+        return (x_ref[0, ks].astype(jnp.float32) + add_ref[0, ks].astype(jnp.float32)).astype(dtype)
+
     inv = None
     if eps is not None:
-        xf = x_ref[0, :].astype(jnp.float32)
+        xf = row(pl.ds(0, k_dim)).astype(jnp.float32)
         inv = lax.rsqrt(jnp.sum(xf * xf) / k_dim + eps)
+
+    def operand(ks):
+        """Elements ks of the row the products read: the input row, RMS-normed when there is a norm."""
+        xk = row(ks)
+        if inv is not None:
+            xk = norm_ref[ks] * (xk.astype(jnp.float32) * inv).astype(dtype)
+        return xk
 
     def project(w_ref, o_ref, row0):
         acc = jnp.zeros((bn, bk), jnp.float32)  # per-lane partial sums: one cross-thread reduction, at the end
         for j in range(k_dim // bk):  # unrolled: the loads are independent and Triton issues them ahead
-            xk = x_ref[0, pl.ds(j * bk, bk)]
-            if inv is not None:
-                xk = norm_ref[pl.ds(j * bk, bk)] * (xk.astype(jnp.float32) * inv).astype(dtype)
+            xk = operand(pl.ds(j * bk, bk))
             acc += w_ref[pl.ds(row0, bn), pl.ds(j * bk, bk)].astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
         o_ref[0, pl.ds(row0, bn)] = jnp.sum(acc, axis=1).astype(dtype)
 
@@ -66,12 +81,28 @@ def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float 
         pl.when((pid >= starts[i]) & (pid < starts[i + 1]))(
             functools.partial(project, w_refs[i], o_refs[i], (pid - starts[i]) * bn))
 
+    if emit:
+        # Also written out: the row the products read, as the first of `emit` rows whose others are zeros (a
+        # tensor-core tile for the kernels after it: a batch-1 MoE's experts). Every program writes a slice of
+        # columns of it, so that no program's tail grows.
+        cols = k_dim // pow2_divisor(k_dim, min(starts[-1], k_dim // 16))
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block"))
-def gemv_many(x, ws, *, norm=None, eps: float | None = None, interpret: bool = False,
+        @pl.when(pid < k_dim // cols)
+        def _():
+            ks = pl.ds(pid * cols, cols)
+            top = lax.broadcasted_iota(jnp.int32, (emit, cols), 0) == 0
+            refs[-1][:, ks] = jnp.where(top, jnp.broadcast_to(operand(ks)[None, :], (emit, cols)),
+                                        jnp.zeros((emit, cols), dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block", "emit"))
+def gemv_many(x, ws, *, norm=None, eps: float | None = None, add=None, emit: int = 0, interpret: bool = False,
               block: tuple[int, int, int] | None = None):
     """x [1, K], ws: weights [N_i, K] -> a tuple of [1, N_i] in x's dtype, (norm(x) if `norm` is given) @ w_i.T
     with products accumulated in float32, one kernel for all. `norm` is an RMSNorm weight [K] applied with `eps`;
+    `add` [1, K], when given, is added to x first (in x's dtype: the residual sum h = x + add of a decoder layer);
+    `emit` = R > 0 also returns the row the products read (norm(x + add)) on top of R - 1 zero rows, [R, K] in x's
+    dtype, after the outputs (the 16-row tile that the one-token expert kernels read for every expert);
     `block` overrides `tiles` (bn, bk, warps)."""
     ws = tuple(ws)
     rows, k_dim = x.shape
@@ -81,16 +112,20 @@ def gemv_many(x, ws, *, norm=None, eps: float | None = None, interpret: bool = F
                          f"(interpreted: a multiple of 16); got x {x.shape}, w {[w.shape for w in ws]}")
     if (norm is None) != (eps is None):
         raise ValueError("gemv: pass the RMSNorm weight and its eps together")
+    if add is not None and add.shape != x.shape:
+        raise ValueError(f"gemv: the row to add must have x's shape {x.shape}; got {add.shape}")
     bn, bk, warps = block or tiles(math.gcd(*(w.shape[0] for w in ws)), k_dim)
     if any(w.shape[0] % bn for w in ws) or k_dim % bk:
         raise ValueError(f"gemv: block {(bn, bk)} does not divide the weights {[w.shape for w in ws]}")
     starts = tuple(itertools.accumulate((w.shape[0] // bn for w in ws), initial=0))
-    args = [x, *ws] + ([norm.astype(x.dtype)] if norm is not None else [])
+    args = ([x] + ([add.astype(x.dtype)] if add is not None else []) + list(ws)
+            + ([norm.astype(x.dtype)] if norm is not None else []))
+    outs = tuple(jax.ShapeDtypeStruct((1, w.shape[0]), x.dtype) for w in ws)
+    outs += (jax.ShapeDtypeStruct((emit, k_dim), x.dtype),) if emit else ()
     params = triton_params(warps, 1, interpret)
     return tuple(pl.pallas_call(
-        functools.partial(_kernel, starts=starts, bn=bn, bk=bk, eps=eps),
-        out_shape=tuple(jax.ShapeDtypeStruct((1, w.shape[0]), x.dtype) for w in ws), grid=(starts[-1],),
-        compiler_params=params, interpret=interpret, name="gemv",
+        functools.partial(_kernel, starts=starts, bn=bn, bk=bk, eps=eps, add=add is not None, emit=emit),
+        out_shape=outs, grid=(starts[-1],), compiler_params=params, interpret=interpret, name="gemv",
     )(*args))
 
 

@@ -213,9 +213,28 @@ def group_layout(gates, k: int, bm: int, routed=None) -> Layout:
     return Layout(src_row, block_expert, dest.reshape(n, k), jnp.where(valid, w, 0.0))
 
 
-def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Blocks, d: int, nb: int, nt: int):
-    i, j = _block_and_tile(blk, nb, nt)
-    e = block_expert_ref[i]
+def _token_expert(ids_ref, w_ref, p):
+    """The expert of pair p of one token, read in place from the router's outputs [1, k_pad]: -1 where the pair's
+    weight is zero (a row without a token)."""
+    return jnp.where(w_ref[0, p] != 0, ids_ref[0, p], -1)
+
+
+def _gate_up_kernel(*refs, blk: Blocks, d: int, nb: int, nt: int, token: bool = False):
+    """Kernel A. refs: block_expert, x (padded, sorted), W_gate, W_up, out. With `token` (`token_swiglu`): the
+    router's ids and weights, then x as one block [bm, D] (the token's normed row on top of zero rows), the input
+    of every block (pair p in block p). (Building that tile in the kernel from the row alone, a broadcast and a
+    select per step, made the kernel 1.6x slower on an H200: the tile then reaches the tensor cores through a
+    layout conversion, not the pipelined loads.)"""
+    if token:
+        ids_ref, w_ref, x_ref, wg_ref, wu_ref, h_ref = refs
+        i, j = pl.program_id(0), pl.program_id(1)
+        e = _token_expert(ids_ref, w_ref, i)
+        x_rows = pl.ds(0, blk.bm)
+    else:
+        block_expert_ref, x_ref, wg_ref, wu_ref, h_ref = refs
+        i, j = _block_and_tile(blk, nb, nt)
+        e = block_expert_ref[i]
+        x_rows = pl.ds(i * blk.bm, blk.bm)
 
     @pl.when(e >= 0)
     def _():
@@ -224,7 +243,7 @@ def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Bloc
         def step(t, acc):
             ag, au = acc
             ks = pl.ds(t * blk.bk, blk.bk)
-            xt = x_ref[rows, ks]
+            xt = x_ref[x_rows, ks]
             ag += jnp.dot(xt, wg_ref[e, ks, cols], preferred_element_type=jnp.float32)
             au += jnp.dot(xt, wu_ref[e, ks, cols], preferred_element_type=jnp.float32)
             return ag, au
@@ -234,9 +253,17 @@ def _gate_up_kernel(block_expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, blk: Bloc
         h_ref[rows, cols] = (ag * jax.nn.sigmoid(ag) * au).astype(h_ref.dtype)
 
 
-def _down_kernel(block_expert_ref, h_ref, wd_ref, y_ref, *, blk: Blocks, f: int, nb: int, nt: int):
-    i, j = _block_and_tile(blk, nb, nt)
-    e = block_expert_ref[i]
+def _down_kernel(*refs, blk: Blocks, f: int, nb: int, nt: int, token: bool = False):
+    """Kernel B. refs: block_expert, h, W_down, out; with `token`, the router's ids and weights instead of
+    block_expert (pair p in block p)."""
+    if token:
+        ids_ref, w_ref, h_ref, wd_ref, y_ref = refs
+        i, j = pl.program_id(0), pl.program_id(1)
+        e = _token_expert(ids_ref, w_ref, i)
+    else:
+        block_expert_ref, h_ref, wd_ref, y_ref = refs
+        i, j = _block_and_tile(blk, nb, nt)
+        e = block_expert_ref[i]
 
     @pl.when(e >= 0)
     def _():
@@ -309,29 +336,54 @@ def combine(y, lay: Layout, dtype):
 
 def _per_block_call(kernel, name: str, blk: Blocks, block_expert, operands, out_shape, nt: int, interpret: bool,
                     **static):
-    """One of the expert kernels over every (row block, output tile) pair, in blk's launch order."""
-    nb = block_expert.shape[0]
+    """One of the expert kernels over every (row block, output tile) pair, in blk's launch order. block_expert: the
+    experts of the blocks [NB], or for one token the router's (ids, weights) [1, k_pad] with NB = static["pairs"]."""
+    token = isinstance(block_expert, tuple)
+    nb = static.pop("pairs") if token else block_expert.shape[0]
+    routing = block_expert if token else (block_expert,)
     return pl.pallas_call(
-        functools.partial(kernel, blk=blk, nb=nb, nt=nt, **static), out_shape=out_shape,
-        grid=_launch_grid(blk, nb, nt), compiler_params=triton_params(blk.warps, blk.stages, interpret),
-        interpret=interpret, name=name,
-    )(block_expert, *operands)
+        functools.partial(kernel, blk=blk, nb=nb, nt=nt, token=token, **static), out_shape=out_shape,
+        grid=(nb, nt) if token else _launch_grid(blk, nb, nt),
+        compiler_params=triton_params(blk.warps, blk.stages, interpret), interpret=interpret, name=name,
+    )(*routing, *operands)
 
 
-def gate_up(xp, block_expert, w_gate, w_up, blk: Blocks, *, interpret: bool = False):
+def gate_up(xp, block_expert, w_gate, w_up, blk: Blocks, *, interpret: bool = False, pairs: int = 0):
     """Kernel A: h = silu(xp W_gate[e]) * (xp W_up[e]) for each block of bm rows of the padded, sorted xp [M, D]
-    and its expert e = block_expert[block] (blocks of expert -1 are skipped, their rows left unwritten)."""
-    (m, d), f = xp.shape, w_gate.shape[2]
+    and its expert e = block_expert[block] (blocks of expert -1 are skipped, their rows left unwritten). For one
+    token, block_expert is the router's (ids, weights) [1, k_pad], xp the token's block [bm, D] (its row, then
+    zeros) and `pairs` the k pairs (blocks) to compute: h [k * bm, D]."""
+    d, f = xp.shape[1], w_gate.shape[2]
+    m = pairs * blk.bm if pairs else xp.shape[0]
     return _per_block_call(_gate_up_kernel, "grouped_gate_up", blk, block_expert, (xp, w_gate, w_up),
-                           jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, d=d)
+                           jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, d=d,
+                           **(dict(pairs=pairs) if pairs else {}))
 
 
 def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
-    """Kernel B, with blk's down tiles: y = h W_down[e] for each block of rows of h [M, F], stored in h's dtype."""
+    """Kernel B, with blk's down tiles: y = h W_down[e] for each block of rows of h [M, F], stored in h's dtype.
+    block_expert as gate_up's (for one token: the router's (ids, weights), a block per pair)."""
     down = blk.down
     (m, f), d = h.shape, w_down.shape[2]
+    pairs = dict(pairs=m // blk.bm) if isinstance(block_expert, tuple) else {}
     return _per_block_call(_down_kernel, "grouped_down", down, block_expert, (h, w_down),
-                           jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, f=f)
+                           jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, f=f, **pairs)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
+def token_swiglu(u, ids, w, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False):
+    """grouped_swiglu for one token (a batch-1 decode step) with nothing between the router and kernel A: u [bm, D]
+    is the normed row the experts read on top of zero rows (written by the router's product kernel,
+    `gemv_many(emit=bm)`), ids and w
+    the router kernel's padded outputs [1, k_pad] (k_pad >= k), read in place. Kernel A reads every pair's block
+    from u, so the pair layout's kernels (the blocks' experts, the gather of x into a padded buffer) are gone. The
+    same products and combine as grouped_swiglu's pair layout, so the same result, bit for bit."""
+    m = k * blk.bm
+    h = gate_up(u, (ids, w), w_gate, w_up, blk, interpret=interpret, pairs=k)
+    y = down_proj(h, (ids, w), w_down, blk, interpret=interpret)
+    valid = w[:, :k] != 0
+    dest = jnp.where(valid, (jnp.arange(k, dtype=jnp.int32) * blk.bm)[None, :], m)
+    return combine(y, Layout(None, None, dest, jnp.where(valid, w[:, :k].astype(jnp.float32), 0.0)), u.dtype)
 
 
 HOPPER_ENV = "MIXJAX_HOPPER_EXPERTS"  # "0": keep the Triton kernels on Hopper GPUs too (for comparisons)

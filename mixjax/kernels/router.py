@@ -30,7 +30,8 @@ def softmax_topk(logits, k: int, norm: bool):
     return ids.astype(jnp.int32), (w / w.sum(-1, keepdims=True) if norm else w)
 
 
-def _kernel(logits_ref, ids_ref, w_ref, *, k: int, norm: bool):
+def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
+    live_ref, ids_ref, w_ref = refs if masked else (None, *refs)
     r = pl.program_id(0)
     logit = logits_ref[r, :].astype(jnp.float32)  # [E], padded with -inf to a power of two
     e_n = logit.shape[0]
@@ -51,25 +52,33 @@ def _kernel(logits_ref, ids_ref, w_ref, *, k: int, norm: bool):
         left = jnp.where(idx == pick, -jnp.inf, left)
     if norm:
         w = w / jnp.sum(w)  # the unused slots hold zeros
+    if live_ref is not None:  # a row without a token: weight 0, no expert computes it
+        w = jnp.where(live_ref[r] != 0, w, 0.0)
     ids_ref[r, :] = ids
-    w_ref[r, :] = w
+    w_ref[r, :] = w.astype(w_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "norm", "interpret", "warps"))
-def route(logits, *, k: int, norm: bool, interpret: bool = False, warps: int = 1):
-    """softmax_topk(logits, k, norm) in one kernel: (ids int32 [n, k], weights float32 [n, k]). The logits in
-    any float dtype: the kernel reads them as they are and converts to float32 itself (a router product's bf16
-    logits converted by XLA first were a kernel of their own, ~1 us of a ~65 us batch-1 layer, H200 2026-12-03)."""
+@functools.partial(jax.jit, static_argnames=("k", "norm", "interpret", "warps", "dtype", "padded"))
+def route(logits, *, k: int, norm: bool, live=None, dtype=jnp.float32, padded: bool = False, interpret: bool = False,
+          warps: int = 1):
+    """softmax_topk(logits, k, norm) in one kernel: (ids int32 [n, k], weights [n, k] in `dtype`, rounded from
+    float32). The logits in any float dtype: the kernel reads them as they are and converts to float32 itself (a
+    router product's bf16 logits converted by XLA first were a kernel of their own, ~1 us of a ~65 us batch-1 layer,
+    H200 2026-12-03). live [n] (bool), when given, zeroes the weights of rows that carry no token, and `dtype` is
+    the model's: XLA's masking and conversion after the kernel were one more small kernel per layer. `padded`
+    returns the kernel's outputs as they are, [n, k_pad] with k_pad >= k (a power of two, 16 at least), for kernels
+    that read the first k columns in place: cutting them to [n, k] is a copy kernel of its own."""
     n, e = logits.shape
     e_pad = max(16, 1 << (e - 1).bit_length())  # Triton's vectors have power-of-two lengths
     k_pad = max(16, 1 << (k - 1).bit_length())
     x = logits
     if e_pad != e:
         x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, e_pad - e)), constant_values=-jnp.inf)
+    args = (x,) if live is None else (x, live.reshape(n).astype(jnp.int32))
     params = triton_params(warps, 1, interpret)
     ids, w = pl.pallas_call(
-        functools.partial(_kernel, k=k, norm=norm),
-        out_shape=(jax.ShapeDtypeStruct((n, k_pad), jnp.int32), jax.ShapeDtypeStruct((n, k_pad), jnp.float32)),
+        functools.partial(_kernel, k=k, norm=norm, masked=live is not None),
+        out_shape=(jax.ShapeDtypeStruct((n, k_pad), jnp.int32), jax.ShapeDtypeStruct((n, k_pad), dtype)),
         grid=(n,), compiler_params=params, interpret=interpret, name="router_topk",
-    )(x)
-    return ids[:, :k], w[:, :k]
+    )(*args)
+    return (ids, w) if padded else (ids[:, :k], w[:, :k])

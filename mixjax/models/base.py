@@ -6,8 +6,10 @@ All of it is local-view code that runs inside the strategy's `shard_map` (see mi
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 
 from mixjax.models.layers import MLP, Experts, RMSNorm, Source, param
@@ -60,6 +62,9 @@ class ConfigBase:
         return self.num_attention_heads
 
 
+ONE_TOKEN_ENV = "MIXJAX_ONE_TOKEN_MOE"  # "0": a batch-1 decode step's MoE takes the unfused path (comparisons)
+
+
 class MoE(nnx.Module):
     """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x, pallas=None) ->
     (ids, weights)`; `pallas` (ParallelContext.pallas) lets a router use a kernel (Qwen3: mixjax.kernels.router)."""
@@ -80,6 +85,35 @@ class MoE(nnx.Module):
         if self.shared is not None:
             y = y + self.shared(flat, par)
         return y.reshape(shape)
+
+    def route_token(self, x, a, norm, pallas: str, live=None, rows: int = 16):
+        """For `one_token`: (ids, weights, u) of one token whose residual sum is h = x + a (x, a [1, D]), with u
+        [rows, D] the row the experts read, norm(h), on top of zero rows (their tensor-core tile), ids and weights
+        as the router kernel leaves them ([1, k_pad]); None where the router has no such path (the default)."""
+        return None
+
+    def one_token(self, x, a, norm, par: ParallelContext, live=None):
+        """h + MoE(norm(h)) for h = x + a of one token (x, a [1, 1, D]; a batch-1 decode step) on the Pallas path:
+        the router's product computes h and its norm and writes the normed row, the router kernel masks and
+        rounds the weights, and kernels A and B read the row and the router's outputs in place; XLA's combine adds
+        h. The layer's unfused path makes nine kernels of this; here they are five (H200: see docs/BENCHMARKS.md).
+        None where it does not apply: no Pallas kernels, experts over an EP group, more than one token, or a
+        router or experts without the one-token path, or $MIXJAX_ONE_TOKEN_MOE=0 (for comparisons)."""
+        if (not par.pallas or par.strategy.moe_ep or x.size != x.shape[-1]
+                or os.environ.get(ONE_TOKEN_ENV, "1") == "0"):
+            return None
+        blk = self.experts.token_blocks(self.top_k, par.expert_impl)
+        routed = blk and self.route_token(x.reshape(1, -1), a.reshape(1, -1), norm, par.pallas,
+                                          None if live is None else live.reshape(1), rows=blk.bm)
+        if not routed:
+            return None
+        ids, w, u = routed
+        y = self.experts.token(u, ids, w, blk, top_k=self.top_k, impl=par.expert_impl)
+        if par.strategy.moe_tp:
+            y = lax.psum(y, par.strategy.moe_tp)
+        if self.shared is not None:
+            y = y + self.shared(u[:1], par)
+        return ((x + a).reshape(y.shape) + y).reshape(x.shape)
 
 
 class DecoderLayer(nnx.Module):
@@ -104,6 +138,9 @@ class DecoderLayer(nnx.Module):
                 experts=self.ffn.experts, shared=self.ffn.shared, num_experts=self.ffn.num_experts,
                 top_k=self.ffn.top_k, par=par, live=None if live is None else live.reshape(-1))
             return out.reshape(b, t, d), cache
+        out = None if fused or not self.is_moe else self.ffn.one_token(x, a, self.post_norm, par, live)
+        if out is not None:
+            return out, cache
         h = x + a
         u = self.post_norm(h)
         return h + (self.ffn(u, par, live) if self.is_moe else self.ffn(u, par)), cache

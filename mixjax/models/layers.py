@@ -20,7 +20,7 @@ from flax import nnx
 from jax import lax
 
 from mixjax.kernels import gemv as gemv_kernel
-from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu
+from mixjax.kernels.grouped_experts import PAIR_BLOCKS_MAX, Blocks, choose_blocks, grouped_swiglu, token_swiglu
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -350,3 +350,19 @@ class Experts(nnx.Module):
         h = (jax.nn.silu(g) * u).astype(dt)
         y = jnp.einsum("enf,efd->end", h, self.down[...], preferred_element_type=jnp.float32)
         return jnp.einsum("end,ne->nd", y, gates.astype(jnp.float32)).astype(dt)
+
+    def token_blocks(self, top_k: int, impl: str) -> Blocks | None:
+        """The tiles of `token` for one token's top_k pairs, or None where that path does not apply (the dense
+        implementation, or a shape the kernels do not tile)."""
+        e, d, f = self.gate.shape
+        k = min(top_k, e)
+        if impl == "dense" or k > PAIR_BLOCKS_MAX:
+            return None
+        return choose_blocks(k, e, d, f)
+
+    def token(self, u, ids, w, blk: Blocks, *, top_k: int, impl: str):
+        """The experts of one token from its normed row on top of zero rows, u [blk.bm, D], and the router kernel's
+        padded (ids, weights) [1, k_pad], read in place (grouped_experts.token_swiglu): [1, D] in u's dtype. blk
+        from `token_blocks`."""
+        return token_swiglu(u, ids, w, self.gate[...], self.up[...], self.down[...], k=min(top_k, self.gate.shape[0]),
+                            blk=blk, interpret=impl == "grouped-interpret")

@@ -18,7 +18,7 @@ from mixjax.models.layers import (MLP, Experts, FusedLinear, Linear, RMSNorm, ap
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, reads_in_place as decode_attention_reads_in_place
 from mixjax.kernels.decode_attention import supported as decode_attention_supported
-from mixjax.kernels import router as router_kernel
+from mixjax.kernels import gemv as gemv_kernel, router as router_kernel
 from mixjax.kernels.flash_attention import prefill_attention, tiles_for
 from mixjax.kernels.norm_rope import norm_rope, supported as norm_rope_supported
 from mixjax.sharding.strategies import ParallelContext
@@ -164,6 +164,20 @@ class Qwen3MoE(MoE):
         else:
             ids, w = router_kernel.softmax_topk(logits.astype(jnp.float32), self.top_k, self.norm_topk)
         return ids, w.astype(x.dtype)
+
+    def route_token(self, x, a, norm, pallas: str, live=None, rows: int = 16):
+        """One token (MoE.one_token): the router's product computes h = x + a, its norm and the logits, and writes
+        the normed row for the experts; the router kernel masks the weights of a row without a token and rounds
+        them to x's dtype, as `route` and MoE.__call__ do in XLA."""
+        w_router = self.router.w[...]
+        if not self.router.out_major or not gemv_kernel.supported(*w_router.shape, gpu=pallas == "gpu"):
+            return None
+        interpret = pallas == "interpret"
+        logits, u = gemv_kernel.gemv_many(x, (w_router,), norm=norm.w[...], eps=norm.eps, add=a, emit=rows,
+                                          interpret=interpret)
+        ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, live=live, dtype=x.dtype,
+                                     padded=True, interpret=interpret)
+        return ids, w, u
 
 
 class Qwen3MoeForCausalLM(CausalLM):
