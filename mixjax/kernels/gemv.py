@@ -12,6 +12,11 @@ every program reads all of it and, with `norm`, computes the RMSNorm itself (sta
 applied in x's dtype, as layers.RMSNorm) instead of a separate kernel writing the normed row. Several weights
 that share the input take consecutive ranges of programs of one launch: a 2 MB k or v projection alone is mostly a
 kernel's start-up and tail (3.4 us in a batch-1 step for 0.5 us of traffic), but beside q's it fills the same wave.
+
+For the MoE half of a batch-1 layer (models.base.MoE.one_token) the router's product also takes the residual sum
+(`add`: h = x + attention output, computed by every program as it reads the row) and writes out the normed row it
+read as a 16-row tensor-core tile (`emit`) for the expert kernels: XLA's residual add, norm, pair layout and row
+gather were four kernels between the attention and the experts.
 """
 
 from __future__ import annotations
