@@ -393,7 +393,7 @@ def _down_combine_kernel(ids_ref, w_ref, h_ref, wd_ref, x_ref, a_ref, out_ref, *
     def step(s, acc):
         # one loop over (pair, F step): the pipelined loads run on across the pairs (a loop per pair would drain
         # and refill them eight times)
-        p, q = s // steps, s % steps
+        p, q = lax.div(s, jnp.int32(steps)), lax.rem(s, jnp.int32(steps))  # (jnp's // and % fail to lower)
         e = jnp.sum(jnp.where(slot == p, expert, 0))
         wp = jnp.sum(jnp.where(slot == p, weight, 0.0))
         ks = pl.ds(q * t.bf, t.bf)
