@@ -370,82 +370,21 @@ def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
                            jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, f=f, **pairs)
 
 
-@dataclasses.dataclass(frozen=True)
-class DownTiles:
-    """Tiles of `down_combine`: bd output columns per program, bf of F per step, warps, pipeline stages."""
-
-    bd: int = 16
-    bf: int = 128
-    warps: int = 2
-    stages: int = 4
-
-
-def _down_combine_kernel(ids_ref, w_ref, h_ref, wd_ref, x_ref, a_ref, out_ref, *, t: DownTiles, k: int, bm: int,
-                         f: int):
-    j = pl.program_id(0)
-    cols = pl.ds(j * t.bd, t.bd)
-    k_pad = ids_ref.shape[1]
-    slot = lax.broadcasted_iota(jnp.int32, (k_pad,), 0)
-    weight = w_ref[0, :].astype(jnp.float32)
-    expert = jnp.where(weight != 0, ids_ref[0, :], -1)  # -1: no pair (a row without a token)
-    steps = f // t.bf
-
-    def step(s, acc):
-        # one loop over (pair, F step): the pipelined loads run on across the pairs (a loop per pair would drain
-        # and refill them eight times)
-        p, q = lax.div(s, jnp.int32(steps)), lax.rem(s, jnp.int32(steps))  # (jnp's // and % fail to lower)
-        e = jnp.sum(jnp.where(slot == p, expert, 0))
-        wp = jnp.sum(jnp.where(slot == p, weight, 0.0))
-        ks = pl.ds(q * t.bf, t.bf)
-        part = jnp.dot(h_ref[pl.ds(p * bm, bm), ks], wd_ref[jnp.maximum(e, 0), ks, cols],
-                       preferred_element_type=jnp.float32)
-        return acc + jnp.where(e >= 0, part * wp, 0.0)  # a select: a skipped pair's rows of h are unwritten
-
-    acc = lax.fori_loop(0, k * steps, step, jnp.zeros((bm, t.bd), jnp.float32))
-    top = lax.broadcasted_iota(jnp.int32, (bm, t.bd), 0) == 0
-    y = jnp.sum(jnp.where(top, acc, 0.0), axis=0)  # the token's row of the block
-    dt = out_ref.dtype
-    h = (x_ref[0, cols].astype(jnp.float32) + a_ref[0, cols].astype(jnp.float32)).astype(dt)
-    out_ref[0, cols] = (h.astype(jnp.float32) + y.astype(dt).astype(jnp.float32)).astype(dt)
-
-
-def down_combine(h, ids, w, w_down, x, a, *, k: int, bm: int, tiles: DownTiles = DownTiles(),
-                 interpret: bool = False):
-    """Kernel B and the combine of one token in one kernel: (x + a) + sum over its k pairs p of w_p * h_p W_down[e_p],
-    [1, D] in x's dtype, from kernel A's output h [k * bm, F] (pair p's row first in block p), the router's padded
-    (ids, weights) [1, k_pad] and the residual sum's parts x, a [1, D]. Each program computes bd output columns
-    over all pairs: the weighted sum is made in float32 inside the kernel, not by XLA from each expert's rows."""
-    d, f = w_down.shape[2], w_down.shape[1]
-    bd, bf = pow2_divisor(d, tiles.bd), pow2_divisor(f, tiles.bf)
-    return pl.pallas_call(
-        functools.partial(_down_combine_kernel, t=DownTiles(bd, bf, tiles.warps, tiles.stages), k=k, bm=bm, f=f),
-        out_shape=jax.ShapeDtypeStruct((1, d), x.dtype), grid=(d // bd,),
-        compiler_params=triton_params(tiles.warps, tiles.stages, interpret), interpret=interpret,
-        name="grouped_down_combine",
-    )(ids, w, h, w_down, x, a)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret", "tiles"))
-def token_swiglu(u, ids, w, w_gate, w_up, w_down, *, k: int, blk: Blocks, residual=None, interpret: bool = False,
-                 tiles: DownTiles | None = DownTiles()):
+@functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
+def token_swiglu(u, ids, w, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False):
     """grouped_swiglu for one token (a batch-1 decode step) with nothing between the router and kernel A: u [bm, D]
     is the normed row the experts read on top of zero rows (written by the router's product kernel,
     `gemv_many(emit=bm)`), ids and w the router kernel's padded outputs [1, k_pad] (k_pad >= k), read in place.
     Kernel A reads every pair's block from u, so the pair layout's kernels (the blocks' experts, the gather of x
-    into a padded buffer) are gone.
-
-    residual: (x, a) [1, D], the parts of the layer's residual sum, to return (x + a) + experts, kernel B and the
-    combine as one kernel (`down_combine`, with `tiles`; None: the two as before). Without it: kernel B and XLA's
-    combine, the same products and sums as grouped_swiglu's pair layout, so the same result bit for bit."""
+    into a padded buffer) are gone. The same products and combine as grouped_swiglu's pair layout, so the same
+    result, bit for bit. (Kernel B and the combine as one kernel, each program summing all pairs' products for a
+    slice of D, was slower on an H200: 19.4 us a layer against 10.2 for the two; docs/BENCHMARKS.md.)"""
     m = k * blk.bm
     h = gate_up(u, (ids, w), w_gate, w_up, blk, interpret=interpret, pairs=k)
-    if residual is not None and tiles is not None:
-        return down_combine(h, ids, w, w_down, *residual, k=k, bm=blk.bm, tiles=tiles, interpret=interpret)
     y = down_proj(h, (ids, w), w_down, blk, interpret=interpret)
     valid = w[:, :k] != 0
     dest = jnp.where(valid, (jnp.arange(k, dtype=jnp.int32) * blk.bm)[None, :], m)
-    out = combine(y, Layout(None, None, dest, jnp.where(valid, w[:, :k].astype(jnp.float32), 0.0)), u.dtype)
-    return out if residual is None else (residual[0] + residual[1]) + out
+    return combine(y, Layout(None, None, dest, jnp.where(valid, w[:, :k].astype(jnp.float32), 0.0)), u.dtype)
 
 
 HOPPER_ENV = "MIXJAX_HOPPER_EXPERTS"  # "0": keep the Triton kernels on Hopper GPUs too (for comparisons)

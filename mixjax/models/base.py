@@ -108,10 +108,6 @@ class MoE(nnx.Module):
         if not routed:
             return None
         ids, w, u = routed
-        if par.size(par.strategy.moe_tp) == 1 and self.shared is None:  # the residual sum into the experts' kernel
-            out = self.experts.token(u, ids, w, blk, top_k=self.top_k, impl=par.expert_impl,
-                                     residual=(x.reshape(1, -1), a.reshape(1, -1)))
-            return out.reshape(x.shape)
         y = self.experts.token(u, ids, w, blk, top_k=self.top_k, impl=par.expert_impl)
         if par.strategy.moe_tp:
             y = lax.psum(y, par.strategy.moe_tp)

@@ -20,10 +20,7 @@ from flax import nnx
 from jax import lax
 
 from mixjax.kernels import gemv as gemv_kernel
-from mixjax.kernels.grouped_experts import (PAIR_BLOCKS_MAX, Blocks, DownTiles, choose_blocks, grouped_swiglu,
-                                            token_swiglu)
-
-TOKEN_DOWN_ENV = "MIXJAX_TOKEN_DOWN"  # development: "0" keeps kernel B and XLA's combine apart; "bd,bf,warps,stages"
+from mixjax.kernels.grouped_experts import PAIR_BLOCKS_MAX, Blocks, choose_blocks, grouped_swiglu, token_swiglu
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -363,11 +360,9 @@ class Experts(nnx.Module):
             return None
         return choose_blocks(k, e, d, f)
 
-    def token(self, u, ids, w, blk: Blocks, *, top_k: int, impl: str, residual=None):
+    def token(self, u, ids, w, blk: Blocks, *, top_k: int, impl: str):
         """The experts of one token from its normed row on top of zero rows, u [blk.bm, D], and the router kernel's
-        padded (ids, weights) [1, k_pad], read in place (grouped_experts.token_swiglu): [1, D] in u's dtype, or
-        with residual = (x, a) [1, D] the layer's output (x + a) + experts. blk from `token_blocks`."""
-        tiles = None if os.environ.get(TOKEN_DOWN_ENV) == "0" else DownTiles(
-            *map(int, os.environ[TOKEN_DOWN_ENV].split(","))) if os.environ.get(TOKEN_DOWN_ENV) else DownTiles()
+        padded (ids, weights) [1, k_pad], read in place (grouped_experts.token_swiglu): [1, D] in u's dtype. blk
+        from `token_blocks`."""
         return token_swiglu(u, ids, w, self.gate[...], self.up[...], self.down[...], k=min(top_k, self.gate.shape[0]),
-                            blk=blk, residual=residual, interpret=impl == "grouped-interpret", tiles=tiles)
+                            blk=blk, interpret=impl == "grouped-interpret")
