@@ -59,8 +59,8 @@ def test_gemv_many_equals_each_projection():
 
 def test_gemv_adds_the_residual_and_emits_the_row_it_read():
     """add= takes the residual sum h = x + a (rounded to x's dtype, as XLA's add) before the norm, and emit=16
-    returns the normed row the products read, on top of zero rows: in bf16 the row equals XLA's RMSNorm(h) bit for bit, and the product
-    is that row's (to bf16 rounding: XLA may keep excess precision where the kernel rounds)."""
+    returns the normed row the products read, on top of zero rows: in bf16 the row equals XLA's RMSNorm(h) bit for
+    bit, and the product is that row's (to bf16 rounding: XLA may keep excess precision where the kernel rounds)."""
     from mixjax.models.layers import RMSNorm
 
     rng = np.random.RandomState(7)

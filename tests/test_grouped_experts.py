@@ -265,11 +265,12 @@ def test_padding_of_no_token_leaves_live_logits_unchanged(mesh, strategy):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_one_token_moe_equals_the_unfused_layer_bit_for_bit(monkeypatch, dtype):
+def test_one_token_moe_equals_the_unfused_layer(monkeypatch, dtype):
     """A batch-1 decode step's MoE half in five kernels (MoE.one_token: the router's product computes the residual
     sum and its norm and writes the normed row, kernels A and B read it and the router's outputs in place) gives the
-    logits of the layer's unfused path exactly, in float32 and in bf16 (where every rounding must fall the same
-    way), for a token and for a row without one (NO_TOKEN: no expert computes it)."""
+    logits of the layer's unfused path, for a token and for a row without one (NO_TOKEN: no expert computes it): to
+    float32 rounding in float32 (2e-7 of the largest logit), to bf16 rounding in bf16 (XLA may keep excess
+    precision where a kernel rounds to bf16, so the two paths' roundings can fall differently)."""
     from mixjax.models import base
 
     path = next(p for p in fixture_dirs() if p.name == "qwen3_moe_shard")
@@ -292,6 +293,46 @@ def test_one_token_moe_equals_the_unfused_layer_bit_for_bit(monkeypatch, dtype):
     fused = [run(tok, pos) for tok, pos in steps]
     assert used and all(used)  # every MoE layer of the decode steps took the one-token path
     monkeypatch.setattr(base.MoE, "one_token", lambda *args, **kw: None)
+    jax.clear_caches()  # the forward is traced again, now without the path (else its compiled program is reused)
     unfused = [run(tok, pos) for tok, pos in steps]
-    for a, b in zip(fused, unfused):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(fused, unfused):  # bf16: within two units in the last place of the largest logit
+        assert rel_err(a, b) < (1e-6 if dtype == jnp.float32 else 1.6e-2)
+
+
+def test_one_token_moe_under_tensor_parallelism_equals_the_unfused_layer():
+    """The one-token path with the experts' FFN width split over a TP group of 2 (each device's kernels A and B on
+    its half, summed by the psum after them, as moe_unfused does) and the attention's heads split likewise: the
+    decode logits equal the unfused layer's to float32 rounding. A random model: no fixture's FFN slice tiles at
+    TP 2."""
+    from flax import nnx
+    from mixjax.models import base
+    from mixjax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from mixjax.sharding.runner import ShardedModel
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(),
+                         rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = ShardedModel(cfg, make_mesh("1x2"), STRATEGIES["tp"], dtype=jnp.float32, expert_impl="grouped-interpret")
+    model.set_state(nnx.state(Qwen3MoeForCausalLM(cfg, tp=2, dtype=jnp.float32, rngs=nnx.Rngs(0))))
+    _, cache = model.forward(jnp.asarray([[3, 17, 42, 5]], jnp.int32), jnp.arange(4, dtype=jnp.int32)[None],
+                             model.init_cache(1, 16))
+    tok, pos = jnp.asarray([[9]], jnp.int32), jnp.asarray([[4]], jnp.int32)
+    used = []
+    one_token = base.MoE.one_token
+
+    def spy(self, *args, **kw):
+        out = one_token(self, *args, **kw)
+        used.append(out is not None)
+        return out
+
+    run = lambda: np.asarray(model.forward(tok, pos, jax.tree.map(jnp.copy, cache))[0])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(base.MoE, "one_token", spy)
+        fused = run()
+        mp.setattr(base.MoE, "one_token", lambda *args, **kw: None)
+        jax.clear_caches()  # traced again without the path
+        unfused = run()
+    assert used and all(used)
+    assert rel_err(fused, unfused) < 1e-6

@@ -376,8 +376,7 @@ def token_swiglu(u, ids, w, w_gate, w_up, w_down, *, k: int, blk: Blocks, interp
     is the normed row the experts read on top of zero rows (written by the router's product kernel,
     `gemv_many(emit=bm)`), ids and w the router kernel's padded outputs [1, k_pad] (k_pad >= k), read in place.
     Kernel A reads every pair's block from u, so the pair layout's kernels (the blocks' experts, the gather of x
-    into a padded buffer) are gone. The same products and combine as grouped_swiglu's pair layout, so the same
-    result, bit for bit. (Kernel B and the combine as one kernel, each program summing all pairs' products for a
+    into a padded buffer) are gone. The same products and combine as grouped_swiglu's pair layout. (Kernel B and the combine as one kernel, each program summing all pairs' products for a
     slice of D, was slower on an H200: 19.4 us a layer against 10.2 for the two; docs/BENCHMARKS.md.)"""
     m = k * blk.bm
     h = gate_up(u, (ids, w), w_gate, w_up, blk, interpret=interpret, pairs=k)
