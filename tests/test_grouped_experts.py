@@ -264,6 +264,28 @@ def test_padding_of_no_token_leaves_live_logits_unchanged(mesh, strategy):
     assert rel_err(np.asarray(logits)[:b, :t, : model.vocab_size], ref["logits"]) < 1e-4
 
 
+def with_and_without_one_token(monkeypatch, run):
+    """run() with the one-token MoE path (asserting that every MoE layer took it) and again without it, the forward
+    traced again (jax.clear_caches: else the second call reuses the first's compiled program and the comparison
+    cannot fail). Returns (with, without)."""
+    from mixjax.models import base
+
+    used = []
+    one_token = base.MoE.one_token
+
+    def spy(self, *args, **kw):
+        out = one_token(self, *args, **kw)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(base.MoE, "one_token", spy)
+    fused = run()
+    assert used and all(used)
+    monkeypatch.setattr(base.MoE, "one_token", lambda *args, **kw: None)
+    jax.clear_caches()
+    return fused, run()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_one_token_moe_equals_the_unfused_layer(monkeypatch, dtype):
     """A batch-1 decode step's MoE half in five kernels (MoE.one_token: the router's product computes the residual
@@ -280,32 +302,18 @@ def test_one_token_moe_equals_the_unfused_layer(monkeypatch, dtype):
     _, cache = model.forward(prompt, jnp.arange(6, dtype=jnp.int32)[None], model.init_cache(1, 8))
     steps = [(jnp.asarray([[int(prompt[0, 2])]], jnp.int32), jnp.asarray([[6]], jnp.int32)),
              (jnp.asarray([[base.NO_TOKEN]], jnp.int32), jnp.asarray([[7]], jnp.int32))]
-    used = []
-    one_token = base.MoE.one_token
-
-    def spy(self, *args, **kw):
-        out = one_token(self, *args, **kw)
-        used.append(out is not None)
-        return out
-
-    monkeypatch.setattr(base.MoE, "one_token", spy)
     run = lambda tok, pos: np.asarray(model.forward(tok, pos, jax.tree.map(jnp.copy, cache))[0], np.float32)
-    fused = [run(tok, pos) for tok, pos in steps]
-    assert used and all(used)  # every MoE layer of the decode steps took the one-token path
-    monkeypatch.setattr(base.MoE, "one_token", lambda *args, **kw: None)
-    jax.clear_caches()  # the forward is traced again, now without the path (else its compiled program is reused)
-    unfused = [run(tok, pos) for tok, pos in steps]
+    fused, unfused = with_and_without_one_token(monkeypatch, lambda: [run(tok, pos) for tok, pos in steps])
     for a, b in zip(fused, unfused):  # bf16: within two units in the last place of the largest logit
         assert rel_err(a, b) < (1e-6 if dtype == jnp.float32 else 1.6e-2)
 
 
-def test_one_token_moe_under_tensor_parallelism_equals_the_unfused_layer():
+def test_one_token_moe_under_tensor_parallelism_equals_the_unfused_layer(monkeypatch):
     """The one-token path with the experts' FFN width split over a TP group of 2 (each device's kernels A and B on
     its half, summed by the psum after them, as moe_unfused does) and the attention's heads split likewise: the
     decode logits equal the unfused layer's to float32 rounding. A random model: no fixture's FFN slice tiles at
     TP 2."""
     from flax import nnx
-    from mixjax.models import base
     from mixjax.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from mixjax.sharding.runner import ShardedModel
 
@@ -319,20 +327,6 @@ def test_one_token_moe_under_tensor_parallelism_equals_the_unfused_layer():
     _, cache = model.forward(jnp.asarray([[3, 17, 42, 5]], jnp.int32), jnp.arange(4, dtype=jnp.int32)[None],
                              model.init_cache(1, 16))
     tok, pos = jnp.asarray([[9]], jnp.int32), jnp.asarray([[4]], jnp.int32)
-    used = []
-    one_token = base.MoE.one_token
-
-    def spy(self, *args, **kw):
-        out = one_token(self, *args, **kw)
-        used.append(out is not None)
-        return out
-
-    run = lambda: np.asarray(model.forward(tok, pos, jax.tree.map(jnp.copy, cache))[0])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(base.MoE, "one_token", spy)
-        fused = run()
-        mp.setattr(base.MoE, "one_token", lambda *args, **kw: None)
-        jax.clear_caches()  # traced again without the path
-        unfused = run()
-    assert used and all(used)
+    fused, unfused = with_and_without_one_token(
+        monkeypatch, lambda: np.asarray(model.forward(tok, pos, jax.tree.map(jnp.copy, cache))[0]))
     assert rel_err(fused, unfused) < 1e-6
