@@ -335,11 +335,11 @@ def combine(y, lay: Layout, dtype):
 
 
 def _per_block_call(kernel, name: str, blk: Blocks, block_expert, operands, out_shape, nt: int, interpret: bool,
-                    **static):
+                    pairs: int = 0, **static):
     """One of the expert kernels over every (row block, output tile) pair, in blk's launch order. block_expert: the
-    experts of the blocks [NB], or for one token the router's (ids, weights) [1, k_pad] with NB = static["pairs"]."""
+    experts of the blocks [NB], or for one token the router's (ids, weights) [1, k_pad] with NB = `pairs`."""
     token = isinstance(block_expert, tuple)
-    nb = static.pop("pairs") if token else block_expert.shape[0]
+    nb = pairs if token else block_expert.shape[0]
     routing = block_expert if token else (block_expert,)
     return pl.pallas_call(
         functools.partial(kernel, blk=blk, nb=nb, nt=nt, token=token, **static), out_shape=out_shape,
@@ -356,8 +356,7 @@ def gate_up(xp, block_expert, w_gate, w_up, blk: Blocks, *, interpret: bool = Fa
     d, f = xp.shape[1], w_gate.shape[2]
     m = pairs * blk.bm if pairs else xp.shape[0]
     return _per_block_call(_gate_up_kernel, "grouped_gate_up", blk, block_expert, (xp, w_gate, w_up),
-                           jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, d=d,
-                           **(dict(pairs=pairs) if pairs else {}))
+                           jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, pairs=pairs, d=d)
 
 
 def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
@@ -365,9 +364,8 @@ def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
     block_expert as gate_up's (for one token: the router's (ids, weights), a block per pair)."""
     down = blk.down
     (m, f), d = h.shape, w_down.shape[2]
-    pairs = dict(pairs=m // blk.bm) if isinstance(block_expert, tuple) else {}
     return _per_block_call(_down_kernel, "grouped_down", down, block_expert, (h, w_down),
-                           jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, f=f, **pairs)
+                           jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, pairs=m // blk.bm, f=f)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
@@ -376,8 +374,9 @@ def token_swiglu(u, ids, w, w_gate, w_up, w_down, *, k: int, blk: Blocks, interp
     is the normed row the experts read on top of zero rows (written by the router's product kernel,
     `gemv_many(emit=bm)`), ids and w the router kernel's padded outputs [1, k_pad] (k_pad >= k), read in place.
     Kernel A reads every pair's block from u, so the pair layout's kernels (the blocks' experts, the gather of x
-    into a padded buffer) are gone. The same products and combine as grouped_swiglu's pair layout. (Kernel B and the combine as one kernel, each program summing all pairs' products for a
-    slice of D, was slower on an H200: 19.4 us a layer against 10.2 for the two; docs/BENCHMARKS.md.)"""
+    into a padded buffer) are gone. The same products and combine as grouped_swiglu's pair layout. (Kernel B and
+    the combine as one kernel, each program summing all pairs' products for a slice of D, was slower on an H200:
+    19.4 us a layer against 10.2 for the two; docs/BENCHMARKS.md.)"""
     m = k * blk.bm
     h = gate_up(u, (ids, w), w_gate, w_up, blk, interpret=interpret, pairs=k)
     y = down_proj(h, (ids, w), w_down, blk, interpret=interpret)

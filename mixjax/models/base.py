@@ -86,7 +86,7 @@ class MoE(nnx.Module):
             y = y + self.shared(flat, par)
         return y.reshape(shape)
 
-    def route_token(self, x, a, norm, pallas: str, live=None, rows: int = 16):
+    def route_token(self, x, a, norm, pallas: str, live, rows: int):
         """For `one_token`: (ids, weights, u) of one token whose residual sum is h = x + a (x, a [1, D]), with u
         [rows, D] the row the experts read, norm(h), on top of zero rows (their tensor-core tile), ids and weights
         as the router kernel leaves them ([1, k_pad]); None where the router has no such path (the default)."""

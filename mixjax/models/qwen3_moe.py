@@ -165,7 +165,7 @@ class Qwen3MoE(MoE):
             ids, w = router_kernel.softmax_topk(logits.astype(jnp.float32), self.top_k, self.norm_topk)
         return ids, w.astype(x.dtype)
 
-    def route_token(self, x, a, norm, pallas: str, live=None, rows: int = 16):
+    def route_token(self, x, a, norm, pallas: str, live, rows: int):
         """One token (MoE.one_token): the router's product computes h = x + a, its norm and the logits, and writes
         the normed row for the experts; the router kernel masks the weights of a row without a token and rounds
         them to x's dtype, as `route` and MoE.__call__ do in XLA."""
