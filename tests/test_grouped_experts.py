@@ -155,36 +155,6 @@ def test_one_row_matmul_on_gpu_path_equals_einsum(monkeypatch):
         assert got.shape == want.shape and rel_err(np.asarray(got), want) < 1e-5
 
 
-@pytest.mark.parametrize("e,k,norm", [(8, 2, True), (12, 3, False)])
-def test_kernel_a_routing_one_token_chooses_as_the_router_and_computes_the_experts(e, k, norm):
-    """token_swiglu_routing: kernel A chooses one token's experts from the router's logits itself. Its choice (ids
-    and weights, a row without a token masked to weight 0) equals the router kernel's bit for bit, ties to the lower
-    expert id included, with E padded to a power of two (12 -> 16), and the output equals the dense reference of
-    those gates (zero for a row without a token)."""
-    from mixjax.kernels import router
-    from mixjax.kernels.grouped_experts import gate_up_selecting, token_swiglu_routing
-
-    x, _, wg, wu, wd = small_problem(7, n=1, e=e, k=k)
-    blk = choose_blocks(k, e, x.shape[1], wg.shape[2])
-    u = jnp.asarray(np.concatenate([x, np.zeros((blk.bm - 1, x.shape[1]), np.float32)]))
-    logits = np.random.RandomState(3).randn(1, e).astype(np.float32)
-    logits[0, 5] = logits[0, 2] = logits.max() + 1  # a tie for the top: the lower id first, as lax.top_k
-    logits = jnp.asarray(logits)
-    for live in (None, jnp.asarray([True]), jnp.asarray([False])):
-        ids, w = router.route(logits, k=k, norm=norm, live=live, padded=True, interpret=True)
-        _, ids_a, w_a = gate_up_selecting(u, logits, live, jnp.asarray(wg), jnp.asarray(wu), blk, k=k, norm=norm,
-                                          dtype=jnp.float32, interpret=True)
-        np.testing.assert_array_equal(np.asarray(ids_a), np.asarray(ids))
-        np.testing.assert_array_equal(np.asarray(w_a), np.asarray(w))
-        assert list(np.asarray(ids_a)[0, :2]) == [2, 5]
-        y = token_swiglu_routing(u, logits, live, jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd), k=k, norm=norm,
-                                 blk=blk, interpret=True)
-        gates = np.zeros((1, e), np.float32)
-        gates[0, np.asarray(ids)[0, :k]] = np.asarray(w)[0, :k]
-        np.testing.assert_allclose(np.asarray(y), dense_reference(x, gates, wg, wu, wd), rtol=1e-5, atol=1e-5)
-        assert (live is None or bool(live[0])) == bool(np.abs(np.asarray(y)).max() > 0)
-
-
 def test_unknown_expert_impl_is_rejected():
     with pytest.raises(ValueError, match="unknown expert implementation 'fast'"):
         resolve_expert_impl("fast", make_mesh("1x1"))
@@ -318,9 +288,8 @@ def with_and_without_one_token(monkeypatch, run):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_one_token_moe_equals_the_unfused_layer(monkeypatch, dtype):
-    """A batch-1 decode step's MoE half in four kernels (MoE.one_token: the router's product computes the residual
-    sum, its norm and the logits and writes the normed row; kernel A chooses the experts from the logits and reads
-    the row, kernel B reads the choice in place) gives the
+    """A batch-1 decode step's MoE half in five kernels (MoE.one_token: the router's product computes the residual
+    sum and its norm and writes the normed row, kernels A and B read it and the router's outputs in place) gives the
     logits of the layer's unfused path, for a token and for a row without one (NO_TOKEN: no expert computes it): to
     float32 rounding in float32 (2e-7 of the largest logit), to bf16 rounding in bf16 (XLA may keep excess
     precision where a kernel rounds to bf16, so the two paths' roundings can fall differently)."""

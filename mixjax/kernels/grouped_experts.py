@@ -36,7 +36,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mixjax.kernels import grouped_experts_hopper as hopper
-from mixjax.kernels import router
 from mixjax.kernels import pow2_divisor, triton_params
 
 
@@ -220,42 +219,13 @@ def _token_expert(ids_ref, w_ref, p):
     return jnp.where(w_ref[0, p] != 0, ids_ref[0, p], -1)
 
 
-def _selected_expert(logits_ref, live_ref, ids_out, w_out, p, j, *, k: int, norm: bool):
-    """The expert of pair p of one token, chosen here from the router's logits [1, E_pad] as the router kernel
-    chooses (router.select; the weights masked by live [1] and rounded to the outputs' dtype): -1 where the pair's
-    weight is zero. Every program chooses for itself; the programs of pair 0, output tile 0 write the choice out
-    ([1, k_pad] ids and weights) for kernel B and the combine."""
-    ids, w = router.select(logits_ref[0, :].astype(jnp.float32), k, ids_out.shape[1], norm)
-    if live_ref is not None:  # a row without a token: weight 0, no expert computes it
-        w = jnp.where(live_ref[0] != 0, w, 0.0)
-    w = w.astype(w_out.dtype)
-
-    @pl.when((p == 0) & (j == 0))
-    def _():
-        ids_out[0, :] = ids
-        w_out[0, :] = w
-
-    slot = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-    return jnp.sum(jnp.where(slot == p, jnp.where(w != 0, ids, -1), 0))
-
-
-def _gate_up_kernel(*refs, blk: Blocks, d: int, nb: int, nt: int, token: bool = False, select=None):
+def _gate_up_kernel(*refs, blk: Blocks, d: int, nb: int, nt: int, token: bool = False):
     """Kernel A. refs: block_expert, x (padded, sorted), W_gate, W_up, out. With `token` (`token_swiglu`): the
     router's ids and weights, then x as one block [bm, D] (the token's normed row on top of zero rows), the input
     of every block (pair p in block p). (Building that tile in the kernel from the row alone, a broadcast and a
     select per step, made the kernel 1.6x slower on an H200: the tile then reaches the tensor cores through a
-    layout conversion, not the pipelined loads.) With `select` = (k, norm, masked) as well, the router's logits
-    (and live [1] when masked) instead of ids and weights: the kernel chooses the experts itself
-    (`_selected_expert`), and the chosen ids and weights are two more outputs."""
-    if select:
-        k, norm, masked = select
-        logits_ref, *refs = refs
-        live_ref, *refs = refs if masked else (None, *refs)
-        x_ref, wg_ref, wu_ref, h_ref, ids_out, w_out = refs
-        i, j = pl.program_id(0), pl.program_id(1)
-        e = _selected_expert(logits_ref, live_ref, ids_out, w_out, i, j, k=k, norm=norm)
-        x_rows = pl.ds(0, blk.bm)
-    elif token:
+    layout conversion, not the pipelined loads.)"""
+    if token:
         ids_ref, w_ref, x_ref, wg_ref, wu_ref, h_ref = refs
         i, j = pl.program_id(0), pl.program_id(1)
         e = _token_expert(ids_ref, w_ref, i)
@@ -389,20 +359,6 @@ def gate_up(xp, block_expert, w_gate, w_up, blk: Blocks, *, interpret: bool = Fa
                            jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, pairs=pairs, d=d)
 
 
-def gate_up_selecting(u, logits, live, w_gate, w_up, blk: Blocks, *, k: int, norm: bool, dtype,
-                      interpret: bool = False):
-    """Kernel A for one token that routes for itself: h [k * bm, F] for the token's block u [bm, D] and the k
-    experts the router's logits [1, E] choose (softmax top k, renormalised with `norm`; live [1] bool, or None: a
-    row without a token gets weights 0 and no expert), with the chosen (ids int32, weights in `dtype`) [1, k_pad]."""
-    d, f = u.shape[1], w_gate.shape[2]
-    k_pad = router.slots(k)
-    routing = (router.pad_experts(logits),) + (() if live is None else (live.reshape(1).astype(jnp.int32),))
-    out_shape = (jax.ShapeDtypeStruct((k * blk.bm, f), u.dtype), jax.ShapeDtypeStruct((1, k_pad), jnp.int32),
-                 jax.ShapeDtypeStruct((1, k_pad), dtype))
-    return _per_block_call(_gate_up_kernel, "grouped_gate_up", blk, routing, (u, w_gate, w_up), out_shape,
-                           f // blk.bf, interpret, pairs=k, d=d, select=(k, norm, live is not None))
-
-
 def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
     """Kernel B, with blk's down tiles: y = h W_down[e] for each block of rows of h [M, F], stored in h's dtype.
     block_expert as gate_up's (for one token: the router's (ids, weights), a block per pair)."""
@@ -410,28 +366,6 @@ def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
     (m, f), d = h.shape, w_down.shape[2]
     return _per_block_call(_down_kernel, "grouped_down", down, block_expert, (h, w_down),
                            jax.ShapeDtypeStruct((m, d), h.dtype), d // down.bd, interpret, pairs=m // blk.bm, f=f)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "norm", "blk", "interpret"))
-def token_swiglu_routing(u, logits, live, w_gate, w_up, w_down, *, k: int, norm: bool, blk: Blocks,
-                         interpret: bool = False):
-    """token_swiglu with the routing in kernel A: from the router's logits [1, E] (any float dtype; live [1] or
-    None as `router.route` takes it) rather than the router kernel's outputs. Kernel A's programs each choose the
-    token's experts (router.select, the router kernel's own code) and one of them writes the choice out for kernel
-    B and the combine: the router kernel, one launch a layer for a [1, E] row, is gone."""
-    m = k * blk.bm
-    h, ids, w = gate_up_selecting(u, logits, live, w_gate, w_up, blk, k=k, norm=norm, dtype=u.dtype,
-                                  interpret=interpret)
-    y = down_proj(h, (ids, w), w_down, blk, interpret=interpret)
-    return _token_combine(y, w, k, m, u.dtype)
-
-
-def _token_combine(y, w, k: int, m: int, dtype):
-    """One token's output from its k pair blocks' products y [m, D] (pair p's row at p * m / k) and the padded
-    weights [1, k_pad]: the pair layout's combine."""
-    valid = w[:, :k] != 0
-    dest = jnp.where(valid, (jnp.arange(k, dtype=jnp.int32) * (m // k))[None, :], m)
-    return combine(y, Layout(None, None, dest, jnp.where(valid, w[:, :k].astype(jnp.float32), 0.0)), dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
@@ -446,7 +380,9 @@ def token_swiglu(u, ids, w, w_gate, w_up, w_down, *, k: int, blk: Blocks, interp
     m = k * blk.bm
     h = gate_up(u, (ids, w), w_gate, w_up, blk, interpret=interpret, pairs=k)
     y = down_proj(h, (ids, w), w_down, blk, interpret=interpret)
-    return _token_combine(y, w, k, m, u.dtype)
+    valid = w[:, :k] != 0
+    dest = jnp.where(valid, (jnp.arange(k, dtype=jnp.int32) * blk.bm)[None, :], m)
+    return combine(y, Layout(None, None, dest, jnp.where(valid, w[:, :k].astype(jnp.float32), 0.0)), u.dtype)
 
 
 HOPPER_ENV = "MIXJAX_HOPPER_EXPERTS"  # "0": keep the Triton kernels on Hopper GPUs too (for comparisons)

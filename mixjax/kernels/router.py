@@ -16,7 +16,6 @@ then the weights renormalised over the k chosen. (The first version ranked every
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +30,12 @@ def softmax_topk(logits, k: int, norm: bool):
     return ids.astype(jnp.int32), (w / w.sum(-1, keepdims=True) if norm else w)
 
 
-def select(logit, k: int, k_pad: int, norm: bool):
-    """The top k of one row's float32 logits [E] (E a power of two, padded with -inf) inside a kernel: (ids int32
-    [k_pad], weights float32 [k_pad]), slots past k zero. Shared by this router kernel and the one-token expert
-    kernel that routes for itself (grouped_experts.token_swiglu_routing), so that both choose alike."""
+def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
+    live_ref, ids_ref, w_ref = refs if masked else (None, *refs)
+    r = pl.program_id(0)
+    logit = logits_ref[r, :].astype(jnp.float32)  # [E], padded with -inf to a power of two
     e_n = logit.shape[0]
+    k_pad = ids_ref.shape[1]
     m = jnp.max(logit)
     total = jnp.sum(jnp.exp(logit - m))
     idx = lax.broadcasted_iota(jnp.int32, (e_n,), 0)
@@ -43,14 +43,6 @@ def select(logit, k: int, k_pad: int, norm: bool):
     ids = jnp.zeros((k_pad,), jnp.int32)
     w = jnp.zeros((k_pad,), jnp.float32)
     left = logit
-    if os.environ.get("MIXJAX_ROUTER_ARGMAX", "1") != "0":
-        for j in range(k):  # k selections of the largest remaining logit, the lower index on ties (as lax.top_k)
-            pick = jnp.argmax(left).astype(jnp.int32)
-            ids = jnp.where(slot == j, pick, ids)
-            left = jnp.where(idx == pick, -jnp.inf, left)
-        chosen = jnp.sum(jnp.where(ids[:, None] == idx[None, :], logit[None, :], 0.0), axis=1)  # [k_pad]
-        w = jnp.where(slot < k, jnp.exp(chosen - m) / total, 0.0)
-        return ids, (w / jnp.sum(w) if norm else w)
     for j in range(k):  # k selections of the largest remaining logit, the lower index on ties (as lax.top_k)
         best = jnp.max(left)
         pick = jnp.min(jnp.where(left == best, idx, e_n))
@@ -60,33 +52,10 @@ def select(logit, k: int, k_pad: int, norm: bool):
         left = jnp.where(idx == pick, -jnp.inf, left)
     if norm:
         w = w / jnp.sum(w)  # the unused slots hold zeros
-    return ids, w
-
-
-def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
-    live_ref, ids_ref, w_ref = refs if masked else (None, *refs)
-    r = pl.program_id(0)
-    logit = logits_ref[r, :].astype(jnp.float32)  # [E], padded with -inf to a power of two
-    ids, w = select(logit, k, ids_ref.shape[1], norm)
     if live_ref is not None:  # a row without a token: weight 0, no expert computes it
         w = jnp.where(live_ref[r] != 0, w, 0.0)
     ids_ref[r, :] = ids
     w_ref[r, :] = w.astype(w_ref.dtype)
-
-
-def slots(k: int) -> int:
-    """The padded width of a router kernel's outputs for k experts a row: a power of two, 16 at least."""
-    return max(16, 1 << (k - 1).bit_length())
-
-
-def pad_experts(logits):
-    """Logits [n, E] as `select` reads them: E padded with -inf to a power of two (Triton's vector lengths), 16 at
-    least; unchanged when E already is one."""
-    e = logits.shape[1]
-    e_pad = max(16, 1 << (e - 1).bit_length())
-    if e_pad == e:
-        return logits
-    return jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, e_pad - e)), constant_values=-jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "norm", "interpret", "warps", "dtype", "padded"))
@@ -99,9 +68,12 @@ def route(logits, *, k: int, norm: bool, live=None, dtype=jnp.float32, padded: b
     the model's: XLA's masking and conversion after the kernel were one more small kernel per layer. `padded`
     returns the kernel's outputs as they are, [n, k_pad] with k_pad >= k (a power of two, 16 at least), for kernels
     that read the first k columns in place: cutting them to [n, k] is a copy kernel of its own."""
-    n = logits.shape[0]
-    k_pad = slots(k)
-    x = pad_experts(logits)
+    n, e = logits.shape
+    e_pad = max(16, 1 << (e - 1).bit_length())  # Triton's vectors have power-of-two lengths
+    k_pad = max(16, 1 << (k - 1).bit_length())
+    x = logits
+    if e_pad != e:
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, e_pad - e)), constant_values=-jnp.inf)
     args = (x,) if live is None else (x, live.reshape(n).astype(jnp.int32))
     params = triton_params(warps, 1, interpret)
     ids, w = pl.pallas_call(

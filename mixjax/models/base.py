@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import NamedTuple
-
-import jax
 
 import jax.numpy as jnp
 from jax import lax
@@ -68,16 +65,6 @@ class ConfigBase:
 ONE_TOKEN_ENV = "MIXJAX_ONE_TOKEN_MOE"  # "0": a batch-1 decode step's MoE takes the unfused path (comparisons)
 
 
-class TokenLogits(NamedTuple):
-    """What a router gives MoE.one_token for one token: its logits [1, E] over which the experts are the softmax
-    top k (the weights renormalised over the k with `norm`), and u [rows, D], the normed row the experts read on
-    top of zero rows (their tensor-core tile)."""
-
-    logits: jax.Array
-    u: jax.Array
-    norm: bool
-
-
 class MoE(nnx.Module):
     """Routed experts (+ optional shared experts). Subclasses provide the router: `route(x, pallas=None) ->
     (ids, weights)`; `pallas` (ParallelContext.pallas) lets a router use a kernel (Qwen3: mixjax.kernels.router)."""
@@ -99,32 +86,33 @@ class MoE(nnx.Module):
             y = y + self.shared(flat, par)
         return y.reshape(shape)
 
-    def route_token(self, x, a, norm, pallas: str, rows: int) -> "TokenLogits | None":
-        """For `one_token`: the TokenLogits of one token whose residual sum is h = x + a (x, a [1, D]), u = norm(h)
-        on top of rows - 1 zero rows; None where the router has no such path (the default) or is not a softmax
-        top k."""
+    def route_token(self, x, a, norm, pallas: str, live, rows: int):
+        """For `one_token`: (ids, weights, u) of one token whose residual sum is h = x + a (x, a [1, D]), with u
+        [rows, D] the row the experts read, norm(h), on top of zero rows (their tensor-core tile), ids and weights
+        as the router kernel leaves them ([1, k_pad]); None where the router has no such path (the default)."""
         return None
 
     def one_token(self, x, a, norm, par: ParallelContext, live=None):
         """h + MoE(norm(h)) for h = x + a of one token (x, a [1, 1, D]; a batch-1 decode step) on the Pallas path:
-        the router's product computes h, its norm and the logits, and writes the normed row; kernel A chooses the
-        experts from the logits itself and reads the row, kernel B the choice in place; XLA's combine adds h. The
-        layer's unfused path makes nine kernels of this; here they are four (H200: see docs/BENCHMARKS.md).
+        the router's product computes h and its norm and writes the normed row, the router kernel masks and
+        rounds the weights, and kernels A and B read the row and the router's outputs in place; XLA's combine adds
+        h. The layer's unfused path makes nine kernels of this; here they are five (H200: see docs/BENCHMARKS.md).
         None where it does not apply: no Pallas kernels, experts over an EP group, more than one token, or a
         router or experts without the one-token path, or $MIXJAX_ONE_TOKEN_MOE=0 (for comparisons)."""
         if (not par.pallas or par.strategy.moe_ep or x.size != x.shape[-1]
                 or os.environ.get(ONE_TOKEN_ENV, "1") == "0"):
             return None
         blk = self.experts.token_blocks(self.top_k, par.expert_impl)
-        routed = blk and self.route_token(x.reshape(1, -1), a.reshape(1, -1), norm, par.pallas, rows=blk.bm)
+        routed = blk and self.route_token(x.reshape(1, -1), a.reshape(1, -1), norm, par.pallas,
+                                          None if live is None else live.reshape(1), rows=blk.bm)
         if not routed:
             return None
-        y = self.experts.token(routed, None if live is None else live.reshape(1), blk, top_k=self.top_k,
-                               impl=par.expert_impl)
+        ids, w, u = routed
+        y = self.experts.token(u, ids, w, blk, top_k=self.top_k, impl=par.expert_impl)
         if par.strategy.moe_tp:
             y = lax.psum(y, par.strategy.moe_tp)
         if self.shared is not None:
-            y = y + self.shared(routed.u[:1], par)
+            y = y + self.shared(u[:1], par)
         return ((x + a).reshape(y.shape) + y).reshape(x.shape)
 
 

@@ -20,9 +20,7 @@ from flax import nnx
 from jax import lax
 
 from mixjax.kernels import gemv as gemv_kernel
-from mixjax.kernels import router as router_kernel
-from mixjax.kernels.grouped_experts import (PAIR_BLOCKS_MAX, Blocks, choose_blocks, grouped_swiglu, token_swiglu,
-                                            token_swiglu_routing)
+from mixjax.kernels.grouped_experts import PAIR_BLOCKS_MAX, Blocks, choose_blocks, grouped_swiglu, token_swiglu
 from mixjax.sharding.strategies import ParallelContext
 
 
@@ -317,9 +315,6 @@ class MLP(nnx.Module):
         return par.psum_attn_tp(self.partial(x))
 
 
-ROUTE_IN_EXPERTS_ENV = "MIXJAX_ROUTE_IN_EXPERTS"  # "0": one token's experts take the router kernel's choice
-
-
 class Experts(nnx.Module):
     """The routed experts as stacked SwiGLU weights [E, D, F] / [E, F, D] (experts split by EP, F by TP)."""
 
@@ -365,18 +360,9 @@ class Experts(nnx.Module):
             return None
         return choose_blocks(k, e, d, f)
 
-    def token(self, routed, live, blk: Blocks, *, top_k: int, impl: str):
-        """The experts of one token, [1, D] in the row's dtype, from the router's TokenLogits (models.base: the
-        logits, and the normed row on top of zero rows, u [blk.bm, D]) and live [1] (bool) or None: kernel A
-        chooses the experts from the logits itself (grouped_experts.token_swiglu_routing). With
-        $MIXJAX_ROUTE_IN_EXPERTS=0 the router kernel chooses first (token_swiglu), for comparisons. blk from
-        `token_blocks`."""
-        k, interpret = min(top_k, self.gate.shape[0]), impl == "grouped-interpret"
-        u = routed.u
-        if os.environ.get(ROUTE_IN_EXPERTS_ENV, "1") == "0":
-            ids, w = router_kernel.route(routed.logits, k=k, norm=routed.norm, live=live, dtype=u.dtype, padded=True,
-                                         interpret=interpret)
-            return token_swiglu(u, ids, w, self.gate[...], self.up[...], self.down[...], k=k, blk=blk,
-                                interpret=interpret)
-        return token_swiglu_routing(u, routed.logits, live, self.gate[...], self.up[...], self.down[...], k=k,
-                                    norm=routed.norm, blk=blk, interpret=interpret)
+    def token(self, u, ids, w, blk: Blocks, *, top_k: int, impl: str):
+        """The experts of one token from its normed row on top of zero rows, u [blk.bm, D], and the router kernel's
+        padded (ids, weights) [1, k_pad], read in place (grouped_experts.token_swiglu): [1, D] in u's dtype. blk
+        from `token_blocks`."""
+        return token_swiglu(u, ids, w, self.gate[...], self.up[...], self.down[...], k=min(top_k, self.gate.shape[0]),
+                            blk=blk, interpret=impl == "grouped-interpret")

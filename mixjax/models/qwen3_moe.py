@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, TokenLogits, kv_heads_stored
+from mixjax.models.base import CacheEntry, ConfigBase, CausalLM, DecoderLayer, MoE, kv_heads_stored
 from mixjax.models.layers import (MLP, Experts, FusedLinear, Linear, RMSNorm, apply_rope, attend, causal_mask,
                                   rope_cos_sin, rope_inv_freq, write_cache)
 from mixjax.kernels.decode_attention import decode_attention, reads_in_place as decode_attention_reads_in_place
@@ -165,15 +165,19 @@ class Qwen3MoE(MoE):
             ids, w = router_kernel.softmax_topk(logits.astype(jnp.float32), self.top_k, self.norm_topk)
         return ids, w.astype(x.dtype)
 
-    def route_token(self, x, a, norm, pallas: str, rows: int):
+    def route_token(self, x, a, norm, pallas: str, live, rows: int):
         """One token (MoE.one_token): the router's product computes h = x + a, its norm and the logits, and writes
-        the normed row for the experts; the experts' kernels choose from the logits as `route` does."""
+        the normed row for the experts; the router kernel masks the weights of a row without a token and rounds
+        them to x's dtype, as `route` and MoE.__call__ do in XLA."""
         w_router = self.router.w[...]
         if not self.router.out_major or not gemv_kernel.supported(*w_router.shape, gpu=pallas == "gpu"):
             return None
+        interpret = pallas == "interpret"
         logits, u = gemv_kernel.gemv_many(x, (w_router,), norm=norm.w[...], eps=norm.eps, add=a, emit=rows,
-                                          interpret=pallas == "interpret")
-        return TokenLogits(logits, u, self.norm_topk)
+                                          interpret=interpret)
+        ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, live=live, dtype=x.dtype,
+                                     padded=True, interpret=interpret)
+        return ids, w, u
 
 
 class Qwen3MoeForCausalLM(CausalLM):
