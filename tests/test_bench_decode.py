@@ -208,12 +208,14 @@ def test_bench_model_routes_a_long_prompt_evenly():
 def test_engine_ratio_is_to_the_roofline_of_the_positions_it_read(tmp_path, monkeypatch):
     """The engine decodes from 8-token prompts, so its steps read far less of the cache than --ctx positions: its
     ratio must be to the roofline of the positions it read, not to the --ctx one (which flattered it at large
-    batches)."""
+    batches). The peer (a stand-in here: torch is not installed) is compared with the waited forward and, as a
+    server runs, with the engine at K steps per dispatch."""
     monkeypatch.setattr(decode, "measure_hbm_bandwidth", lambda: 1e11)
     monkeypatch.setattr(decode, "measure_matmul_rate", lambda: 1e12)
+    monkeypatch.setattr(decode, "run_peer", lambda args: {"peer": "stand-in", "rows": [{"batch": 2, "step_s": 3.0}]})
     out = tmp_path / "eng.json"
     assert decode.main(["--preset", "tiny", "--layers", "1", "--batch", "2", "--ctx", "64", "--impl", "dense",
-                        "--iters", "1", "--dtype", "float32", "--engine", "6", "--engine-steps", "2",
+                        "--iters", "1", "--dtype", "float32", "--engine", "6", "--engine-steps", "2", "--peer",
                         "--json", str(out), "--plot", str(tmp_path / "d.png")]) == 0
     (r,) = json.loads(out.read_text())["decode"]
     cfg = bench_config("tiny", 1, json.loads(out.read_text())["args"]["vocab"])
@@ -223,3 +225,5 @@ def test_engine_ratio_is_to_the_roofline_of_the_positions_it_read(tmp_path, monk
         assert r[key + "_roofline_s"] == pytest.approx(decode.step_bytes(cfg, 2, r[key + "_mean_ctx"]) / 1e11)
         assert r[key + "_roofline_s"] < r["roofline_s"]  # 64 positions counted for the forward
         assert r[key + "_ratio"] == pytest.approx(r[key + "_roofline_s"] / r[key + "_step_s"])
+    assert r["speedup_vs_peer"] == pytest.approx(3.0 / r["step_s"])
+    assert r["engine_speedup_vs_peer"] == pytest.approx(3.0 / r["engine_multistep2_step_s"])
