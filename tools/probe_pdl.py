@@ -9,7 +9,10 @@ bn weight rows (all of K) into shared memory with TMA, then (with --pdl) lets th
 previous kernel's output; the weight copies are in flight meanwhile. x is the row on top of 63 zero rows (wgmma's
 64-row tile), read step by step through a pipeline. A chain of L such products, alternating [4096, 2048] and
 [2048, 4096] weights (each kernel reading the previous one's output), is timed from a profiler trace with and
-without PDL, beside the same chain of mixjax's Triton gemv kernel. A development tool:
+without PDL, beside the same chain of mixjax's Triton gemv kernel, and a mixed chain: a Triton product that calls
+`griddepcontrol.launch_dependents` first (inline assembly: jax's Triton backend has no primitive for it), then a
+Mosaic one with PDL, as a batch-1 layer would have while only some of its kernels are Mosaic. Not yet run on a GPU
+(written when the session's device time was spent). A development tool:
     python tools/probe_pdl.py [--chain 16] [--bn 32,16] [--check]
 --check runs the kernel in Mosaic GPU's interpreter on small shapes against numpy (any machine)."""
 import argparse, collections, functools, tempfile
@@ -82,6 +85,33 @@ def gemv_mgpu(x, w, *, bn: int, pdl: bool, stages: int = 4, interpret: bool = Fa
     return f(x, w)
 
 
+def _triton_kernel(x_ref, w_ref, o_ref, *, bn: int, trigger: bool):
+    """Program i: columns [i * bn, (i + 1) * bn) of x[0] @ w.T into row 0 of o, zeros into rows 1-63 of them."""
+    from jax.experimental.pallas import triton as pltriton
+
+    row0 = pl.program_id(0) * bn
+    acc = jnp.zeros((bn,), jnp.float32)
+    if trigger:  # lets a PDL kernel after this one start (its griddepcontrol.wait still waits for all of this one)
+        acc = pltriton.elementwise_inline_asm("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", args=[acc],
+                                              constraints="=r,r", pack=1,
+                                              result_shape_dtypes=[jax.ShapeDtypeStruct((bn,), jnp.float32)])[0]
+    w = w_ref[pl.ds(row0, bn), :].astype(jnp.float32)
+    acc += jnp.sum(w * x_ref[0, :].astype(jnp.float32)[None, :], axis=1)
+    top = lax.broadcasted_iota(jnp.int32, (ROWS, bn), 0) == 0
+    o_ref[:, pl.ds(row0, bn)] = jnp.where(top, acc[None, :], 0.0).astype(o_ref.dtype)
+
+
+def gemv_triton(x, w, *, trigger: bool, bn: int = 4):
+    """The probe's Triton one-row product on [64, K] buffers (row 0 read, rows 1-63 of the output zero), so that it
+    chains with gemv_mgpu without a copy between; `trigger` calls griddepcontrol.launch_dependents first."""
+    from jax.experimental.pallas import triton as pltriton
+
+    n = w.shape[0]
+    return pl.pallas_call(functools.partial(_triton_kernel, bn=bn, trigger=trigger),
+                          out_shape=jax.ShapeDtypeStruct((ROWS, n), x.dtype), grid=(n // bn,),
+                          compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1), name="gemv_triton")(x, w)
+
+
 def check():
     """The kernel in the interpreter against numpy, with and without PDL."""
     rng = np.random.RandomState(0)
@@ -105,8 +135,14 @@ def check():
 
 
 def chain_seconds(step, x, ws, reps=5):
-    """GPU seconds per product of a chain over ws (each reading the previous output), from a profiler trace."""
-    f = jax.jit(lambda x, ws: functools.reduce(lambda y, w: step(y, w), ws, x))
+    """GPU seconds per product of a chain over ws (each reading the previous output; step(y, w, i) makes product
+    i), from a profiler trace."""
+    def f(x, ws):
+        for i, w in enumerate(ws):
+            x = step(x, w, i)
+        return x
+
+    f = jax.jit(f)
     jax.block_until_ready(f(x, ws))
     d = tempfile.mkdtemp()
     with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -137,16 +173,24 @@ def main():
     x64 = jnp.zeros((ROWS, 2048), jnp.bfloat16).at[0].set(1.0)
     print(f"{jax.devices()[0].device_kind}: a chain of {a.chain} one-row products, {mb:.1f} MB of weight each; GPU "
           f"time per product (sum of kernel times / products) and span (first start to last end / products)")
-    t, span, names = chain_seconds(lambda y, w: gemv(y[:1], w).reshape(1, -1), x64[:1], ws)
+    t, span, names = chain_seconds(lambda y, w, i: gemv(y[:1], w).reshape(1, -1), x64[:1], ws)
     print(f"  Triton gemv (mixjax.kernels.gemv): {t * 1e6:.2f} us, span {span * 1e6:.2f} us  {names}")
+    variants = [(f"Triton gemv on [64, K] buffers, trigger={trig}",
+                 lambda y, w, i, trig=trig: gemv_triton(y, w, trigger=trig)) for trig in (False, True)]
     for bn in map(int, a.bn.split(",")):
         for pdl in (False, True):
-            try:
-                t, span, names = chain_seconds(functools.partial(gemv_mgpu, bn=bn, pdl=pdl), x64, ws)
-                print(f"  Mosaic gemv bn={bn} (at most {W_SMEM_BYTES // 8192} for K 4096) pdl={pdl}: {t * 1e6:.2f} us, "
-                      f"span {span * 1e6:.2f} us  {names}")
-            except Exception as e:  # noqa: BLE001 - a variant the compiler refuses is a result too
-                print(f"  Mosaic gemv bn={bn} pdl={pdl}: failed: {type(e).__name__}: {str(e)[:300]}")
+            variants.append((f"Mosaic gemv bn={bn} (at most {W_SMEM_BYTES // 8192} for K 4096) pdl={pdl}",
+                             lambda y, w, i, bn=bn, pdl=pdl: gemv_mgpu(y, w, bn=bn, pdl=pdl)))
+        for pdl in (False, True):  # the mixed chain: a Triton kernel (triggering early), then a Mosaic one
+            variants.append((f"Triton then Mosaic (bn={bn}), trigger and pdl={pdl}",
+                             lambda y, w, i, bn=bn, pdl=pdl: gemv_triton(y, w, trigger=pdl) if i % 2 == 0
+                             else gemv_mgpu(y, w, bn=bn, pdl=pdl)))
+    for name, step in variants:
+        try:
+            t, span, names = chain_seconds(step, x64, ws)
+            print(f"  {name}: {t * 1e6:.2f} us, span {span * 1e6:.2f} us  {names}")
+        except Exception as e:  # noqa: BLE001 - a variant the compiler refuses is a result too
+            print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
 
 
 if __name__ == "__main__":
