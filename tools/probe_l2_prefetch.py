@@ -8,7 +8,7 @@ import argparse, collections, functools, statistics, tempfile
 import jax, jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas import triton as pltriton
 from mixjax.kernels import triton_params
 from mixjax.kernels.gemv import gemv
 from gpu_trace import gpu_kernels
@@ -16,21 +16,32 @@ from gpu_trace import gpu_kernels
 ap = argparse.ArgumentParser(); ap.add_argument("--reps", type=int, default=10); a = ap.parse_args()
 
 
-def _load_kernel(w_ref, o_ref, *, rb: int, cb: int, policy: str | None):
-    pid = pl.program_id(0)
+def _tiles(w, programs: int) -> tuple[int, int]:
+    """(rows, columns per load) of each of `programs` programs loading all of w [R, C] (R divisible by programs)."""
+    rb = w.shape[0] // programs
+    return rb, min(w.shape[1], 8192 // rb * 2)
+
+
+def _load_rows(w_ref, o_ref, p, out, *, rb: int, cb: int, policy: str | None):
+    """Rows [p * rb, (p + 1) * rb) of w loaded with the eviction hint, their sum stored at o_ref[out] (used, so
+    that the loads stay)."""
     acc = jnp.zeros((rb, cb), jnp.float32)
     for j in range(w_ref.shape[1] // cb):
-        acc += plgpu.load(w_ref.at[pl.ds(pid * rb, rb), pl.ds(j * cb, cb)],
-                          eviction_policy=policy).astype(jnp.float32)
-    o_ref[pl.ds(pid, 1)] = jnp.sum(acc).reshape(1)  # used, so that the loads stay
+        acc += pltriton.load(w_ref.at[pl.ds(p * rb, rb), pl.ds(j * cb, cb)],
+                             eviction_policy=policy).astype(jnp.float32)
+    o_ref[pl.ds(out, 1)] = jnp.sum(acc).reshape(1)
+
+
+def _load_kernel(w_ref, o_ref, *, rb: int, cb: int, policy: str | None):
+    pid = pl.program_id(0)
+    _load_rows(w_ref, o_ref, pid, pid, rb=rb, cb=cb, policy=policy)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "programs", "name"))
 def load_all(w, *, policy, programs, name):
     """Every element of w [R, C] loaded once by `programs` programs (R divisible by it), with the eviction hint."""
-    r, c = w.shape
-    rb = r // programs
-    return pl.pallas_call(functools.partial(_load_kernel, rb=rb, cb=min(c, 8192 // rb * 2), policy=policy),
+    rb, cb = _tiles(w, programs)
+    return pl.pallas_call(functools.partial(_load_kernel, rb=rb, cb=cb, policy=policy),
                           out_shape=jax.ShapeDtypeStruct((programs,), jnp.float32), grid=(programs,),
                           compiler_params=triton_params(8, 1), name=name)(w)
 
@@ -46,21 +57,13 @@ def _chain_kernel(w_ref, o_ref, *, rb: int, cb: int, iters: int, pf: bool):
         o_ref[pl.ds(0, 1)] = jnp.sum(v).reshape(1)
 
     if pf:
-        @pl.when(pid > 0)
-        def _():
-            p = pid - 1
-            acc = jnp.zeros((rb, cb), jnp.float32)
-            for j in range(w_ref.shape[1] // cb):
-                acc += plgpu.load(w_ref.at[pl.ds(p * rb, rb), pl.ds(j * cb, cb)],
-                                  eviction_policy="evict_last").astype(jnp.float32)
-            o_ref[pl.ds(pid, 1)] = jnp.sum(acc).reshape(1)
+        pl.when(pid > 0)(lambda: _load_rows(w_ref, o_ref, pid - 1, pid, rb=rb, cb=cb, policy="evict_last"))
 
 
 @functools.partial(jax.jit, static_argnames=("iters", "programs", "pf"))
 def chain(w, *, iters, programs, pf):
-    r, c = w.shape
-    rb = r // programs
-    return pl.pallas_call(functools.partial(_chain_kernel, rb=rb, cb=min(c, 8192 // rb * 2), iters=iters, pf=pf),
+    rb, cb = _tiles(w, programs)
+    return pl.pallas_call(functools.partial(_chain_kernel, rb=rb, cb=cb, iters=iters, pf=pf),
                           out_shape=jax.ShapeDtypeStruct((programs + 1,), jnp.float32), grid=(programs + 1,),
                           compiler_params=triton_params(8, 1), name="chain_pf" if pf else "chain")(w)
 
