@@ -85,29 +85,76 @@ def gemv_mgpu(x, w, *, bn: int, pdl: bool, stages: int = 4, interpret: bool = Fa
     return f(x, w)
 
 
-def _triton_kernel(x_ref, w_ref, o_ref, *, bn: int, trigger: bool):
-    """Program i: columns [i * bn, (i + 1) * bn) of x[0] @ w.T into row 0 of o, zeros into rows 1-63 of them."""
+SBK = 256  # elements of K per TMA copy in stream_mgpu
+
+
+def stream_mgpu(x, w, *, programs: int, pdl: bool, interpret: bool = False):
+    """What PDL can buy a kernel that streams a weight, with no arithmetic in the way: program j copies its rows of w
+    ([N / programs, K], all of K) into shared memory by TMA, then (with `pdl`) lets the next kernel start and waits
+    for the previous one, then copies x[j] ([2, 8, SBK]: the previous kernel's output) and the first 8 rows x SBK of
+    its weight tile to out[j]. So each kernel reads its predecessor's output only after the wait, and the weight
+    copies, which depend on nothing, are in flight from the program's start."""
+    n, k_dim = w.shape
+    bn, steps = n // programs, k_dim // SBK
+    assert x.shape == (programs, 2, 8, SBK) and n % programs == 0 and k_dim % SBK == 0 and bn >= 8, (x.shape, w.shape)
+
+    def kernel(x_gmem, w_gmem, o_gmem, w_smem, x_smem, w_bars, x_bar):
+        j = lax.axis_index("j")
+        for t in range(steps):
+            plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(j * bn, bn), pl.ds(t * SBK, SBK)], w_smem.at[t], w_bars.at[t])
+        if pdl and not interpret:
+            plgpu.griddepcontrol_launch_dependents()
+            plgpu.griddepcontrol_wait()
+        plgpu.copy_gmem_to_smem(x_gmem.at[j], x_smem.at[0], x_bar.at[0])
+        plgpu.barrier_wait(x_bar.at[0])
+        for t in range(steps):
+            plgpu.barrier_wait(w_bars.at[t])
+        plgpu.copy_smem_to_gmem(x_smem.at[0, 0], o_gmem.at[j, 0])
+        plgpu.copy_smem_to_gmem(w_smem.at[steps - 1, pl.ds(0, 8)], o_gmem.at[j, 1])
+        plgpu.wait_smem_to_gmem(0)
+
+    f = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(programs,), grid_names=("j",),
+        scratch_types=[plgpu.SMEM((steps, bn, SBK), w.dtype), plgpu.SMEM((1, 2, 8, SBK), x.dtype),
+                       plgpu.Barrier(num_arrivals=1, num_barriers=steps), plgpu.Barrier(num_arrivals=1, num_barriers=1)],
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+    return f(x, w)
+
+
+def _triton_kernel(x_ref, w_ref, o_ref, *, bn: int, trigger: bool, wait: bool = False):
+    """Program i: columns [i * bn, (i + 1) * bn) of x[0] @ w.T into row 0 of o, zeros into rows 1-63 of them.
+    `trigger`: griddepcontrol.launch_dependents first (the next kernel may start); `wait`: griddepcontrol.wait after
+    the weight loads are issued and before x (the previous kernel's output) is read. jax's Triton backend has no
+    primitive for either, so both are inline assembly; the wait's result (a zero) indexes x's row, so that x's load
+    cannot move above it, and its input is the weight tile's first column, so that it cannot move above their loads."""
     from jax.experimental.pallas import triton as pltriton
 
     row0 = pl.program_id(0) * bn
     acc = jnp.zeros((bn,), jnp.float32)
-    if trigger:  # lets a PDL kernel after this one start (its griddepcontrol.wait still waits for all of this one)
+    if trigger:
         acc = pltriton.elementwise_inline_asm("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", args=[acc],
                                               constraints="=r,r", pack=1,
                                               result_shape_dtypes=[jax.ShapeDtypeStruct((bn,), jnp.float32)])[0]
     w = w_ref[pl.ds(row0, bn), :].astype(jnp.float32)
-    acc += jnp.sum(w * x_ref[0, :].astype(jnp.float32)[None, :], axis=1)
+    row = 0
+    if wait:
+        first = lax.bitcast_convert_type(w_ref[pl.ds(row0, bn), 0].astype(jnp.float32), jnp.int32)
+        zero = pltriton.elementwise_inline_asm("griddepcontrol.wait;\n\tand.b32 $0, $1, 0;", args=[first],
+                                               constraints="=r,r", pack=1,
+                                               result_shape_dtypes=[jax.ShapeDtypeStruct((bn,), jnp.int32)])[0]
+        row = jnp.max(zero)
+    acc += jnp.sum(w * x_ref[row, :].astype(jnp.float32)[None, :], axis=1)
     top = lax.broadcasted_iota(jnp.int32, (ROWS, bn), 0) == 0
     o_ref[:, pl.ds(row0, bn)] = jnp.where(top, acc[None, :], 0.0).astype(o_ref.dtype)
 
 
-def gemv_triton(x, w, *, trigger: bool, bn: int = 4):
+def gemv_triton(x, w, *, trigger: bool, wait: bool = False, bn: int = 4):
     """The probe's Triton one-row product on [64, K] buffers (row 0 read, rows 1-63 of the output zero), so that it
-    chains with gemv_mgpu without a copy between; `trigger` calls griddepcontrol.launch_dependents first."""
+    chains with gemv_mgpu without a copy between; `trigger` and `wait` as in _triton_kernel."""
     from jax.experimental.pallas import triton as pltriton
 
     n = w.shape[0]
-    return pl.pallas_call(functools.partial(_triton_kernel, bn=bn, trigger=trigger),
+    return pl.pallas_call(functools.partial(_triton_kernel, bn=bn, trigger=trigger, wait=wait),
                           out_shape=jax.ShapeDtypeStruct((ROWS, n), x.dtype), grid=(n // bn,),
                           compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1), name="gemv_triton")(x, w)
 
@@ -134,26 +181,88 @@ def check():
                   f"{'mosaic_gpu' in text}, griddepcontrol {'griddepcontrol' in text}")
 
 
-def chain_seconds(step, x, ws, reps=5):
-    """GPU seconds per product of a chain over ws (each reading the previous output; step(y, w, i) makes product
-    i), from a profiler trace."""
+def chain_seconds(step, x, ws, reps=10):
+    """A chain over ws (each product reading the previous output; step(y, w, i) makes product i) from a profiler
+    trace: GPU seconds per product (kernel times summed), the span per product (one call's first start to its last
+    end, median over the calls), the median gap from a kernel's end to the next one's start, and the fraction of
+    those gaps below zero (the next kernel started before this one ended: PDL at work)."""
     def f(x, ws):
         for i, w in enumerate(ws):
             x = step(x, w, i)
         return x
 
     f = jax.jit(f)
-    jax.block_until_ready(f(x, ws))
+    out = jax.block_until_ready(f(x, ws))
     d = tempfile.mkdtemp()
     with jax.profiler.trace(d, create_perfetto_trace=True):
         for _ in range(reps):
             jax.block_until_ready(f(x, ws))
     from gpu_trace import gpu_kernels
     ks = gpu_kernels(d)
-    lo, hi = min(e["ts"] for e in ks), max(e["ts"] + e["dur"] for e in ks)
     names = collections.Counter(e["name"][:24] for e in ks)
     calls = reps * len(ws)
-    return sum(e["dur"] for e in ks) / calls * 1e-6, (hi - lo) / calls * 1e-6, dict(names)
+    assert len(ks) == calls, (len(ks), calls, dict(names))  # one kernel a product, nothing else on the GPU
+    runs = [ks[r * len(ws):(r + 1) * len(ws)] for r in range(reps)]  # one call of the chain each
+    spans = [(run[-1]["ts"] + run[-1]["dur"] - run[0]["ts"]) / len(ws) for run in runs]
+    gaps = [b["ts"] - (a["ts"] + a["dur"]) for run in runs for a, b in zip(run, run[1:])]  # < 0: they overlap
+    return (sum(e["dur"] for e in ks) / calls * 1e-6, float(np.median(spans)) * 1e-6, float(np.median(gaps)) * 1e-6,
+            sum(g < 0 for g in gaps) / len(gaps), dict(names), out)
+
+
+def race_test(calls: int = 20, spin: int = 200_000):
+    """Does XLA make a Pallas Triton kernel wait for its predecessor when that predecessor lets it start early? The
+    producer calls griddepcontrol.launch_dependents first, spins, then writes x + 1; the consumer (no wait of its
+    own) copies that. Each call has a new x: a consumer that read early would copy the previous call's value."""
+    from jax.experimental.pallas import triton as pltriton
+
+    def producer(x_ref, o_ref):
+        t = pltriton.elementwise_inline_asm("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
+                                            args=[x_ref[...]], constraints="=r,r", pack=1,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct((128,), jnp.float32)])[0]
+        t = lax.fori_loop(0, spin, lambda i, v: v * 1.0000001 + 1e-9, t * 0.0 + 1.0)  # ~spin FMAs of delay
+        o_ref[...] = x_ref[...] + jnp.minimum(t, 1.0)  # x + 1 (t >= 1)
+
+    def consumer(y_ref, o_ref):
+        o_ref[...] = y_ref[...]
+
+    shape = jax.ShapeDtypeStruct((128,), jnp.float32)
+
+    @jax.jit
+    def f(x):
+        y = pl.pallas_call(producer, out_shape=shape, name="producer")(x)
+        return pl.pallas_call(consumer, out_shape=shape, name="consumer")(y)
+
+    bad = 0
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d):
+        for c in range(calls):
+            out = np.asarray(f(jnp.full((128,), float(c), jnp.float32)))
+            bad += int(not np.all(out == c + 1))
+    from gpu_trace import gpu_kernels
+    ks = [e for e in gpu_kernels(d) if e["name"].startswith(("producer", "consumer"))]
+    pairs = [(a, b) for a, b in zip(ks, ks[1:]) if a["name"].startswith("producer") and b["name"].startswith("consumer")]
+    early = [a["ts"] + a["dur"] - b["ts"] for a, b in pairs]  # > 0: the consumer started before the producer ended
+    print(f"race test: {bad} of {calls} calls read a stale value; producer {np.median([a['dur'] for a, _ in pairs]):.1f}"
+          f" us, consumer {np.median([b['dur'] for _, b in pairs]):.1f} us, consumer started "
+          f"{np.median(early):.1f} us before the producer ended (median of {len(pairs)})")
+
+
+_MARK_PDL = [False]  # set while a PDL variant is traced and lowered, with --mark-pdl
+
+
+def mark_mosaic_calls_pdl():
+    """jax 0.11.2 marks a PDL kernel's module (`mosaic_gpu.uses_pdl`) but puts nothing in the custom call's backend
+    config, where XLA looks for `uses_pdl` before launching a custom call with PDL. This adds it (a probe's patch of
+    jax's lowering, for the variants traced while _MARK_PDL[0] is set)."""
+    from jax._src.interpreters import mlir as jax_mlir
+    from jaxlib.mlir import ir
+    plain = jax_mlir.custom_call
+
+    def custom_call(call_target_name, *args, backend_config=None, **kw):
+        if call_target_name == "mosaic_gpu_v2" and _MARK_PDL[0] and isinstance(backend_config, dict):
+            backend_config = dict(backend_config, uses_pdl=ir.BoolAttr.get(True))
+        return plain(call_target_name, *args, backend_config=backend_config, **kw)
+    jax_mlir.custom_call = custom_call
 
 
 def main():
@@ -161,7 +270,15 @@ def main():
     ap.add_argument("--chain", type=int, default=16)
     ap.add_argument("--bn", default="32,16")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--race", action="store_true")
+    ap.add_argument("--mark-pdl", action="store_true", help="put uses_pdl in the Mosaic calls' backend config")
+    ap.add_argument("--stream", default="", help="programs for stream_mgpu chains, e.g. 256,128 (then only those)")
     a = ap.parse_args()
+    if a.race:
+        race_test()
+        return
+    if a.mark_pdl:
+        mark_mosaic_calls_pdl()
     if a.check:
         check()
         return
@@ -172,12 +289,36 @@ def main():
     mb = sum(w.size * 2 for w in ws) / len(ws) / 1e6
     x64 = jnp.zeros((ROWS, 2048), jnp.bfloat16).at[0].set(1.0)
     print(f"{jax.devices()[0].device_kind}: a chain of {a.chain} one-row products, {mb:.1f} MB of weight each; GPU "
-          f"time per product (sum of kernel times / products) and span (first start to last end / products)")
-    t, span, names = chain_seconds(lambda y, w, i: gemv(y[:1], w).reshape(1, -1), x64[:1], ws)
-    print(f"  Triton gemv (mixjax.kernels.gemv): {t * 1e6:.2f} us, span {span * 1e6:.2f} us  {names}")
-    variants = [(f"Triton gemv on [64, K] buffers, trigger={trig}",
-                 lambda y, w, i, trig=trig: gemv_triton(y, w, trigger=trig)) for trig in (False, True)]
-    for bn in map(int, a.bn.split(",")):
+          f"time per product (kernel times summed / products), span (a call's first start to last end / products, "
+          f"median of the calls), median gap between kernels")
+    ref = None
+    if a.stream:
+        for programs in map(int, a.stream.split(",")):
+            xs = jnp.zeros((programs, 2, 8, SBK), jnp.bfloat16)
+            kb = max(w.size * 2 // programs for w in ws[:2]) // 1024
+            for pdl in (False, True):
+                _MARK_PDL[0] = pdl
+                t, span, gap, overlapped, names, out = chain_seconds(
+                    lambda y, w, i, p=programs, d=pdl: stream_mgpu(y, w, programs=p, pdl=d), xs, ws)
+                print(f"  Mosaic weight stream, {programs} programs ({kb} KB of weight each), pdl={pdl}: "
+                      f"{t * 1e6:.2f} us, span {span * 1e6:.2f} us, gap {gap * 1e6:+.2f} us "
+                      f"(overlapping {overlapped:.0%}); {mb / span / 1e6:.2f} TB/s by the span  {names}")
+        return
+
+    def show(name, r):  # the chain's output against the first Triton [64, K] chain's (no PDL): a race would differ
+        nonlocal ref
+        t, span, gap, overlapped, names, out = r
+        out = np.asarray(out[0], np.float32)
+        if ref is None and name.startswith("Triton gemv on"):
+            ref = out
+        err = "" if ref is None else f", max |out - ref| / max |ref| {np.max(np.abs(out - ref)) / np.max(np.abs(ref)):.1e}"
+        print(f"  {name}: {t * 1e6:.2f} us, span {span * 1e6:.2f} us, gap {gap * 1e6:+.2f} us "
+              f"(overlapping {overlapped:.0%}){err}  {names}")
+    show("Triton gemv (mixjax.kernels.gemv)", chain_seconds(lambda y, w, i: gemv(y[:1], w).reshape(1, -1), x64[:1], ws))
+    variants = [(f"Triton gemv on [64, K] buffers, trigger={trig}, wait={wt}",
+                 lambda y, w, i, trig=trig, wt=wt: gemv_triton(y, w, trigger=trig, wait=wt))
+                for trig, wt in ((False, False), (True, False), (False, True), (True, True))]
+    for bn in [int(b) for b in a.bn.split(",") if b]:  # --bn "": the Triton chains only
         for pdl in (False, True):
             variants.append((f"Mosaic gemv bn={bn} (at most {W_SMEM_BYTES // 8192} for K 4096) pdl={pdl}",
                              lambda y, w, i, bn=bn, pdl=pdl: gemv_mgpu(y, w, bn=bn, pdl=pdl)))
@@ -187,8 +328,7 @@ def main():
                              else gemv_mgpu(y, w, bn=bn, pdl=pdl)))
     for name, step in variants:
         try:
-            t, span, names = chain_seconds(step, x64, ws)
-            print(f"  {name}: {t * 1e6:.2f} us, span {span * 1e6:.2f} us  {names}")
+            show(name, chain_seconds(step, x64, ws))
         except Exception as e:  # noqa: BLE001 - a variant the compiler refuses is a result too
             print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
 
