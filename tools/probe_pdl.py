@@ -1,20 +1,21 @@
-"""Does programmatic dependent launch (PDL) hide a batch-1 kernel's fixed cost under jax 0.11.2's XLA? A probe for the
-next step of issue 7 (docs/BENCHMARKS.md, twentieth session: a batch-1 layer is nine kernels with ~2-3 us of
+"""Does programmatic dependent launch (PDL) hide a batch-1 kernel's fixed cost under jax 0.11.2's XLA? A probe for
+issue 7 (docs/BENCHMARKS.md, twentieth and twenty-first sessions: a batch-1 layer is nine kernels with ~2-3 us of
 start-up, first-load latency and tail each).
 
-Only Mosaic GPU kernels can take PDL in jax 0.11.2 (a kernel that calls `plgpu.griddepcontrol_wait` is launched
-with programmatic stream serialisation). So this is a one-row product (gemv) in Mosaic GPU: each program loads its
-bn weight rows (all of K) into shared memory with TMA, then (with --pdl) lets the next kernel start
-(`griddepcontrol_launch_dependents`) and waits for the previous one (`griddepcontrol_wait`) before it reads x, the
-previous kernel's output; the weight copies are in flight meanwhile. x is the row on top of 63 zero rows (wgmma's
-64-row tile), read step by step through a pipeline. A chain of L such products, alternating [4096, 2048] and
-[2048, 4096] weights (each kernel reading the previous one's output), is timed from a profiler trace with and
-without PDL, beside the same chain of mixjax's Triton gemv kernel, and a mixed chain: a Triton product that calls
-`griddepcontrol.launch_dependents` first (inline assembly: jax's Triton backend has no primitive for it), then a
-Mosaic one with PDL, as a batch-1 layer would have while only some of its kernels are Mosaic. Not yet run on a GPU
-(written when the session's device time was spent). A development tool:
-    python tools/probe_pdl.py [--chain 16] [--bn 32,16] [--check]
---check runs the kernel in Mosaic GPU's interpreter on small shapes against numpy (any machine)."""
+Chains of L one-row products, alternating [4096, 2048] and [2048, 4096] weights, each kernel reading the previous
+one's output, timed from a profiler trace (per product: GPU time, a call's span, the gap between kernels):
+- mixjax's Triton gemv; a Triton product on [64, K] buffers that may call `griddepcontrol.launch_dependents` first
+  and `griddepcontrol.wait` after its weight loads (inline assembly: jax's Triton backend has no primitive for them);
+- a Mosaic GPU product (`gemv_mgpu`: weight rows into shared memory by TMA, then with PDL the trigger and the wait
+  before x is read; wgmma on x's row over 63 zero rows) and a mixed Triton / Mosaic chain (--bn);
+- a Mosaic GPU kernel that only streams its weight rows (`stream_mgpu`, --stream), the floor of any product kernel,
+  optionally with `uses_pdl` put in the custom call's backend config (--mark-pdl);
+- --race: whether a Pallas Triton kernel waits at its entry for a predecessor that triggered early.
+Found on an H200 (twenty-first session): XLA launches Pallas Triton kernels with PDL and a wait at their entry, and
+Mosaic GPU kernels without PDL, so no kernel gets its weight loads ahead of its predecessor's end. A development
+tool:
+    python tools/probe_pdl.py [--chain 16] [--bn 32,16] [--stream 256,128] [--mark-pdl] [--race] [--check]
+--check runs the Mosaic product in Mosaic GPU's interpreter on small shapes against numpy (any machine)."""
 import argparse, collections, functools, tempfile
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
@@ -171,6 +172,13 @@ def check():
         err = float(np.max(np.abs(np.asarray(got, np.float32)[0] - want)) / np.max(np.abs(want)))
         print(f"interpreted, K {k_dim}, N {n}, pdl={pdl}: max |err| / max |y| = {err:.2e}; zero rows stay zero: "
               f"{bool(np.all(np.asarray(got, np.float32)[1:] == 0))}")
+    x = rng.randn(8, 2, 8, SBK).astype(np.float32)
+    w = rng.randn(128, 2 * SBK).astype(np.float32)
+    got = np.asarray(stream_mgpu(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), programs=8, pdl=True,
+                                 interpret=True), np.float32)
+    xb, wb = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (x, w))
+    print(f"interpreted weight stream: out[j] = (x[j][0], its last weight tile's first 8 rows): "
+          f"{np.array_equal(got[:, 0], xb[:, 0]) and all(np.array_equal(got[j, 1], wb[j * 16:j * 16 + 8, SBK:]) for j in range(8))}")
     S = jax.ShapeDtypeStruct
     for (n, k_dim), bn in (((4096, 2048), 32), ((2048, 4096), 32)):
         for pdl in (False, True):
