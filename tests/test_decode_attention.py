@@ -34,6 +34,23 @@ def test_decode_attention_equals_reference(b, h, kv, d, s, pos):
     np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
 
 
+def test_larger_key_blocks_equal_reference():
+    """`block` (a tuning knob: fewer, larger steps per program) changes the tiling, not the function."""
+    rng = np.random.RandomState(7)
+    f = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
+    b, h, kv, d, s = 2, 8, 2, 16, 512
+    q, k_new, v_new, kc, vc = f(b, h, d), f(b, kv, d), f(b, kv, d), f(b, kv, s, d), f(b, kv, s, d)
+    pos = jnp.asarray([300, 511], jnp.int32)
+    assert plan(b, kv, s, bk=128) == (128, 4)
+    want = reference(q, k_new, v_new, kc, vc, pos, d ** -0.5)
+    got = decode_attention(q, k_new, v_new, kc, vc, pos, scale=d ** -0.5, interpret=True, block=128)
+    assert rel_err(np.asarray(got[0]), np.asarray(want[0])) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+    with pytest.raises(ValueError, match="powers of two from 16 dividing the cache"):
+        plan(b, kv, 48, bk=32)
+
+
 def test_chunks_fill_the_gpu_for_small_batches():
     assert plan(1, 4, 1024) == (64, 16)  # 4 programs would leave most SMs idle: 16 chunks of one block each
     assert plan(64, 4, 1024) == (64, 1)  # 256 programs already

@@ -1,5 +1,6 @@
 """The decode attention kernel on a GPU against write_cache + attend (float32 reference), bf16 and float32 inputs,
-then its time against XLA's form at Qwen3-30B-A3B shapes. A development tool: python tools/check_decode_attention.py"""
+then its time against XLA's form at Qwen3-30B-A3B shapes, over its tuning knobs (programs, warps, stages, keys per
+block). A development tool: python tools/check_decode_attention.py"""
 import statistics, time
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels.decode_attention import decode_attention
@@ -68,9 +69,13 @@ for b in (1, 8, 32, 128):
         return statistics.median(ts) / R * 1e6
     xla_us = per_call(chained(lambda *a: reference(*a, pos, d ** -0.5)))
     line = f"b={b}: roofline {roof * 1e6:.1f} us; XLA {xla_us:.1f} us"
-    for programs in (128, 512):
-        for warps, stages in ((4, 2), (4, 3), (8, 2)):
-            us = per_call(chained(lambda *a, p=programs, w=warps, st=stages: decode_attention(
-                *a, pos, scale=d ** -0.5, programs=p, warps=w, stages=st)))
-            line += f"; P{programs} w{warps} s{stages} {us:.1f}"
+    variants = [(p, w, st, None) for p in (128, 512) for w, st in ((4, 2), (4, 3), (8, 2))]
+    variants += [(128, w, st, 128) for w, st in ((4, 2), (4, 3), (8, 2))]  # 128-key blocks: half the steps
+    for programs, warps, stages, block in variants:
+        try:
+            us = per_call(chained(lambda *a, p=programs, w=warps, st=stages, bl=block: decode_attention(
+                *a, pos, scale=d ** -0.5, programs=p, warps=w, stages=st, block=bl)))
+            line += f"; P{programs} w{warps} s{stages}{'' if block is None else f' bk{block}'} {us:.1f}"
+        except Exception as e:  # noqa: BLE001 - a tiling Triton refuses (shared memory) is a result too
+            line += f"; P{programs} w{warps} s{stages} bk{block} failed ({type(e).__name__})"
     print(line, flush=True)

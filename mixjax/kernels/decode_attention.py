@@ -39,9 +39,14 @@ def supported(head_dim: int, cache_len: int, gpu: bool = True) -> bool:
     return head_dim >= (32 if gpu else 16) and head_dim & (head_dim - 1) == 0 and cache_len % 16 == 0
 
 
-def plan(batch: int, kv_heads: int, cache_len: int, programs: int = PROGRAMS) -> tuple[int, int]:
-    """(bk, chunks): keys per block and cache chunks per (row, KV head)."""
-    bk = 64 if cache_len % 64 == 0 else 32 if cache_len % 32 == 0 else 16
+def plan(batch: int, kv_heads: int, cache_len: int, programs: int = PROGRAMS,
+         bk: int | None = None) -> tuple[int, int]:
+    """(bk, chunks): keys per block (64 or the largest power of two under it dividing the cache, unless given)
+    and cache chunks per (row, KV head)."""
+    if bk is None:
+        bk = 64 if cache_len % 64 == 0 else 32 if cache_len % 32 == 0 else 16
+    elif bk < 16 or bk & (bk - 1) or cache_len % bk:
+        raise ValueError(f"decode attention blocks are powers of two from 16 dividing the cache ({cache_len}): {bk}")
     blocks = cache_len // bk
     chunks = 1
     while chunks * 2 <= blocks and blocks % (chunks * 2) == 0 and batch * kv_heads * chunks < programs:
@@ -176,10 +181,11 @@ def reads_in_place(heads: int, kv_heads: int, rows: int, q0: int) -> bool:
     return q0 + (kv_heads - 1) * group + padded_group(heads, kv_heads) <= rows
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "warps", "stages", "programs", "eps", "fused"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "warps", "stages", "programs", "eps", "fused",
+                                             "block"))
 def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: float, interpret: bool = False,
                      warps: int = 4, stages: int = 3, programs: int = PROGRAMS, qk_norm=None, eps: float = 1e-6,
-                     fused: tuple[int, int, int, int] | None = None):
+                     fused: tuple[int, int, int, int] | None = None, block: int | None = None):
     """Write k_new / v_new [B, K, D] into the cache [B, K, S, D] at slot min(position, S - 1) and return
     (softmax(q k^T * scale over slots <= position) v as [B, H, D] in q's dtype, new k cache, new v cache).
 
@@ -190,7 +196,10 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
     fused: (q0, H, k0, v0) when q is a fused q/k/v projection's output [B, R, D] (k_new and v_new are then None)
     holding the H query heads from row q0, the K new keys from k0 and values from v0. The kernel reads them in
     place, where XLA made two kernels of slicing q, k and v apart and padding q's groups to 16 rows (~2.3 us of a
-    ~65 us batch-1 layer, H200 2026-12-03). Needs `reads_in_place`."""
+    ~65 us batch-1 layer, H200 2026-12-03). Needs `reads_in_place`.
+
+    warps, stages, programs and block (keys per block, see `plan`) are tuning knobs, for probes
+    (tools/check_decode_attention.py)."""
     kheads, s_len = k_cache.shape[1], k_cache.shape[2]
     if fused is None:
         b, h, d = q.shape
@@ -207,7 +216,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
         assert reads_in_place(h, kheads, r, q0), (h, kheads, r, q0)
         qg, k_new, v_new = q, q, q
         rows = (q0, group, k0, v0)
-    bk, chunks = plan(b, kheads, s_len, programs)
+    bk, chunks = plan(b, kheads, s_len, programs, block)
     params = triton_params(warps, stages, interpret)
     f32 = jnp.float32
     extra = ()
