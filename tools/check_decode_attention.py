@@ -72,10 +72,11 @@ for b in (1, 8, 32, 128):
     variants = [(p, w, st, None) for p in (128, 512) for w, st in ((4, 2), (4, 3), (8, 2))]
     variants += [(128, w, st, 128) for w, st in ((4, 2), (4, 3), (8, 2))]  # 128-key blocks: half the steps
     for programs, warps, stages, block in variants:
+        label = f"P{programs} w{warps} s{stages}{'' if block is None else f' bk{block}'}"
         try:
             us = per_call(chained(lambda *a, p=programs, w=warps, st=stages, bl=block: decode_attention(
                 *a, pos, scale=d ** -0.5, programs=p, warps=w, stages=st, block=bl)))
-            line += f"; P{programs} w{warps} s{stages}{'' if block is None else f' bk{block}'} {us:.1f}"
+            line += f"; {label} {us:.1f}"
         except Exception as e:  # noqa: BLE001 - a tiling Triton refuses (shared memory) is a result too
-            line += f"; P{programs} w{warps} s{stages} bk{block} failed ({type(e).__name__})"
+            line += f"; {label} failed ({type(e).__name__})"
     print(line, flush=True)

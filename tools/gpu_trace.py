@@ -33,3 +33,25 @@ def host_events(trace_dir: str) -> list[dict]:
         if e.get("ph") == "X" and "/device:GPU" not in names.get((e.get("pid"), None), ""):
             out.append(dict(e, tid_name=names.get((e.get("pid"), e.get("tid")), "")))
     return sorted(out, key=lambda e: e["ts"])
+
+
+def traced_calls(f, args, reps: int = 10, keep=None) -> tuple[object, list[list[dict]]]:
+    """jit f, call it once, then trace `reps` calls: (the first call's output, each traced call's GPU kernels in
+    order). `keep(name)` picks the kernels counted (default: all); every call must launch as many."""
+    import tempfile
+    import jax
+    f = jax.jit(f)
+    out = jax.block_until_ready(f(*args))
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d):
+        for _ in range(reps):
+            jax.block_until_ready(f(*args))
+    ks = [e for e in gpu_kernels(d) if keep is None or keep(e["name"])]
+    per = len(ks) // reps
+    assert per * reps == len(ks), (len(ks), reps)
+    return out, [ks[r * per:(r + 1) * per] for r in range(reps)]
+
+
+def span_us(run: list[dict]) -> float:
+    """From the first kernel's start to the last one's end, in us."""
+    return run[-1]["ts"] + run[-1]["dur"] - run[0]["ts"]

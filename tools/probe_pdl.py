@@ -192,28 +192,21 @@ def check():
 def chain_seconds(step, x, ws, reps=10):
     """A chain over ws (each product reading the previous output; step(y, w, i) makes product i) from a profiler
     trace: GPU seconds per product (kernel times summed), the span per product (one call's first start to its last
-    end, median over the calls), the median gap from a kernel's end to the next one's start, and the fraction of
-    those gaps below zero (the next kernel started before this one ended: PDL at work)."""
+    end, median over the calls), the median gap from a kernel's end to the next one's start, the fraction of those
+    gaps below zero (the next kernel started before this one ended: PDL at work), the kernels' names, the output."""
+    from gpu_trace import span_us, traced_calls
+
     def f(x, ws):
         for i, w in enumerate(ws):
             x = step(x, w, i)
         return x
 
-    f = jax.jit(f)
-    out = jax.block_until_ready(f(x, ws))
-    d = tempfile.mkdtemp()
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        for _ in range(reps):
-            jax.block_until_ready(f(x, ws))
-    from gpu_trace import gpu_kernels
-    ks = gpu_kernels(d)
-    names = collections.Counter(e["name"][:24] for e in ks)
-    calls = reps * len(ws)
-    assert len(ks) == calls, (len(ks), calls, dict(names))  # one kernel a product, nothing else on the GPU
-    runs = [ks[r * len(ws):(r + 1) * len(ws)] for r in range(reps)]  # one call of the chain each
-    spans = [(run[-1]["ts"] + run[-1]["dur"] - run[0]["ts"]) / len(ws) for run in runs]
+    out, runs = traced_calls(f, (x, ws), reps)
+    names = collections.Counter(e["name"][:24] for run in runs for e in run)
+    assert all(len(run) == len(ws) for run in runs), dict(names)  # one kernel a product, nothing else on the GPU
     gaps = [b["ts"] - (a["ts"] + a["dur"]) for run in runs for a, b in zip(run, run[1:])]  # < 0: they overlap
-    return (sum(e["dur"] for e in ks) / calls * 1e-6, float(np.median(spans)) * 1e-6, float(np.median(gaps)) * 1e-6,
+    return (sum(e["dur"] for run in runs for e in run) / (reps * len(ws)) * 1e-6,
+            float(np.median([span_us(run) for run in runs])) / len(ws) * 1e-6, float(np.median(gaps)) * 1e-6,
             sum(g < 0 for g in gaps) / len(gaps), dict(names), out)
 
 

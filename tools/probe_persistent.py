@@ -10,7 +10,7 @@ and checked against it. Found on an H200 (twenty-first session): 7.3 us a 16.8 M
 chunks of 1024) against 6.0 for the chain of kernels; 5.7 without the barriers (a wrong result, timed to price
 them). A development tool, for a GPU (programs must all be resident: more than one a SM may hang):
     python tools/probe_persistent.py [--chain 16] [--programs 128] [--kc 512] [--warps 8] [--no-barrier]"""
-import argparse, functools, tempfile
+import argparse, functools
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
@@ -73,19 +73,11 @@ def persistent_chain(x, *ws, programs: int, kc: int, prefetch: bool, warps: int 
 
 
 def timed(f, args, reps=10, names=("persistent_chain", "gemv")):
-    """GPU time of one call (median over reps; the first kernel's start to the last one's end, only the named
-    kernels), from a profiler trace; and the output."""
-    f = jax.jit(f)
-    out = jax.block_until_ready(f(*args))
-    d = tempfile.mkdtemp()
-    with jax.profiler.trace(d):
-        for _ in range(reps):
-            jax.block_until_ready(f(*args))
-    from gpu_trace import gpu_kernels
-    ks = [e for e in gpu_kernels(d) if e["name"].startswith(names)]
-    per = len(ks) // reps
-    spans = [ks[(r + 1) * per - 1]["ts"] + ks[(r + 1) * per - 1]["dur"] - ks[r * per]["ts"] for r in range(reps)]
-    return float(np.median(spans)) * 1e-6, out, per
+    """GPU time of one call (median over reps; the first named kernel's start to the last one's end), from a
+    profiler trace; the output; the named kernels a call."""
+    from gpu_trace import span_us, traced_calls
+    out, runs = traced_calls(f, args, reps, keep=lambda name: name.startswith(names))
+    return float(np.median([span_us(run) for run in runs])) * 1e-6, out, len(runs[0])
 
 
 def main():
