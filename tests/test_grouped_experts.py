@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import fixture_dirs, interpreted_model, reference, rel_err
-from mixjax.kernels.grouped_experts import (PAIR_BLOCKS_MAX, Blocks, choose_blocks, group_layout, grouped_swiglu,
-                                            pair_layout)
+from mixjax.kernels import grouped_experts
+from mixjax.kernels.grouped_experts import (Blocks, choose_blocks, expert_layout, group_layout, grouped_swiglu,
+                                            layout_kind, pair_layout)
 from mixjax.sharding.mesh import make_mesh
 from mixjax.sharding.runner import load_sharded, resolve_expert_impl
 from mixjax.sharding.strategies import STRATEGIES
@@ -98,10 +99,10 @@ def test_pair_layout_gives_each_pair_its_block():
                 assert dest[row, j] == p * bm and gates[row, block_expert[p]] == weight[row, j]
 
 
-@pytest.mark.parametrize("n,k", [(1, 8), (2, 8), (3, 8)])  # 8, 16 pairs: one block per pair; 24: sorted
-def test_router_pairs_equal_gate_matrix(n, k):
-    """Passing the router's (ids, weights) (which skips a top-k) gives the gate matrix's result, with the pair
-    layout and with the sorted one; both equal the dense reference."""
+@pytest.mark.parametrize("n,k,kind", [(1, 8, "pair"), (2, 8, "pair"), (3, 8, "expert"), (17, 2, "sorted")])
+def test_router_pairs_equal_gate_matrix(n, k, kind):
+    """Passing the router's (ids, weights) (which skips a top-k) gives the gate matrix's result, with each of the
+    three layouts; both equal the dense reference."""
     rng = np.random.RandomState(n)
     e, d, f = 32, 32, 32
     x = rng.randn(n, d).astype(np.float32)
@@ -115,8 +116,43 @@ def test_router_pairs_equal_gate_matrix(n, k):
                                                    blk=Blocks(16, 16, 16, 16), interpret=True, routed=routed))
     via_router, via_gates = run((jnp.asarray(ids), jnp.asarray(w))), run(None)
     want = dense_reference(x, gates, wg, wu, wd)
-    assert (n * k <= PAIR_BLOCKS_MAX) == (n < 3)
+    assert layout_kind(n, k, 16) == kind
     assert rel_err(via_router, want) < 1e-5 and rel_err(via_gates, want) < 1e-5
+
+
+def test_expert_layout_gives_each_touched_expert_one_block_of_all_rows():
+    """3-16 rows: block e is expert e's if some row picked it (else -1), and pair (r, j) reads row r of its expert's
+    block; a pair of weight 0 has no destination. Through the kernels it equals the sorted layout bit for bit (each
+    output row depends on its own input row only) and the dense reference."""
+    rng = np.random.RandomState(9)
+    n, e, k, bm, d = 5, 16, 4, 16, 32
+    gates = routed_gates(rng, n, e, k)
+    gates[2, np.nonzero(gates[2])[0][0]] = 0  # row 2 has three pairs
+    lay = expert_layout(jnp.asarray(gates), k, bm)
+    block_expert, dest, weight = (np.asarray(a) for a in (lay.block_expert, lay.dest, lay.weight))
+    touched = (gates != 0).any(0)
+    assert np.array_equal(block_expert, np.where(touched, np.arange(e), -1))
+    for row in range(n):
+        for j in range(k):
+            if weight[row, j] == 0:
+                assert dest[row, j] == e * bm
+            else:
+                assert dest[row, j] % bm == row and gates[row, dest[row, j] // bm] == weight[row, j]
+    assert (weight == 0).sum() == 1
+    x = rng.randn(n, d).astype(np.float32)
+    wg, wu = (rng.randn(e, d, d).astype(np.float32) * 0.2 for _ in range(2))
+    wd = rng.randn(e, d, d).astype(np.float32) * 0.2
+
+    def run(expert):
+        old, grouped_experts.EXPERT_LAYOUT = grouped_experts.EXPERT_LAYOUT, expert
+        try:  # a fresh trace: the switch is read when the layer is traced
+            return np.asarray(jax.jit(lambda *a: grouped_swiglu.__wrapped__(
+                *a, k=k, blk=Blocks(bm, 16, 16, 16), interpret=True))(jnp.asarray(x), jnp.asarray(gates), wg, wu, wd))
+        finally:
+            grouped_experts.EXPERT_LAYOUT = old
+    by_expert, by_sort = run(True), run(False)
+    assert np.array_equal(by_expert, by_sort)
+    assert rel_err(by_expert, dense_reference(x, gates, wg, wu, wd)) < 1e-5
 
 
 def test_tile_choice_follows_rows_per_expert():

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from mixjax.kernels import triton_params
 
 PROGRAMS = 128  # chunks are added until rows x KV heads x chunks reaches this many programs (132 SMs on an H200)
+BLOCK = None  # keys per block when a call names none (None: 64, see `plan`); a module knob for probes
 
 
 def supported(head_dim: int, cache_len: int, gpu: bool = True) -> bool:
@@ -43,6 +44,7 @@ def plan(batch: int, kv_heads: int, cache_len: int, programs: int = PROGRAMS,
          bk: int | None = None) -> tuple[int, int]:
     """(bk, chunks): keys per block (64 or the largest power of two under it dividing the cache, unless given)
     and cache chunks per (row, KV head)."""
+    bk = BLOCK if bk is None else bk
     if bk is None:
         bk = 64 if cache_len % 64 == 0 else 32 if cache_len % 32 == 0 else 16
     elif bk < 16 or bk & (bk - 1) or cache_len % bk:

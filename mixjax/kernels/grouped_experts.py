@@ -11,7 +11,9 @@ every step, which is what a decode step of a 128-expert model cannot afford (bat
    of one or two tokens) each pair gets a block of its own instead (`pair_layout`): no sort, no scatter. The
    sorted layout's dozen small kernels (top-k, argsort, three scatters, cumulative sums) took ~15 us of a ~140 us
    batch-1 decode layer on an H200, more than the expert weights they save from a second read: two rows of
-   two tokens rarely share an expert (8 of 128 each, for Qwen3-30B-A3B).
+   two tokens rarely share an expert (8 of 128 each, for Qwen3-30B-A3B). From three rows up to a block's worth
+   (decode of 3-16 tokens) each expert gets one block holding every row, x itself (`expert_layout`): each touched
+   expert's weights are still read once, with neither the sort nor the copy.
 3. Kernel A, one program per (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation.
 4. Kernel B, one program per (block, D tile):  y = h W_down[e], float32 accumulation, stored in x's dtype.
    For prompts the programs of a block's tiles are launched together (`Blocks.group`, `_block_and_tile`).
@@ -163,6 +165,26 @@ def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
     return Layout(src_row, block_expert, dest, jnp.where(valid, w, 0.0))
 
 
+def expert_layout(gates, k: int, bm: int, routed=None) -> Layout:
+    """One block per expert, block e computed with expert e if a row picked it (else -1: skipped), and every block
+    reading the same bm rows, x itself padded (the kernels' `shared_x`): for n <= bm rows, more pairs than
+    PAIR_BLOCKS_MAX (decode of 3-16 tokens). Row r of block e is then x[r] through expert e, so pair (r, j) reads
+    padded row ids[r, j] * bm + r. Each touched expert's weights are read once, as in the sorted layout, with no
+    sort and no copy of x: one small kernel where the sorted layout took ~9 and the copy (~11 us of a ~160 us
+    batch-8 Qwen3-30B-A3B decode layer on an H200, 2026-12-03). Rows that did not pick an expert are computed
+    through it too (compute is not what a decode step is bound by) and never read."""
+    n, e = gates.shape
+    assert n <= bm, (n, bm)
+    k = min(k, e)
+    w, ids = _pairs(gates, k, routed)
+    valid = w != 0
+    touched = jnp.any((ids[:, :, None] == jnp.arange(e, dtype=jnp.int32)) & valid[:, :, None], axis=(0, 1))
+    block_expert = jnp.where(touched, jnp.arange(e, dtype=jnp.int32), -1)
+    m = e * bm
+    dest = jnp.where(valid, ids * bm + jnp.arange(n, dtype=jnp.int32)[:, None], m)
+    return Layout(None, block_expert, dest, jnp.where(valid, w, 0.0))
+
+
 RANK_CHUNK = 256  # pairs per chunk of group_layout's prefix counts
 
 
@@ -219,10 +241,11 @@ def _token_expert(ids_ref, w_ref, p):
     return jnp.where(w_ref[0, p] != 0, ids_ref[0, p], -1)
 
 
-def _gate_up_kernel(*refs, blk: Blocks, d: int, nb: int, nt: int, token: bool = False):
+def _gate_up_kernel(*refs, blk: Blocks, d: int, nb: int, nt: int, token: bool = False, shared_x: bool = False):
     """Kernel A. refs: block_expert, x (padded, sorted), W_gate, W_up, out. With `token` (`token_swiglu`): the
     router's ids and weights, then x as one block [bm, D] (the token's normed row on top of zero rows), the input
-    of every block (pair p in block p). (Building that tile in the kernel from the row alone, a broadcast and a
+    of every block (pair p in block p). With `shared_x` (`expert_layout`): x is one block [bm, D] read by every
+    block. (Building that tile in the kernel from the row alone, a broadcast and a
     select per step, made the kernel 1.6x slower on an H200: the tile then reaches the tensor cores through a
     layout conversion, not the pipelined loads.)"""
     if token:
@@ -234,7 +257,7 @@ def _gate_up_kernel(*refs, blk: Blocks, d: int, nb: int, nt: int, token: bool = 
         block_expert_ref, x_ref, wg_ref, wu_ref, h_ref = refs
         i, j = _block_and_tile(blk, nb, nt)
         e = block_expert_ref[i]
-        x_rows = pl.ds(i * blk.bm, blk.bm)
+        x_rows = pl.ds(0 if shared_x else i * blk.bm, blk.bm)
 
     @pl.when(e >= 0)
     def _():
@@ -350,13 +373,19 @@ def _per_block_call(kernel, name: str, blk: Blocks, block_expert, operands, out_
 
 def gate_up(xp, block_expert, w_gate, w_up, blk: Blocks, *, interpret: bool = False, pairs: int = 0):
     """Kernel A: h = silu(xp W_gate[e]) * (xp W_up[e]) for each block of bm rows of the padded, sorted xp [M, D]
-    and its expert e = block_expert[block] (blocks of expert -1 are skipped, their rows left unwritten). For one
+    and its expert e = block_expert[block] (blocks of expert -1 are skipped, their rows left unwritten). When xp
+    is a single block [bm, D] and there are more blocks, every block reads it (`expert_layout`). For one
     token, block_expert is the router's (ids, weights) [1, k_pad], xp the token's block [bm, D] (its row, then
     zeros) and `pairs` the k pairs (blocks) to compute: h [k * bm, D]."""
     d, f = xp.shape[1], w_gate.shape[2]
-    m = pairs * blk.bm if pairs else xp.shape[0]
+    token = isinstance(block_expert, tuple)
+    m = pairs * blk.bm if token else block_expert.shape[0] * blk.bm
+    shared = not token and xp.shape[0] != m
+    if shared and xp.shape[0] != blk.bm:
+        raise ValueError(f"kernel A: x has {xp.shape[0]} rows, neither {m} (a row block per block) nor {blk.bm}")
     return _per_block_call(_gate_up_kernel, "grouped_gate_up", blk, block_expert, (xp, w_gate, w_up),
-                           jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, pairs=pairs, d=d)
+                           jax.ShapeDtypeStruct((m, f), xp.dtype), f // blk.bf, interpret, pairs=pairs, d=d,
+                           **({"shared_x": True} if shared else {}))
 
 
 def down_proj(h, block_expert, w_down, blk: Blocks, *, interpret: bool = False):
@@ -407,6 +436,18 @@ def skips_padding(d_model: int) -> bool:
     return d_model <= 2048
 
 
+EXPERT_LAYOUT = True  # decode of 3-16 tokens through `expert_layout` (False: the sorted layout, for comparisons)
+
+
+def layout_kind(n: int, k: int, bm: int) -> str:
+    """The layout `grouped_swiglu` uses for n rows of k pairs in blocks of bm rows: "pair" (a block per pair) up to
+    PAIR_BLOCKS_MAX pairs, "expert" (a block per expert, all rows in each) while the rows fit one block, else
+    "sorted" (pairs sorted by expert, `group_layout`)."""
+    if n * k <= PAIR_BLOCKS_MAX:
+        return "pair"
+    return "expert" if EXPERT_LAYOUT and n <= bm else "sorted"
+
+
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
 def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
@@ -415,11 +456,15 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     rows took 5% of a long prefill) and the weighted sum over a row's experts is float32.
     routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
-    paired = n * min(k, gates.shape[1]) <= PAIR_BLOCKS_MAX
-    lay = (pair_layout if paired else group_layout)(gates, k, blk.bm, routed)
-    sorted_copy = not paired and d % 16 == 0  # the sorted layout's copy of x: the Pallas kernel where it tiles
-    xp = gather_rows(x, lay, blk.bm, interpret=interpret) if sorted_copy else gather_rows_xla(x, lay)  # [M, D]
-    if not paired and use_hopper(blk, d, w_gate.shape[2], interpret):
+    kind = layout_kind(n, min(k, gates.shape[1]), blk.bm)
+    lay = {"pair": pair_layout, "expert": expert_layout, "sorted": group_layout}[kind](gates, k, blk.bm, routed)
+    if kind == "expert":  # every block reads x itself
+        xp = jnp.pad(x, ((0, blk.bm - n), (0, 0)))
+    elif kind == "sorted" and d % 16 == 0:  # the sorted layout's copy of x: the Pallas kernel where it tiles
+        xp = gather_rows(x, lay, blk.bm, interpret=interpret)
+    else:
+        xp = gather_rows_xla(x, lay)  # [M, D]
+    if kind == "sorted" and use_hopper(blk, d, w_gate.shape[2], interpret):
         skip = dict(src_row=lay.src_row, n_x=n) if skips_padding(d) else {}
         h = hopper.gate_up(xp, lay.block_expert, w_gate, w_up, **skip)
         y = hopper.down_proj(h, lay.block_expert, w_down, **skip)

@@ -416,11 +416,12 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
     E[ceil(c / BM)], c ~ Binomial(tokens, k / E); padded rows = BM * blocks. Kernel A (gate/up) and kernel B
     (down) read each touched expert's weight tiles once per row block of that expert (L2 reuse between blocks
     not counted) and do 2 * 3 d F_l FLOPs per padded row, matmuls BM rows wide. With at most PAIR_BLOCKS_MAX
-    pairs each pair is its own block (`pair_layout`, no sort or scatters). Around them: the layout step
+    pairs each pair is its own block (`pair_layout`, no sort or scatters); while the rows fit one block each touched
+    expert gets one block of all of them (`expert_layout`, no sort, x read in place). Around them: the layout step
     (top-k of the float32 gates, counts, a sort of the pairs, scatters; the gather of x into the padded buffer
     of the static size M) and the combine (a gather of [rows, k, d] expert outputs, float32, and a weighted
     sum)."""
-    from mixjax.kernels.grouped_experts import PAIR_BLOCKS_MAX, choose_blocks  # noqa: PLC0415
+    from mixjax.kernels.grouped_experts import choose_blocks, layout_kind  # noqa: PLC0415
 
     if f_l != int(f_l) or e_l != int(e_l):
         return None
@@ -434,10 +435,15 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
     p = top_k / num_experts  # probability that a token picks a given expert
     touched = e_l * (1 - (1 - p) ** tokens) if tokens > 0 else 0.0
     ab, wb, f32, i32 = abytes, wbytes, 4, 4
-    if pairs_static <= PAIR_BLOCKS_MAX:  # pair_layout: a block per pair, no sort (two tokens' shared expert: twice)
+    kind = layout_kind(rows, k, bm)
+    if kind == "pair":  # pair_layout: a block per pair, no sort (two tokens' shared expert: twice)
         blocks = tokens * top_k * e_l / num_experts
         m_static = pairs_static * bm
         layout = rows * d * ab + m_static * d * ab  # x gathered into the padded buffer
+    elif kind == "expert":  # expert_layout: a block per touched expert, every block reading x itself (padded)
+        blocks = touched
+        m_static = e_l * bm
+        layout = rows * k * (2 * i32 + f32) + e_l * i32 + bm * d * ab
     else:
         blocks = e_l * expected_blocks(tokens, p, bm)
         m_static = (-(-pairs_static // bm) + min(e_l, pairs_static)) * bm  # rows of the padded buffer (static)

@@ -1,0 +1,41 @@
+"""The grouped expert layer (`grouped_experts.grouped_swiglu`) at decode batch sizes on a GPU, with the sorted
+layout against the expert layout (a block per touched expert holding every row, `expert_layout`): kernels per call,
+their summed GPU time and the call's span (first kernel start to last end), and the largest difference between the
+two outputs. Qwen3-30B-A3B expert shapes, bf16, uniform random routing. For rows above 16 the expert layout is
+timed with blocks of the next power of two rows (`--bm32`: what it would take to extend it to batch 32).
+A development tool: python tools/probe_expert_layout.py [--rows 4,8,16,32]"""
+import argparse, dataclasses, statistics
+import jax, jax.numpy as jnp, numpy as np
+from mixjax.kernels import grouped_experts as ge
+from gpu_trace import traced_calls, span_us
+
+ap = argparse.ArgumentParser(); ap.add_argument("--rows", default="4,8,16,32")
+ap.add_argument("--shape", default="128,8,2048,768", help="experts,k,d_model,d_ff")
+a = ap.parse_args()
+e, k, d, f = map(int, a.shape.split(","))
+rng = np.random.RandomState(0)
+wg, wu = (jnp.asarray(rng.randn(e, d, f) * 0.02, jnp.bfloat16) for _ in range(2))
+wd = jnp.asarray(rng.randn(e, f, d) * 0.02, jnp.bfloat16)
+print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; experts {e}, top-{k}, d_model {d}, d_ff {f}")
+for n in map(int, a.rows.split(",")):
+    x = jnp.asarray(rng.randn(n, d), jnp.bfloat16)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
+    gates = np.zeros((n, e), np.float32)
+    np.put_along_axis(gates, ids, rng.rand(n, k) + 0.1, axis=1)
+    gates = jnp.asarray(gates)
+    blk = ge.choose_blocks(n * k, e, d, f)
+    touched = len(set(ids.ravel().tolist()))
+    outs, line = {}, f"rows {n} ({n * k} pairs, {touched} experts touched, {touched * 3 * d * f * 2 / 1e6:.0f} MB)"
+    for name, expert, b in (("sorted", False, blk),
+                            ("expert", True, blk if n <= blk.bm else dataclasses.replace(
+                                blk, bm=1 << (n - 1).bit_length()))):
+        ge.EXPERT_LAYOUT = expert  # read when the layer is traced: each variant is a fresh jit
+        kind = ge.layout_kind(n, k, b.bm)
+        layer = lambda x, g, b=b: ge.grouped_swiglu.__wrapped__(x, g, wg, wu, wd, k=k, blk=b)
+        out, runs = traced_calls(layer, (x, gates), reps=20)
+        outs[name] = np.asarray(out, np.float32)
+        busy = statistics.median(sum(ev["dur"] for ev in r) for r in runs)
+        span = statistics.median(span_us(r) for r in runs)
+        line += f"; {name} ({kind}, bm {b.bm}): {len(runs[0])} kernels, {busy:.1f} us busy, {span:.1f} us span"
+    diff = np.max(np.abs(outs["sorted"] - outs["expert"])) / np.max(np.abs(outs["sorted"]))
+    print(line + f"; max difference {diff:.1e} of the largest output", flush=True)
