@@ -158,6 +158,9 @@ def test_expert_layout_gives_each_touched_expert_one_block_of_all_rows():
 def test_tile_choice_follows_rows_per_expert():
     decode, prefill = choose_blocks(8, 128, 2048, 768), choose_blocks(65536, 128, 2048, 768)
     assert (decode.bm, decode.group) == (16, 0) and (prefill.bm, prefill.group) == (128, 1)  # prefill: group order
+    batch32 = choose_blocks(32 * 8, 128, 2048, 768, rows=32)  # decode of 32 rows: one 32-row block per expert
+    assert (batch32.bm, batch32.group) == (32, 0) and layout_kind(32, 8, batch32.bm) == "expert"
+    assert layout_kind(33, 8, choose_blocks(33 * 8, 128, 2048, 768, rows=33).bm) == "sorted"
     assert choose_blocks(8, 8, 32, 4) is None  # F slice of 4 cannot make a tensor-core tile: dense path
     # every tile divides the shape it tiles, for each regime (decode, 512 / 2048 / 8192-token prefill)
     for pairs in (8, 256, 4096, 16384, 65536):

@@ -360,11 +360,16 @@ def test_grouped_expert_cost_by_hand():
     assert (g["bm"], g["blocks"], g["padded_rows"], g["touched"]) == (32, 8, 256, 4)
     assert g["flops"] == 2 * 3 * 64 * 32 * 256  # gate, up, down on every padded row
     assert g["weight_bytes"] == 8 * 3 * 64 * 32 * 2  # each expert's weights once per row block
-    # 20 tokens, top-1 of 2 experts: c ~ Binomial(20, 1/2) per expert, BM 16; E[ceil(c / 16)] = P(c > 0) + P(c > 16)
+    # 34 tokens, top-1 of 4 experts (sorted layout): c ~ Binomial(34, 1/4) per expert, BM 16;
+    # E[ceil(c / 16)] = P(c > 0) + P(c > 16) + P(c > 32)
+    g = grouped_expert_cost(d=64, f_l=32, e_l=4, num_experts=4, top_k=1, rows=34, tokens=34, wbytes=2, abytes=2)
+    pmf = [math.comb(34, c) * 0.25 ** c * 0.75 ** (34 - c) for c in range(35)]
+    per_expert = 1 - pmf[0] + sum(pmf[17:]) + sum(pmf[33:])
+    assert g["bm"] == 16 and g["blocks"] == pytest.approx(4 * per_expert) and g["padded_rows"] == pytest.approx(
+        64 * per_expert)
+    # 20 tokens, top-1 of 2 experts (expert layout: rows fit a 32-row block): a block per touched expert
     g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=20, tokens=20, wbytes=2, abytes=2)
-    per_expert = 1 - 0.5 ** 20 + sum(math.comb(20, c) for c in range(17, 21)) / 2 ** 20
-    assert g["bm"] == 16 and g["blocks"] == pytest.approx(2 * per_expert) and g["padded_rows"] == pytest.approx(
-        32 * per_expert)
+    assert g["bm"] == 32 and g["blocks"] == pytest.approx(2 * (1 - 0.5 ** 20)) == pytest.approx(g["touched"])
     # 2 tokens, top-1 of 2 experts: 2 pairs, a block each (pair layout, no sort), whether or not they share an expert
     g = grouped_expert_cost(d=64, f_l=32, e_l=2, num_experts=2, top_k=1, rows=2, tokens=2, wbytes=2, abytes=2)
     assert g["bm"] == 16 and g["blocks"] == pytest.approx(2) and g["padded_rows"] == pytest.approx(32)

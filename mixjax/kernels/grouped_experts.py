@@ -11,8 +11,8 @@ every step, which is what a decode step of a 128-expert model cannot afford (bat
    of one or two tokens) each pair gets a block of its own instead (`pair_layout`): no sort, no scatter. The
    sorted layout's dozen small kernels (top-k, argsort, three scatters, cumulative sums) took ~15 us of a ~140 us
    batch-1 decode layer on an H200, more than the expert weights they save from a second read: two rows of
-   two tokens rarely share an expert (8 of 128 each, for Qwen3-30B-A3B). From three rows up to a block's worth
-   (decode of 3-16 tokens) each expert gets one block holding every row, x itself (`expert_layout`): each touched
+   two tokens rarely share an expert (8 of 128 each, for Qwen3-30B-A3B). From three rows up to 32
+   (decode of 3-32 tokens) each expert gets one block holding every row, x itself (`expert_layout`): each touched
    expert's weights are still read once, with neither the sort nor the copy.
 3. Kernel A, one program per (block, F tile): h = silu(x W_gate[e]) * (x W_up[e]), float32 accumulation.
 4. Kernel B, one program per (block, D tile):  y = h W_down[e], float32 accumulation, stored in x's dtype.
@@ -87,7 +87,7 @@ def _block_and_tile(blk: Blocks, nb: int, nt: int):
     return base + r % size, r // size
 
 
-def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Blocks | None:
+def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int, rows: int | None = None) -> Blocks | None:
     """Tile sizes for this shape, or None when the shape does not tile (the caller then uses the dense path).
 
     Decode (few rows per expert) is bound by reading weights: 16-row blocks (the smallest tensor-core tile) and
@@ -97,9 +97,15 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
     tiles are the fastest of sweeps on an H200 with Qwen3-30B-A3B expert shapes (tools/sweep_grouped_tiles.py,
     2026-11-29 and 2026-12-01; docs/BENCHMARKS.md) where the shape divides them, else the largest power of two
     that does. At 2048 tokens (~128 rows per expert) 128-row blocks in group order beat 64-row blocks in the old
-    order, 536 against 621 us for kernels A + B, though many experts then own a second, nearly empty block."""
+    order, 536 against 621 us for kernels A + B, though many experts then own a second, nearly empty block.
+
+    rows: the input rows, when known. Decode of 17-32 rows then takes 32-row blocks with the decode tiles, one block
+    per touched expert holding every row (`expert_layout`, `layout_kind`)."""
     per_expert = pairs / max(1, min(num_experts, pairs))
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 128
+    decode_bm = 16
+    if EXPERT_LAYOUT and bm == 16 and rows is not None and 16 < rows <= EXPERT_LAYOUT_ROWS and pairs > PAIR_BLOCKS_MAX:
+        decode_bm = bm = 1 << (rows - 1).bit_length()
     if bm == 32 and d_model * d_ff * 2 * 2 > BIG_EXPERT_BYTES:
         # Each block reads its expert's weights once. Small experts (Qwen3-30B-A3B: 6 MB of gate/up) stay in the
         # 50 MB L2 between an expert's blocks, so short blocks cost little; big ones (DeepSeek-V3: 59 MB) are read
@@ -110,7 +116,7 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
         a, b = (128, 64, 4, 4), (64, 64, 4, 4)
     elif bm == 16 and pairs <= 16:  # two tokens (pair layout); swept on it, 2026-11-29 (second session)
         a, b = (64, 128, 4, 4), (64, 64, 4, 3)
-    elif bm == 16:
+    elif bm == decode_bm:  # 3-32 tokens: sorted (16-row blocks) or the expert layout
         a, b = (64, 128, 4, 3), (64, 128, 4, 2)
     elif bm == 32:  # 512 / 1024-token prompts, group order: 411 / 510 us for A + B, against 476 / 641 before
         a, b = (64, 128, 8, 3), (64, 256, 4, 4)
@@ -123,7 +129,7 @@ def choose_blocks(pairs: int, num_experts: int, d_model: int, d_ff: int) -> Bloc
     if min(bk, bf, b_bk, bd) < 16:
         return None
     return Blocks(bm=bm, bk=bk, bf=bf, bd=bd, warps=a[2], stages=a[3], b_bk=b_bk, b_warps=b[2], b_stages=b[3],
-                  group=1 if bm >= 32 else 0)
+                  group=1 if bm >= 32 and bm != decode_bm else 0)
 
 
 @jax.tree_util.register_dataclass
@@ -135,6 +141,8 @@ class Layout:
     weight: jax.Array  # [n, k] float32 gate weight of each pair (0: no pair)
 
 
+EXPERT_LAYOUT = True  # decode of 3-32 tokens through `expert_layout` (False: the sorted layout, for comparisons)
+EXPERT_LAYOUT_ROWS = 32  # rows up to which `expert_layout` is used (in blocks of 32 rows above 16)
 BIG_EXPERT_BYTES = 24 << 20  # gate + up weights (bf16) above which an expert's weights do not stay in L2
 PAIR_BLOCKS_MAX = 16  # pairs up to which each (row, expert) pair gets its own block (`pair_layout`)
 
@@ -168,7 +176,7 @@ def pair_layout(gates, k: int, bm: int, routed=None) -> Layout:
 def expert_layout(gates, k: int, bm: int, routed=None) -> Layout:
     """One block per expert, block e computed with expert e if a row picked it (else -1: skipped), and every block
     reading the same bm rows, x itself padded (the kernels' `shared_x`): for n <= bm rows, more pairs than
-    PAIR_BLOCKS_MAX (decode of 3-16 tokens). Row r of block e is then x[r] through expert e, so pair (r, j) reads
+    PAIR_BLOCKS_MAX (decode of 3-32 tokens; `choose_blocks` gives 32-row blocks from 17 rows). Row r of block e is then x[r] through expert e, so pair (r, j) reads
     padded row ids[r, j] * bm + r. Each touched expert's weights are read once, as in the sorted layout, with no
     sort and no copy of x: one small kernel where the sorted layout took ~9 and the copy (~11 us of a ~160 us
     batch-8 Qwen3-30B-A3B decode layer on an H200, 2026-12-03). Rows that did not pick an expert are computed
@@ -436,16 +444,13 @@ def skips_padding(d_model: int) -> bool:
     return d_model <= 2048
 
 
-EXPERT_LAYOUT = True  # decode of 3-16 tokens through `expert_layout` (False: the sorted layout, for comparisons)
-
-
 def layout_kind(n: int, k: int, bm: int) -> str:
     """The layout `grouped_swiglu` uses for n rows of k pairs in blocks of bm rows: "pair" (a block per pair) up to
     PAIR_BLOCKS_MAX pairs, "expert" (a block per expert, all rows in each) while the rows fit one block, else
     "sorted" (pairs sorted by expert, `group_layout`)."""
     if n * k <= PAIR_BLOCKS_MAX:
         return "pair"
-    return "expert" if EXPERT_LAYOUT and n <= bm else "sorted"
+    return "expert" if EXPERT_LAYOUT and n <= min(bm, EXPERT_LAYOUT_ROWS) else "sorted"
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))

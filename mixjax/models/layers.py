@@ -340,7 +340,7 @@ class Experts(nnx.Module):
         if impl != "dense":
             e, d, f = self.gate.shape
             k = min(top_k or e, e)
-            blk = choose_blocks(x.shape[0] * k, e, d, f)
+            blk = choose_blocks(x.shape[0] * k, e, d, f, rows=x.shape[0])
             if blk is not None:
                 return grouped_swiglu(x, gates, self.gate[...], self.up[...], self.down[...], k=k, blk=blk,
                                       interpret=impl == "grouped-interpret", routed=routed)

@@ -428,7 +428,7 @@ def grouped_expert_cost(d: int, f_l: float, e_l: float, num_experts: int, top_k:
     e_l, f_l = int(e_l), int(f_l)
     k = min(top_k, e_l)
     pairs_static = rows * k
-    blk = choose_blocks(pairs_static, e_l, d, f_l)
+    blk = choose_blocks(pairs_static, e_l, d, f_l, rows=rows)
     if blk is None:
         return None
     bm = blk.bm
