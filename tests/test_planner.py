@@ -459,7 +459,8 @@ def test_grouped_probe_interpreted_round_trip_and_cost(tmp_path):
     from mixjax.planner.cost import grouped_expert_cost, grouped_rate
 
     ge = C.measure_grouped_experts(**C.GROUPED_PROBE_INTERPRET, dtype=jnp.float32, reps=2, interpret=True)
-    assert ge["interpret"] and [s["tokens"] for s in ge["samples"]] == [8, 64]
+    assert ge["interpret"] and [s["tokens"] for s in ge["samples"]] == [8, 16, 64]  # the three layouts
+    assert ge["samples"][1]["blocks"] == 8  # 16 tokens, top-2 of 8 experts: every expert touched, a block each
     for s in ge["samples"]:
         assert s["t_full_s"] > 0 and s["blocks"] > 0 and s["flops"] == 2 * 3 * 64 * 32 * s["padded_rows"]
         assert s["padded_rows"] == s["blocks"] * s["bm"]

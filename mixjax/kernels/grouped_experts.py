@@ -453,6 +453,12 @@ def layout_kind(n: int, k: int, bm: int) -> str:
     return "expert" if EXPERT_LAYOUT and n <= min(bm, EXPERT_LAYOUT_ROWS) else "sorted"
 
 
+def make_layout(gates, k: int, bm: int, routed=None) -> tuple[str, Layout]:
+    """(kind, layout) of n rows' pairs as `grouped_swiglu` lays them out in blocks of bm rows (`layout_kind`)."""
+    kind = layout_kind(gates.shape[0], min(k, gates.shape[1]), bm)
+    return kind, {"pair": pair_layout, "expert": expert_layout, "sorted": group_layout}[kind](gates, k, bm, routed)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "blk", "interpret"))
 def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, interpret: bool = False, routed=None):
     """sum_e gates[:, e] * down_e(silu(gate_e(x)) * up_e(x)) for x [n, D], gates [n, E] (<= k non-zeros per
@@ -461,8 +467,7 @@ def grouped_swiglu(x, gates, w_gate, w_up, w_down, *, k: int, blk: Blocks, inter
     rows took 5% of a long prefill) and the weighted sum over a row's experts is float32.
     routed: the router's (ids, weights) [n, k] that the gates were made from, when at hand (saves a top-k)."""
     n, d = x.shape
-    kind = layout_kind(n, min(k, gates.shape[1]), blk.bm)
-    lay = {"pair": pair_layout, "expert": expert_layout, "sorted": group_layout}[kind](gates, k, blk.bm, routed)
+    kind, lay = make_layout(gates, k, blk.bm, routed)
     if kind == "expert":  # every block reads x itself
         xp = jnp.pad(x, ((0, blk.bm - n), (0, 0)))
     elif kind == "sorted" and d % 16 == 0:  # the sorted layout's copy of x: the Pallas kernel where it tiles

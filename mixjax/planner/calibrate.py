@@ -351,7 +351,7 @@ def measure_launch(mesh, R: int, reps: int) -> dict:
 GROUPED_PROBE = dict(d_model=2048, d_ff=768, experts=128, top_k=8, tokens=(64, 1024, 2048, 8192))
 GROUPED_PROBE_QUICK = dict(GROUPED_PROBE, tokens=(64, 2048))
 # forced on a CPU (--grouped on): the kernels run interpreted, so only a small shape is affordable
-GROUPED_PROBE_INTERPRET = dict(d_model=64, d_ff=32, experts=8, top_k=2, tokens=(8, 64))
+GROUPED_PROBE_INTERPRET = dict(d_model=64, d_ff=32, experts=8, top_k=2, tokens=(8, 16, 64))  # pair, expert, sorted
 
 
 def _uniform_gates(n: int, e: int, k: int, seed: int = 0):
@@ -372,7 +372,7 @@ def measure_grouped_experts(d_model: int, d_ff: int, experts: int, top_k: int, t
     For each token count n (uniform top-k routing): the whole `grouped_swiglu` call, and the same call without
     its two Pallas kernels (the layout: top-k, sort, scatters, the gather of x into the padded buffer; and the
     combine: the gather of the [n, k, D] outputs and the weighted sum), each timed R times (TIME_STAT). The
-    kernels' time is the difference. With this routing's exact blocks (from `group_layout`) and the cost
+    kernels' time is the difference. With this routing's exact blocks (from its layout, `make_layout`) and the cost
     model's work of the two kernels (`grouped_expert_cost`: FLOPs 2 * 3 D F per padded row; bytes = each block's
     expert weights once + the x / h / y rows), the achieved matmul rate FLOPs / t and bandwidth bytes / t
     per BM are what `impl_step_cost` then charges the kernels at (the roofline of the two)."""
@@ -380,7 +380,7 @@ def measure_grouped_experts(d_model: int, d_ff: int, experts: int, top_k: int, t
     import jax.numpy as jnp  # noqa: PLC0415
     from jax import lax  # noqa: PLC0415
 
-    from mixjax.kernels.grouped_experts import choose_blocks, group_layout, grouped_swiglu  # noqa: PLC0415
+    from mixjax.kernels.grouped_experts import choose_blocks, grouped_swiglu, make_layout  # noqa: PLC0415
 
     dt = jnp.dtype(dtype)
     d, f, e, k = d_model, d_ff, experts, top_k
@@ -390,7 +390,7 @@ def measure_grouped_experts(d_model: int, d_ff: int, experts: int, top_k: int, t
     wd = (jax.random.normal(keys[2], (e, f, d), jnp.float32) * 0.02).astype(dt)
     samples = []
     for n in tokens:
-        blk = choose_blocks(n * k, e, d, f)
+        blk = choose_blocks(n * k, e, d, f, rows=n)
         if blk is None:
             continue
         x = jax.random.normal(jax.random.fold_in(keys[3], n), (n, d), jnp.float32).astype(dt)
@@ -401,15 +401,19 @@ def measure_grouped_experts(d_model: int, d_ff: int, experts: int, top_k: int, t
             return grouped_swiglu(x, g, wg, wu, wd, k=k, blk=blk, interpret=interpret)
 
         def around(x, g, *_, blk=blk):  # grouped_swiglu's layout and combine, the padded x standing in for y
-            lay = group_layout(g, k, blk.bm)
+            _, lay = make_layout(g, k, blk.bm)
             m = lay.block_expert.shape[0] * blk.bm
-            y = lax.optimization_barrier(jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row])
+            if lay.src_row is None:  # expert layout: every block reads x itself, y has a block per expert
+                y = jnp.tile(jnp.pad(x, ((0, blk.bm - x.shape[0]), (0, 0))), (lay.block_expert.shape[0], 1))
+            else:
+                y = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]
+            y = lax.optimization_barrier(y)
             rows = y[jnp.minimum(lay.dest, m - 1)]
             rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
             return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)
 
         t_full, t_around = _time_interleaved([jax.jit(full), jax.jit(around)], (x, gates, wg, wu, wd), reps)
-        blocks = int(np.sum(np.asarray(group_layout(gates, k, blk.bm).block_expert) >= 0))
+        blocks = int(np.sum(np.asarray(make_layout(gates, k, blk.bm)[1].block_expert) >= 0))
         padded = blocks * blk.bm
         flops = 2.0 * 3 * d * f * padded
         nbytes = blocks * 3.0 * d * f * dt.itemsize + padded * (2 * d + 2 * f) * dt.itemsize
