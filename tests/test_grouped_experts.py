@@ -199,17 +199,26 @@ def test_unknown_expert_impl_is_rejected():
         resolve_expert_impl("fast", make_mesh("1x1"))
 
 
-@pytest.mark.parametrize("mesh,strategy", [("1x1", "tp"), ("2x4", "ep")])
-def test_sharded_model_with_grouped_experts_matches_reference(mesh, strategy):
+@pytest.mark.parametrize("mesh,strategy,copies,kind", [("1x1", "tp", 1, "expert"), ("1x1", "tp", 3, "sorted"),
+                                                         ("2x4", "ep", 1, None)])
+def test_sharded_model_with_grouped_experts_matches_reference(mesh, strategy, copies, kind):
+    """The prompts (2 x 7 tokens: 14 rows, the expert layout; three copies of them: 42 rows, the sorted layout)
+    through the grouped kernels give the reference's logits."""
     path = next(p for p in fixture_dirs() if p.name == "qwen3_moe_shard")
     ref = reference("qwen3_moe_shard")
     model = load_sharded(path, make_mesh(mesh), STRATEGIES[strategy], progress=False,
                          expert_impl="grouped-interpret")
-    tokens = ref["input_ids"].astype(np.int32)
+    tokens = np.tile(ref["input_ids"].astype(np.int32), (copies, 1))
     b, t = tokens.shape
+    cfg = model.cfg
+    if kind:
+        blk = choose_blocks(b * t * cfg.num_experts_per_tok, cfg.num_experts, cfg.hidden_size,
+                            cfg.moe_intermediate_size, rows=b * t)
+        assert layout_kind(b * t, cfg.num_experts_per_tok, blk.bm) == kind
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     logits, _ = model.forward(jnp.asarray(tokens), jnp.asarray(pos), model.init_cache(b, t))
-    assert rel_err(np.asarray(logits)[..., : model.vocab_size], ref["logits"]) < 1e-4
+    want = np.tile(ref["logits"], (copies, 1, 1))
+    assert rel_err(np.asarray(logits)[..., : model.vocab_size], want) < 1e-4
 
 
 @pytest.mark.parametrize("b,t,h,kv,d,s,start", [(2, 20, 4, 2, 16, 64, 0), (1, 16, 8, 2, 32, 48, 17)])
