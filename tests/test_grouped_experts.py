@@ -102,7 +102,7 @@ def test_pair_layout_gives_each_pair_its_block():
 @pytest.mark.parametrize("n,k,kind", [(1, 8, "pair"), (2, 8, "pair"), (3, 8, "expert"), (17, 2, "sorted")])
 def test_router_pairs_equal_gate_matrix(n, k, kind):
     """Passing the router's (ids, weights) (which skips a top-k) gives the gate matrix's result, with each of the
-    three layouts; both equal the dense reference."""
+    three layouts; each equals the dense reference."""
     rng = np.random.RandomState(n)
     e, d, f = 32, 32, 32
     x = rng.randn(n, d).astype(np.float32)

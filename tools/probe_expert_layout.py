@@ -1,11 +1,11 @@
 """The grouped expert layer (`grouped_experts.grouped_swiglu`) at decode batch sizes on a GPU, with the sorted
 layout against the expert layout (a block per touched expert holding every row, `expert_layout`): kernels per call,
 their summed GPU time and the call's span (first kernel start to last end), and the largest difference between the
-two outputs. Qwen3-30B-A3B expert shapes, bf16, uniform random routing. For rows above 16 the expert layout is
-timed with blocks of the next power of two rows (what extending it to more rows would take: 32 rows is the kept
-limit, `grouped_experts.EXPERT_LAYOUT_ROWS`; --rows 64,128 asks about more).
+two outputs. Qwen3-30B-A3B expert shapes, bf16, uniform random routing. Each variant's blocks are choose_blocks'
+(above 16 rows the expert layout's are the next power of two rows; 32 rows is the kept limit,
+`grouped_experts.EXPERT_LAYOUT_ROWS`, which the probe raises: --rows 64,128 asks what more would give).
 A development tool: python tools/probe_expert_layout.py [--rows 4,8,16,32]"""
-import argparse, dataclasses, statistics
+import argparse, statistics
 import jax, jax.numpy as jnp, numpy as np
 from mixjax.kernels import grouped_experts as ge
 from gpu_trace import traced_calls, span_us
@@ -24,14 +24,12 @@ for n in map(int, a.rows.split(",")):
     gates = np.zeros((n, e), np.float32)
     np.put_along_axis(gates, ids, rng.rand(n, k) + 0.1, axis=1)
     gates = jnp.asarray(gates)
-    blk = ge.choose_blocks(n * k, e, d, f)
     touched = len(set(ids.ravel().tolist()))
     outs, line = {}, f"rows {n} ({n * k} pairs, {touched} experts touched, {touched * 3 * d * f * 2 / 1e6:.0f} MB)"
-    for name, expert, b in (("sorted", False, blk),
-                            ("expert", True, blk if n <= blk.bm else dataclasses.replace(
-                                blk, bm=1 << (n - 1).bit_length()))):
-        ge.EXPERT_LAYOUT = expert  # read when the layer is traced: each variant is a fresh jit
+    for name, expert in (("sorted", False), ("expert", True)):
+        ge.EXPERT_LAYOUT = expert  # read by choose_blocks and when the layer is traced: each variant is a fresh jit
         ge.EXPERT_LAYOUT_ROWS = max(ge.EXPERT_LAYOUT_ROWS, n)  # the probe may ask beyond the kept limit
+        b = ge.choose_blocks(n * k, e, d, f, rows=n)
         kind = ge.layout_kind(n, k, b.bm)
         layer = lambda x, g, b=b: ge.grouped_swiglu.__wrapped__(x, g, wg, wu, wd, k=k, blk=b)
         try:

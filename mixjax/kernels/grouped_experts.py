@@ -177,10 +177,11 @@ def expert_layout(gates, k: int, bm: int, routed=None) -> Layout:
     """One block per expert, block e computed with expert e if a row picked it (else -1: skipped), and every block
     reading the same bm rows, x itself padded (the kernels' `shared_x`): for n <= bm rows, more pairs than
     PAIR_BLOCKS_MAX (decode of 3-32 tokens; `choose_blocks` gives 32-row blocks from 17 rows). Row r of block e is
-    then x[r] through expert e, so pair (r, j) reads padded row ids[r, j] * bm + r. Each touched expert's weights are read once, as in the sorted layout, with no
-    sort and no copy of x: one small kernel where the sorted layout took ~9 and the copy (~11 us of a ~160 us
-    batch-8 Qwen3-30B-A3B decode layer on an H200, 2026-12-03). Rows that did not pick an expert are computed
-    through it too (compute is not what a decode step is bound by) and never read."""
+    then x[r] through expert e, so pair (r, j) reads padded row ids[r, j] * bm + r. Each touched expert's weights
+    are read once, as in the sorted layout, with no sort and no copy of x: one small kernel where the sorted layout
+    took ~9 and the copy (~11 us of a ~160 us batch-8 Qwen3-30B-A3B decode layer on an H200, 2026-12-03). Rows that
+    did not pick an expert are computed through it too (compute is not what a decode step is bound by) and never
+    read."""
     n, e = gates.shape
     assert n <= bm, (n, bm)
     k = min(k, e)

@@ -403,12 +403,11 @@ def measure_grouped_experts(d_model: int, d_ff: int, experts: int, top_k: int, t
         def around(x, g, *_, blk=blk):  # grouped_swiglu's layout and combine, the padded x standing in for y
             _, lay = make_layout(g, k, blk.bm)
             m = lay.block_expert.shape[0] * blk.bm
-            if lay.src_row is None:  # expert layout: every block reads x itself, y has a block per expert
-                y = jnp.tile(jnp.pad(x, ((0, blk.bm - x.shape[0]), (0, 0))), (lay.block_expert.shape[0], 1))
+            if lay.src_row is None:  # expert layout: x padded is its whole copy; row r of every block stands for x[r]
+                y, idx = jnp.pad(x, ((0, blk.bm - x.shape[0]), (0, 0))), lay.dest % blk.bm
             else:
-                y = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row]
-            y = lax.optimization_barrier(y)
-            rows = y[jnp.minimum(lay.dest, m - 1)]
+                y, idx = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[lay.src_row], jnp.minimum(lay.dest, m - 1)
+            rows = lax.optimization_barrier(y)[idx]
             rows = jnp.where((lay.dest < m)[..., None], rows.astype(jnp.float32), 0.0)
             return jnp.einsum("nkd,nk->nd", rows, lay.weight).astype(x.dtype)
 
