@@ -104,3 +104,25 @@ def test_in_place_reads_stay_inside_the_fused_output():
     assert reads_in_place(32, 4, 40, 0)  # Qwen3-30B-A3B: the last group's 8 padding rows are the 4 k and 4 v heads
     assert not reads_in_place(8, 1, 10, 0)  # one KV head: its group's 16 rows would run 6 past the end
     assert reads_in_place(64, 4, 72, 0)  # groups of 16: no padding rows
+
+
+@pytest.mark.parametrize("b,kv,s,programs,chunks", [(1, 2, 256, 8, 4), (3, 2, 128, 4, 1)])
+def test_chunks_merged_in_the_kernel_equal_the_combine_kernel(monkeypatch, b, kv, s, programs, chunks):
+    """The attention kernel merging its chunks itself (the last program of a (row, KV head) to count itself in,
+    or with one chunk the program alone) computes what the separate combine kernel computes, bit for bit: the same
+    operations in the same order."""
+    import mixjax.kernels.decode_attention as da
+    h, d = 8, 16
+    rng = np.random.RandomState(b + chunks)
+    f = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
+    q, k_new, v_new, kc, vc = f(b, h, d), f(b, kv, d), f(b, kv, d), f(b, kv, s, d), f(b, kv, s, d)
+    pos = jnp.asarray([s - 1, 40, 3][:b], jnp.int32)
+    assert plan(b, kv, s, programs=programs)[1] == chunks
+    run = lambda: decode_attention(q, k_new, v_new, kc, vc, pos, scale=d ** -0.5, interpret=True, programs=programs)
+    monkeypatch.setattr(da, "COMBINE_IN_KERNEL", False)
+    want = run()
+    monkeypatch.setattr(da, "COMBINE_IN_KERNEL", True)
+    decode_attention.clear_cache()  # the knob is read at trace time
+    got = run()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

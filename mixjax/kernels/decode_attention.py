@@ -32,6 +32,9 @@ from mixjax.kernels import triton_params
 
 PROGRAMS = 128  # chunks are added until rows x KV heads x chunks reaches this many programs (132 SMs on an H200)
 BLOCK = None  # keys per block when a call names none (None: 64, see `plan`); a module knob for probes
+# Whether the attention kernel merges the chunks itself (the last of a (row, KV head)'s programs to finish, found by
+# an atomic count) instead of the separate combine kernel after it; False restores that kernel, for comparisons.
+COMBINE_IN_KERNEL = True
 
 
 def supported(head_dim: int, cache_len: int, gpu: bool = True) -> bool:
@@ -69,9 +72,15 @@ def _norm_rope(x1, x2, w_ref, cos, sin, eps: float, dtype):
 
 
 def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chunk_blocks: int, s_len: int,
-            scale: float, eps: float | None, rows: tuple[int, int, int, int]):
+            scale: float, eps: float | None, rows: tuple[int, int, int, int], finish: int, chunks: int, interpret: bool):
     """eps None: q / k_new come rotated and normalised. Otherwise they are the raw projections and rest starts
-    with the q-norm and k-norm weights [D] and this step's cos / sin [B, D/2]: normalised and rotated here."""
+    with the q-norm and k-norm weights [D] and this step's cos / sin [B, D/2]: normalised and rotated here.
+    finish = G > 0: the kernel also merges the chunks into the output [B, K, G, D] (the first G rows of each padded
+    group), counting finished chunks (when there are several) in an int32 [B, K] that is zero on entry."""
+    if finish and chunks > 1:  # inputs ..., extra, counts; outputs o, m, l, caches, merged, counts
+        rest, out_ref, cnt_ref = rest[:-8] + rest[-7:-2], rest[-2], rest[-1]
+    elif finish:  # one chunk: no counts
+        rest, out_ref, cnt_ref = rest[:-1], rest[-1], None
     if eps is None:
         o_ref, m_ref, l_ref, kc_out, vc_out = rest
     else:
@@ -136,6 +145,37 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chun
         kc_out[b, h, rows, lo] = k1
         kc_out[b, h, rows, hi] = k2
         vc_out[b, h, rows, :] = v
+
+    if finish:
+        _merge_chunks(o_ref, m_ref, l_ref, out_ref, cnt_ref, b, h, finish, interpret)
+
+
+def _merge_chunks(o_ref, m_ref, l_ref, out_ref, cnt_ref, b, h, group: int, interpret: bool):
+    """The combine kernel's work, done by the last program of (row b, KV head h) to store its partial result: each
+    program counts itself in (an atomic add, ordered after all its threads' stores by a barrier, as a CUTLASS
+    semaphore), and the one that counts last reads every chunk's partials (from L2: `.cg` skips the SM's L1, which
+    does not see other SMs' stores) and merges them exactly as `_combine_kernel` does. With one chunk the program
+    merges its own partials (after the barrier: other threads stored them). A launch saved per layer: the combine
+    kernel cost ~2 us of a batch-1 or batch-8 layer (H200, 2026-12-03)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    chunks = o_ref.shape[2]
+    if not interpret:
+        plgpu.debug_barrier()  # every thread's partials stored before the program counts itself
+    last = plgpu.atomic_add(cnt_ref, (b, h), jnp.int32(1)) == chunks - 1 if chunks > 1 else True
+
+    @pl.when(last)
+    def _():
+        cs, rows = pl.ds(0, chunks), pl.ds(0, group)
+        # with one chunk the partials are this program's own (after the barrier: CUDA's __syncthreads guarantee)
+        cg = not interpret and chunks > 1
+        load = (lambda ref: plgpu.load(ref, cache_modifier=".cg")) if cg else (lambda ref: ref[...])
+        m = load(m_ref.at[b, h, cs, rows])  # [C, G]
+        top = jnp.max(m, axis=0)
+        w = jnp.exp(m - top[None, :])  # chunks that read no key have m = -inf: weight 0
+        num = jnp.sum(load(o_ref.at[b, h, cs, rows, :]) * w[:, :, None], axis=0)  # [G, D]
+        den = jnp.sum(load(l_ref.at[b, h, cs, rows]) * w, axis=0)
+        out_ref[b, h, :, :] = (num / den[:, None]).astype(out_ref.dtype)
 
 
 def combine(o, m, l):
@@ -225,18 +265,31 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
     if qk_norm is not None:
         qw, kw, cos, sin = qk_norm
         extra = (qw, kw, cos.reshape(b, d // 2).astype(f32), sin.reshape(b, d // 2).astype(f32))
-    o, m, l, kc, vc = pl.pallas_call(
+    pow2 = group & (group - 1) == 0  # Triton's blocks: powers of two (D is one: `supported`)
+    finish = group if pow2 and COMBINE_IN_KERNEL else 0
+    outs = (jax.ShapeDtypeStruct((b, kheads, chunks, gp, d), f32),
+            jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
+            jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    args = (positions.astype(jnp.int32), qg, k_new, v_new, k_cache, v_cache, *extra)
+    aliases = {4: 3, 5: 4}
+    if finish:  # the merged output
+        outs += (jax.ShapeDtypeStruct((b, kheads, group, d), q.dtype),)
+    if finish and chunks > 1:  # and the chunk counts: zeros, aliased (the kernel adds to them)
+        outs += (jax.ShapeDtypeStruct((b, kheads), jnp.int32),)
+        aliases[len(args)] = len(outs) - 1
+        args += (jnp.zeros((b, kheads), jnp.int32),)
+    o, m, l, kc, vc, *merged = pl.pallas_call(
         functools.partial(_kernel, bk=bk, chunk_blocks=s_len // bk // chunks, s_len=s_len, scale=scale,
-                          eps=None if qk_norm is None else eps, rows=rows),
-        out_shape=(jax.ShapeDtypeStruct((b, kheads, chunks, gp, d), f32),
-                   jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
-                   jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
-                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-        grid=(b, kheads, chunks), input_output_aliases={4: 3, 5: 4}, compiler_params=params, interpret=interpret,
-        name="decode_attention",
-    )(positions.astype(jnp.int32), qg, k_new, v_new, k_cache, v_cache, *extra)
-    if group & (group - 1) == 0:  # Triton's blocks: powers of two (D is one: `supported`)
+                          eps=None if qk_norm is None else eps, rows=rows, finish=finish, chunks=chunks,
+                          interpret=interpret),
+        out_shape=outs, grid=(b, kheads, chunks), input_output_aliases=aliases, compiler_params=params,
+        interpret=interpret, name="decode_attention",
+    )(*args)
+    if finish:
+        out = merged[0].reshape(b, h, d)
+    elif pow2:
         out = combine_kernel(o, m, l, group, q.dtype, interpret=interpret).reshape(b, h, d)
     else:
         out = combine(o, m, l)[:, :, :group].reshape(b, h, d).astype(q.dtype)
