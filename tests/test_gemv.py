@@ -77,3 +77,26 @@ def test_gemv_adds_the_residual_and_emits_the_row_it_read():
     np.testing.assert_allclose(np.asarray(y, np.float32), want_y, rtol=0, atol=1e-2 * np.abs(want_y).max())
     with pytest.raises(ValueError, match="x's shape"):
         gemv_many(x, (w,), add=a[:, :32], interpret=True)
+
+
+@pytest.mark.parametrize("live", [None, True, False])
+def test_routing_in_the_product_equals_the_router_kernel_after_it(live):
+    """gemv_many(route=): the last of the router product's programs routes the row (softmax top k, renormalised,
+    a row without a token weighted 0) and returns what the router kernel returns from the product's logits, bit
+    for bit, besides the logits and the emitted tile."""
+    from mixjax.kernels.router import route
+    rng = np.random.RandomState(3)
+    x, a = (jnp.asarray(rng.randn(1, 256), jnp.bfloat16) for _ in range(2))
+    w = jnp.asarray(rng.randn(64, 256) * 0.1, jnp.bfloat16)
+    nw = jnp.asarray(rng.rand(256) + 0.5, jnp.bfloat16)
+    lv = None if live is None else jnp.array([live])
+    kw = dict(norm=nw, eps=1e-6, add=a, emit=16, interpret=True)
+    logits, u = gemv_many(x, (w,), **kw)
+    ids, wt = route(logits, k=8, norm=True, live=lv, dtype=jnp.bfloat16, padded=True, interpret=True)
+    got = gemv_many(x, (w,), route=(8, True), live=lv, **kw)
+    assert len(got) == 4
+    for g, want in zip(got, (logits, u, ids, wt)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+    assert (np.asarray(got[3]) == 0).all() == (live is False)
+    with pytest.raises(ValueError, match="routing takes one weight"):
+        gemv_many(x, (w[:48],), route=(8, True), **kw)

@@ -30,12 +30,11 @@ def softmax_topk(logits, k: int, norm: bool):
     return ids.astype(jnp.int32), (w / w.sum(-1, keepdims=True) if norm else w)
 
 
-def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
-    live_ref, ids_ref, w_ref = refs if masked else (None, *refs)
-    r = pl.program_id(0)
-    logit = logits_ref[r, :].astype(jnp.float32)  # [E], padded with -inf to a power of two
+def select(logit, k: int, k_pad: int, norm: bool):
+    """One row's routing inside a kernel: float32 logits [E] (E a power of two, padded with -inf) -> (ids int32
+    [k_pad], weights float32 [k_pad]), the slots after k zero. Also run by the router's product kernel
+    (gemv.gemv_many(route=)) at its end."""
     e_n = logit.shape[0]
-    k_pad = ids_ref.shape[1]
     m = jnp.max(logit)
     total = jnp.sum(jnp.exp(logit - m))
     idx = lax.broadcasted_iota(jnp.int32, (e_n,), 0)
@@ -52,6 +51,13 @@ def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
         left = jnp.where(idx == pick, -jnp.inf, left)
     if norm:
         w = w / jnp.sum(w)  # the unused slots hold zeros
+    return ids, w
+
+
+def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
+    live_ref, ids_ref, w_ref = refs if masked else (None, *refs)
+    r = pl.program_id(0)
+    ids, w = select(logits_ref[r, :].astype(jnp.float32), k, ids_ref.shape[1], norm)  # [E]: -inf padded
     if live_ref is not None:  # a row without a token: weight 0, no expert computes it
         w = jnp.where(live_ref[r] != 0, w, 0.0)
     ids_ref[r, :] = ids
