@@ -120,9 +120,10 @@ def test_chunks_merged_in_the_kernel_equal_the_combine_kernel(monkeypatch, b, kv
     assert plan(b, kv, s, programs=programs)[1] == chunks
     run = lambda: decode_attention(q, k_new, v_new, kc, vc, pos, scale=d ** -0.5, interpret=True, programs=programs)
     monkeypatch.setattr(da, "COMBINE_IN_KERNEL", False)
+    decode_attention.clear_cache()  # the knob is read at trace time
     want = run()
     monkeypatch.setattr(da, "COMBINE_IN_KERNEL", True)
-    decode_attention.clear_cache()  # the knob is read at trace time
+    decode_attention.clear_cache()
     got = run()
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

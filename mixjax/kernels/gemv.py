@@ -129,7 +129,7 @@ def _route_at_the_end(logits_ref, live_ref, ids_ref, w_ref, cnt_ref, pid, progra
     @pl.when(last)
     def _():
         row = logits_ref[0, :] if interpret else plgpu.load(logits_ref.at[0, :], cache_modifier=".cg")
-        ids, w = router.select(row.astype(jnp.float32), k, ids_ref.shape[1], norm)
+        ids, w = router.select(row.astype(jnp.float32), k, ids_ref.shape[1], norm, how=router.SELECT_IN_PRODUCT)
         if live_ref is not None:  # a row without a token: weight 0, no expert computes it
             w = jnp.where(live_ref[0] != 0, w, 0.0)
         ids_ref[0, :] = ids

@@ -30,10 +30,18 @@ def softmax_topk(logits, k: int, norm: bool):
     return ids.astype(jnp.int32), (w / w.sum(-1, keepdims=True) if norm else w)
 
 
-def select(logit, k: int, k_pad: int, norm: bool):
+# How `select` finds the top k in the router product's last program (gemv.gemv_many(route=)): "rounds" (k rounds of
+# a max and a min, as the router kernel) or "rank" (every expert's rank from one [E, E] comparison: fewer
+# reductions, each across the program's warps). A knob for probes; the router kernel always takes "rounds".
+SELECT_IN_PRODUCT = "rounds"
+
+
+def select(logit, k: int, k_pad: int, norm: bool, how: str = "rounds"):
     """One row's routing inside a kernel: float32 logits [E] (E a power of two, padded with -inf) -> (ids int32
     [k_pad], weights float32 [k_pad]), the slots after k zero. Also run by the router's product kernel
-    (gemv.gemv_many(route=)) at its end."""
+    (gemv.gemv_many(route=)) at its end. `how`: see SELECT_IN_PRODUCT; both give the same ids and weights."""
+    if how == "rank":
+        return _select_by_rank(logit, k, k_pad, norm)
     e_n = logit.shape[0]
     m = jnp.max(logit)
     total = jnp.sum(jnp.exp(logit - m))
@@ -51,6 +59,28 @@ def select(logit, k: int, k_pad: int, norm: bool):
         left = jnp.where(idx == pick, -jnp.inf, left)
     if norm:
         w = w / jnp.sum(w)  # the unused slots hold zeros
+    return ids, w
+
+
+def _select_by_rank(logit, k: int, k_pad: int, norm: bool):
+    """`select` from ranks: expert e's rank is the number of experts ahead of it (a larger logit, or an equal one
+    at a lower index: lax.top_k's order), and slot j < k takes the expert of rank j."""
+    e_n = logit.shape[0]
+    m = jnp.max(logit)
+    p = jnp.exp(logit - m)
+    total = jnp.sum(p)
+    idx = lax.broadcasted_iota(jnp.int32, (e_n, e_n), 1)  # [other, e]: e along the columns
+    other = lax.broadcasted_iota(jnp.int32, (e_n, e_n), 0)
+    lo, le = logit[None, :], logit[:, None]  # lo: e's logit, le: the other's
+    ahead = (le > lo) | ((le == lo) & (other < idx))
+    rank = jnp.sum(ahead.astype(jnp.int32), axis=0)  # [E]
+    slot = lax.broadcasted_iota(jnp.int32, (k_pad, e_n), 0)
+    hit = (rank[None, :] == slot) & (slot < k)  # [k_pad, E]: one expert per slot j < k
+    ids = jnp.sum(jnp.where(hit, lax.broadcasted_iota(jnp.int32, (k_pad, e_n), 1), 0), axis=1)
+    # each slot's weight is its expert's softmax probability, exp(l - m) / total, as the rounds compute it
+    w = jnp.sum(jnp.where(hit, (p / total)[None, :], 0.0), axis=1)
+    if norm:
+        w = w / jnp.sum(w)
     return ids, w
 
 
