@@ -72,7 +72,8 @@ def _norm_rope(x1, x2, w_ref, cos, sin, eps: float, dtype):
 
 
 def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chunk_blocks: int, s_len: int,
-            scale: float, eps: float | None, rows: tuple[int, int, int, int], finish: int, chunks: int, interpret: bool):
+            scale: float, eps: float | None, rows: tuple[int, int, int, int], finish: int, chunks: int,
+            interpret: bool):
     """eps None: q / k_new come rotated and normalised. Otherwise they are the raw projections and rest starts
     with the q-norm and k-norm weights [D] and this step's cos / sin [B, D/2]: normalised and rotated here.
     finish = G > 0: the kernel also merges the chunks into the output [B, K, G, D] (the first G rows of each padded
@@ -153,10 +154,10 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chun
 def _merge_chunks(o_ref, m_ref, l_ref, out_ref, cnt_ref, b, h, group: int, interpret: bool):
     """The combine kernel's work, done by the last program of (row b, KV head h) to store its partial result: each
     program counts itself in (an atomic add, ordered after all its threads' stores by a barrier, as a CUTLASS
-    semaphore), and the one that counts last reads every chunk's partials (from L2: `.cg` skips the SM's L1, which
-    does not see other SMs' stores) and merges them exactly as `_combine_kernel` does. With one chunk the program
-    merges its own partials (after the barrier: other threads stored them). A launch saved per layer: the combine
-    kernel cost ~2 us of a batch-1 or batch-8 layer (H200, 2026-12-03)."""
+    semaphore), and the one that counts last reads every chunk's partials (volatile loads: from L2, past the SM's
+    L1, which does not see other SMs' stores) and merges them exactly as `_combine_kernel` does. With one chunk the
+    program merges its own partials (after the barrier: other threads stored them). A launch saved per layer: the
+    combine kernel cost ~2 us of a batch-1 or batch-8 layer (H200, 2026-12-03)."""
     from jax.experimental.pallas import triton as plgpu
 
     chunks = o_ref.shape[2]
@@ -168,8 +169,9 @@ def _merge_chunks(o_ref, m_ref, l_ref, out_ref, cnt_ref, b, h, group: int, inter
     def _():
         cs, rows = pl.ds(0, chunks), pl.ds(0, group)
         # with one chunk the partials are this program's own (after the barrier: CUDA's __syncthreads guarantee)
-        cg = not interpret and chunks > 1
-        load = (lambda ref: plgpu.load(ref, cache_modifier=".cg")) if cg else (lambda ref: ref[...])
+        # (volatile: jax 0.11.2's lowering refuses the `.cg` cache modifier)
+        volatile = not interpret and chunks > 1
+        load = (lambda ref: plgpu.load(ref, volatile=True)) if volatile else (lambda ref: ref[...])
         m = load(m_ref.at[b, h, cs, rows])  # [C, G]
         top = jnp.max(m, axis=0)
         w = jnp.exp(m - top[None, :])  # chunks that read no key have m = -inf: weight 0

@@ -119,7 +119,8 @@ def _route_at_the_end(logits_ref, live_ref, ids_ref, w_ref, cnt_ref, pid, progra
                       interpret: bool):
     """The router kernel's work (router.select on the one row of logits), done by the last of the product's
     programs to store its logits: each counts itself in (an atomic add after a barrier, as a CUTLASS semaphore) and
-    the one that counts last reads the whole row from L2 (`.cg`: the SM's L1 does not see other SMs' stores)."""
+    the one that counts last reads the whole row from L2 (a volatile load: past the SM's L1, which does not see other
+    SMs' stores; jax 0.11.2's lowering refuses the `.cg` cache modifier)."""
     from jax.experimental.pallas import triton as plgpu
 
     if not interpret:
@@ -128,7 +129,7 @@ def _route_at_the_end(logits_ref, live_ref, ids_ref, w_ref, cnt_ref, pid, progra
 
     @pl.when(last)
     def _():
-        row = logits_ref[0, :] if interpret else plgpu.load(logits_ref.at[0, :], cache_modifier=".cg")
+        row = logits_ref[0, :] if interpret else plgpu.load(logits_ref.at[0, :], volatile=True)
         ids, w = router.select(row.astype(jnp.float32), k, ids_ref.shape[1], norm, how=router.SELECT_IN_PRODUCT)
         if live_ref is not None:  # a row without a token: weight 0, no expert computes it
             w = jnp.where(live_ref[0] != 0, w, 0.0)
