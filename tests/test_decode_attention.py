@@ -106,24 +106,24 @@ def test_in_place_reads_stay_inside_the_fused_output():
     assert reads_in_place(64, 4, 72, 0)  # groups of 16: no padding rows
 
 
-@pytest.mark.parametrize("b,kv,s,programs,chunks", [(1, 2, 256, 8, 4), (3, 2, 128, 4, 1)])
-def test_chunks_merged_in_the_kernel_equal_the_combine_kernel(monkeypatch, b, kv, s, programs, chunks):
-    """The attention kernel merging its chunks itself (the last program of a (row, KV head) to count itself in,
-    or with one chunk the program alone) computes what the separate combine kernel computes, bit for bit: the same
-    operations in the same order."""
+@pytest.mark.parametrize("b,kv,s,programs", [(1, 2, 64, 2), (3, 2, 128, 4)])
+def test_one_chunk_output_equals_the_combine_kernel(monkeypatch, b, kv, s, programs):
+    """A call that reads the cache in one chunk per (row, KV head) writes its output from the attention kernel, the
+    same bits as the combine kernel after it: the same operations in the same order (weights exp(0) = 1, sums of
+    one term)."""
     import mixjax.kernels.decode_attention as da
     h, d = 8, 16
-    rng = np.random.RandomState(b + chunks)
+    rng = np.random.RandomState(b + s)
     f = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
     q, k_new, v_new, kc, vc = f(b, h, d), f(b, kv, d), f(b, kv, d), f(b, kv, s, d), f(b, kv, s, d)
     pos = jnp.asarray([s - 1, 40, 3][:b], jnp.int32)
-    assert plan(b, kv, s, programs=programs)[1] == chunks
+    assert plan(b, kv, s, programs=programs)[1] == 1
     run = lambda: decode_attention(q, k_new, v_new, kc, vc, pos, scale=d ** -0.5, interpret=True, programs=programs)
-    monkeypatch.setattr(da, "COMBINE_IN_KERNEL", False)
-    decode_attention.clear_cache()  # the knob is read at trace time
-    want = run()
-    monkeypatch.setattr(da, "COMBINE_IN_KERNEL", True)
-    decode_attention.clear_cache()
-    got = run()
-    for g, w in zip(got, want):
+    outs = {}
+    for direct in (False, True):
+        monkeypatch.setattr(da, "ONE_CHUNK_OUTPUT", direct)
+        decode_attention.clear_cache()  # the knob is read at trace time
+        outs[direct] = run()
+    for g, w in zip(outs[True], outs[False]):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert rel_err(np.asarray(outs[True][0]), np.asarray(reference(q, k_new, v_new, kc, vc, pos, d ** -0.5)[0])) < 1e-5

@@ -77,34 +77,3 @@ def test_gemv_adds_the_residual_and_emits_the_row_it_read():
     np.testing.assert_allclose(np.asarray(y, np.float32), want_y, rtol=0, atol=1e-2 * np.abs(want_y).max())
     with pytest.raises(ValueError, match="x's shape"):
         gemv_many(x, (w,), add=a[:, :32], interpret=True)
-
-
-@pytest.mark.parametrize("live,how", [(None, "rounds"), (True, "rounds"), (False, "rounds"), (True, "rank")])
-def test_routing_in_the_product_equals_the_router_kernel_after_it(monkeypatch, live, how):
-    """gemv_many(route=): the last of the router product's programs routes the row (softmax top k, renormalised,
-    a row without a token weighted 0) and returns what the router kernel returns from the product's logits, bit
-    for bit, besides the logits and the emitted tile; by k rounds of max and min or by ranks, and with ties
-    (the lower expert first, as lax.top_k)."""
-    from mixjax.kernels import router
-    from mixjax.kernels.router import route
-    monkeypatch.setattr(router, "SELECT_IN_PRODUCT", how)
-    gemv_many.clear_cache()  # the knob is read at trace time
-    rng = np.random.RandomState(3)
-    x, a = (jnp.asarray(rng.randn(1, 256), jnp.bfloat16) for _ in range(2))
-    w = jnp.asarray(rng.randn(64, 256) * 0.1, jnp.bfloat16)
-    nw = jnp.asarray(rng.rand(256) + 0.5, jnp.bfloat16)
-    lv = None if live is None else jnp.array([live])
-    kw = dict(norm=nw, eps=1e-6, add=a, emit=16, interpret=True)
-    top = int(np.asarray(gemv_many(x, (w,), **kw)[0]).argmax())
-    tied = sorted([top, (top + 17) % 64, (top + 33) % 64])
-    w = w.at[tied[0]].set(w[top]).at[tied[1]].set(w[top]).at[tied[2]].set(w[top])  # three top experts, tied
-    logits, u = gemv_many(x, (w,), **kw)
-    ids, wt = route(logits, k=8, norm=True, live=lv, dtype=jnp.bfloat16, padded=True, interpret=True)
-    got = gemv_many(x, (w,), route=(8, True), live=lv, **kw)
-    assert len(got) == 4
-    for g, want in zip(got, (logits, u, ids, wt)):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
-    assert (np.asarray(got[3]) == 0).all() == (live is False)
-    assert list(np.asarray(got[2])[0, :3]) == tied  # the tied top three, in index order
-    with pytest.raises(ValueError, match="routing takes one weight"):
-        gemv_many(x, (w[:48],), route=(8, True), **kw)

@@ -5,7 +5,8 @@ XLA compiles the same step (`layers.write_cache` + `layers.attend`) into about e
 writes with their index fix-ups, the score product, a max and a sum for the softmax, a conversion, the value
 product. At batch 1 each is 1-2.5 us for ~1 us of traffic: ~13 us of a ~120 us Qwen3-30B-A3B decode layer on an
 H200 (2026-11-29). Here: one kernel, plus a small kernel that combines the split partial results (`combine_kernel`;
-XLA's combine was three more kernels). Given a fused q/k/v projection's output, it reads q, k and v in place
+XLA's combine was three more kernels) where the cache is split in chunks; unsplit, the kernel writes the output
+itself (`ONE_CHUNK_OUTPUT`). Given a fused q/k/v projection's output, it reads q, k and v in place
 (`fused`, `reads_in_place`).
 
 Each program holds one (row, KV head)'s query heads (padded to 16 rows, the smallest tensor-core tile) and one chunk
@@ -32,9 +33,9 @@ from mixjax.kernels import triton_params
 
 PROGRAMS = 128  # chunks are added until rows x KV heads x chunks reaches this many programs (132 SMs on an H200)
 BLOCK = None  # keys per block when a call names none (None: 64, see `plan`); a module knob for probes
-# Whether the attention kernel merges the chunks itself (the last of a (row, KV head)'s programs to finish, found by
-# an atomic count) instead of the separate combine kernel after it; False restores that kernel, for comparisons.
-COMBINE_IN_KERNEL = True
+# Whether a call whose cache is read in one chunk per (row, KV head) writes its output from the attention kernel
+# (no combine kernel after it); False restores that kernel, for comparisons.
+ONE_CHUNK_OUTPUT = True
 
 
 def supported(head_dim: int, cache_len: int, gpu: bool = True) -> bool:
@@ -72,16 +73,13 @@ def _norm_rope(x1, x2, w_ref, cos, sin, eps: float, dtype):
 
 
 def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chunk_blocks: int, s_len: int,
-            scale: float, eps: float | None, rows: tuple[int, int, int, int], finish: int, chunks: int,
-            interpret: bool):
+            scale: float, eps: float | None, rows: tuple[int, int, int, int], finish: int, interpret: bool):
     """eps None: q / k_new come rotated and normalised. Otherwise they are the raw projections and rest starts
     with the q-norm and k-norm weights [D] and this step's cos / sin [B, D/2]: normalised and rotated here.
-    finish = G > 0: the kernel also merges the chunks into the output [B, K, G, D] (the first G rows of each padded
-    group), counting finished chunks (when there are several) in an int32 [B, K] that is zero on entry."""
-    if finish and chunks > 1:  # inputs ..., extra, counts; outputs o, m, l, caches, merged, counts
-        rest, out_ref, cnt_ref = rest[:-8] + rest[-7:-2], rest[-2], rest[-1]
-    elif finish:  # one chunk: no counts
-        rest, out_ref, cnt_ref = rest[:-1], rest[-1], None
+    finish = G > 0 (with one chunk): the kernel also writes the output [B, K, G, D] (the first G rows of each
+    padded group), the last of its outputs."""
+    if finish:
+        rest, out_ref = rest[:-1], rest[-1]
     if eps is None:
         o_ref, m_ref, l_ref, kc_out, vc_out = rest
     else:
@@ -148,36 +146,26 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chun
         vc_out[b, h, rows, :] = v
 
     if finish:
-        _merge_chunks(o_ref, m_ref, l_ref, out_ref, cnt_ref, b, h, finish, interpret)
+        _one_chunk_output(o_ref, m_ref, l_ref, out_ref, b, h, finish, interpret)
 
 
-def _merge_chunks(o_ref, m_ref, l_ref, out_ref, cnt_ref, b, h, group: int, interpret: bool):
-    """The combine kernel's work, done by the last program of (row b, KV head h) to store its partial result: each
-    program counts itself in (an atomic add, ordered after all its threads' stores by a barrier, as a CUTLASS
-    semaphore), and the one that counts last reads every chunk's partials (volatile loads: from L2, past the SM's
-    L1, which does not see other SMs' stores) and merges them exactly as `_combine_kernel` does. With one chunk the
-    program merges its own partials (after the barrier: other threads stored them). A launch saved per layer: the
-    combine kernel cost ~2 us of a batch-1 or batch-8 layer (H200, 2026-12-03)."""
-    from jax.experimental.pallas import triton as plgpu
-
-    chunks = o_ref.shape[2]
+def _one_chunk_output(o_ref, m_ref, l_ref, out_ref, b, h, group: int, interpret: bool):
+    """With the cache read in one chunk, the combine kernel's work is the program's own: after a barrier (its
+    partials were stored by all its threads; CUDA's __syncthreads makes them visible to the block) it reads back the
+    group's rows and merges them exactly as `_combine_kernel` does, so the output is the same, bit for bit (one
+    chunk: weight exp(0) = 1, sums of one term). A launch saved per layer at batch 32 and up (Qwen3-30B-A3B, 1024
+    slots: 128 programs of one chunk), ~1.5 us of a layer on an H200 (2026-12-03). Reading the rows back rather than
+    keeping them in registers: Triton cannot take the group's first G of the 16 rows it holds. With several chunks,
+    the merge by the last program to finish (an atomic count) was tried and not kept (docs/BENCHMARKS.md)."""
     if not interpret:
-        plgpu.debug_barrier()  # every thread's partials stored before the program counts itself
-    last = plgpu.atomic_add(cnt_ref, (b, h), jnp.int32(1)) == chunks - 1 if chunks > 1 else True
-
-    @pl.when(last)
-    def _():
-        cs, rows = pl.ds(0, chunks), pl.ds(0, group)
-        # with one chunk the partials are this program's own (after the barrier: CUDA's __syncthreads guarantee)
-        # (volatile: jax 0.11.2's lowering refuses the `.cg` cache modifier)
-        volatile = not interpret and chunks > 1
-        load = (lambda ref: plgpu.load(ref, volatile=True)) if volatile else (lambda ref: ref[...])
-        m = load(m_ref.at[b, h, cs, rows])  # [C, G]
-        top = jnp.max(m, axis=0)
-        w = jnp.exp(m - top[None, :])  # chunks that read no key have m = -inf: weight 0
-        num = jnp.sum(load(o_ref.at[b, h, cs, rows, :]) * w[:, :, None], axis=0)  # [G, D]
-        den = jnp.sum(load(l_ref.at[b, h, cs, rows]) * w, axis=0)
-        out_ref[b, h, :, :] = (num / den[:, None]).astype(out_ref.dtype)
+        from jax.experimental.pallas import triton as plgpu
+        plgpu.debug_barrier()
+    rows = pl.ds(0, group)
+    m = m_ref[b, h, :, rows]  # [1, G]
+    w = jnp.exp(m - jnp.max(m, axis=0)[None, :])
+    num = jnp.sum(o_ref[b, h, :, rows, :] * w[:, :, None], axis=0)  # [G, D]
+    den = jnp.sum(l_ref[b, h, :, rows] * w, axis=0)
+    out_ref[b, h, :, :] = (num / den[:, None]).astype(out_ref.dtype)
 
 
 def combine(o, m, l):
@@ -268,25 +256,19 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, positions, *, scale: flo
         qw, kw, cos, sin = qk_norm
         extra = (qw, kw, cos.reshape(b, d // 2).astype(f32), sin.reshape(b, d // 2).astype(f32))
     pow2 = group & (group - 1) == 0  # Triton's blocks: powers of two (D is one: `supported`)
-    finish = group if pow2 and COMBINE_IN_KERNEL else 0
+    finish = group if pow2 and chunks == 1 and ONE_CHUNK_OUTPUT else 0
     outs = (jax.ShapeDtypeStruct((b, kheads, chunks, gp, d), f32),
             jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
             jax.ShapeDtypeStruct((b, kheads, chunks, gp), f32),
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
     args = (positions.astype(jnp.int32), qg, k_new, v_new, k_cache, v_cache, *extra)
-    aliases = {4: 3, 5: 4}
-    if finish:  # the merged output
+    if finish:
         outs += (jax.ShapeDtypeStruct((b, kheads, group, d), q.dtype),)
-    if finish and chunks > 1:  # and the chunk counts: zeros, aliased (the kernel adds to them)
-        outs += (jax.ShapeDtypeStruct((b, kheads), jnp.int32),)
-        aliases[len(args)] = len(outs) - 1
-        args += (jnp.zeros((b, kheads), jnp.int32),)
     o, m, l, kc, vc, *merged = pl.pallas_call(
         functools.partial(_kernel, bk=bk, chunk_blocks=s_len // bk // chunks, s_len=s_len, scale=scale,
-                          eps=None if qk_norm is None else eps, rows=rows, finish=finish, chunks=chunks,
-                          interpret=interpret),
-        out_shape=outs, grid=(b, kheads, chunks), input_output_aliases=aliases, compiler_params=params,
+                          eps=None if qk_norm is None else eps, rows=rows, finish=finish, interpret=interpret),
+        out_shape=outs, grid=(b, kheads, chunks), input_output_aliases={4: 3, 5: 4}, compiler_params=params,
         interpret=interpret, name="decode_attention",
     )(*args)
     if finish:

@@ -30,12 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mixjax.kernels import pow2_divisor, router, triton_params
-
-
-# Whether a batch-1 MoE's router product also routes the row in its last program (gemv_many(route=)) instead of the
-# router kernel after it; False restores that kernel, for comparisons.
-ROUTE_IN_PRODUCT = True
+from mixjax.kernels import pow2_divisor, triton_params
 
 
 def supported(n: int, k: int, gpu: bool = True) -> bool:
@@ -51,20 +46,13 @@ def tiles(n: int, k: int) -> tuple[int, int, int]:
     return min(4, n & -n), min(2048, k & -k), 8
 
 
-def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float | None, add: bool, emit: int,
-            route: tuple[int, bool, bool] | None, interpret: bool):
+def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float | None, add: bool, emit: int):
     n_w = len(starts) - 1
-    refs = list(refs)
-    take = lambda n: [refs.pop(0) for _ in range(n)]
-    # inputs: x, [add], the weights, [norm], [live], [counts]; outputs: the products, [emit], [ids, weights, counts]
-    add_ref = take(1)[0] if add else None
-    w_refs = take(n_w)
-    norm_ref = take(1)[0] if eps is not None else None
-    live_ref = take(1)[0] if route and route[2] else None
-    take(1 if route else 0)  # the counts' input: the kernel adds to its aliased output
-    o_refs = take(n_w)
-    emit_ref = take(1)[0] if emit else None
-    ids_ref, wt_ref, cnt_ref = take(3) if route else (None, None, None)
+    add_ref = refs[0] if add else None
+    refs = refs[1:] if add else refs
+    w_refs = refs[:n_w]
+    norm_ref = refs[n_w] if eps is not None else None
+    o_refs = refs[len(refs) - n_w - bool(emit):len(refs) - bool(emit)]
     k_dim = x_ref.shape[-1]
     dtype = x_ref.dtype
     pid = pl.program_id(0)
@@ -108,48 +96,19 @@ def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float 
         def _():
             ks = pl.ds(pid * cols, cols)
             top = lax.broadcasted_iota(jnp.int32, (emit, cols), 0) == 0
-            emit_ref[:, ks] = jnp.where(top, jnp.broadcast_to(operand(ks)[None, :], (emit, cols)),
+            refs[-1][:, ks] = jnp.where(top, jnp.broadcast_to(operand(ks)[None, :], (emit, cols)),
                                         jnp.zeros((emit, cols), dtype))
 
-    if route:
-        _route_at_the_end(o_refs[0], live_ref, ids_ref, wt_ref, cnt_ref, pid, starts[-1], *route[:2], interpret)
 
-
-def _route_at_the_end(logits_ref, live_ref, ids_ref, w_ref, cnt_ref, pid, programs: int, k: int, norm: bool,
-                      interpret: bool):
-    """The router kernel's work (router.select on the one row of logits), done by the last of the product's
-    programs to store its logits: each counts itself in (an atomic add after a barrier, as a CUTLASS semaphore) and
-    the one that counts last reads the whole row from L2 (a volatile load: past the SM's L1, which does not see other
-    SMs' stores; jax 0.11.2's lowering refuses the `.cg` cache modifier)."""
-    from jax.experimental.pallas import triton as plgpu
-
-    if not interpret:
-        plgpu.debug_barrier()  # every thread's logits stored before the program counts itself
-    last = plgpu.atomic_add(cnt_ref, (pid * 0,), jnp.int32(1)) == programs - 1
-
-    @pl.when(last)
-    def _():
-        row = logits_ref[0, :] if interpret else plgpu.load(logits_ref.at[0, :], volatile=True)
-        ids, w = router.select(row.astype(jnp.float32), k, ids_ref.shape[1], norm, how=router.SELECT_IN_PRODUCT)
-        if live_ref is not None:  # a row without a token: weight 0, no expert computes it
-            w = jnp.where(live_ref[0] != 0, w, 0.0)
-        ids_ref[0, :] = ids
-        w_ref[0, :] = w.astype(w_ref.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block", "emit", "route"))
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block", "emit"))
 def gemv_many(x, ws, *, norm=None, eps: float | None = None, add=None, emit: int = 0, interpret: bool = False,
-              block: tuple[int, int, int] | None = None, route: tuple[int, bool] | None = None, live=None):
+              block: tuple[int, int, int] | None = None):
     """x [1, K], ws: weights [N_i, K] -> a tuple of [1, N_i] in x's dtype, (norm(x) if `norm` is given) @ w_i.T
     with products accumulated in float32, one kernel for all. `norm` is an RMSNorm weight [K] applied with `eps`;
     `add` [1, K], when given, is added to x first (in x's dtype: the residual sum h = x + add of a decoder layer);
     `emit` = R > 0 also returns the row the products read (norm(x + add)) on top of R - 1 zero rows, [R, K] in x's
     dtype, after the outputs (the 16-row tile that the one-token expert kernels read for every expert);
-    `block` overrides `tiles` (bn, bk, warps).
-    `route` = (k, norm), with one weight whose rows are a router's E experts (E a power of two from 16): the last of
-    the kernel's programs also routes the row (router.route's work: top k of the softmax, renormalised with `norm`;
-    `live` [1] bool zeroes the weights of a row without a token) and returns ids int32 [1, k_pad] and weights
-    [1, k_pad] in x's dtype after the other outputs: the router kernel's launch saved."""
+    `block` overrides `tiles` (bn, bk, warps)."""
     ws = tuple(ws)
     rows, k_dim = x.shape
     if rows != 1 or not ws or any(w.ndim != 2 or w.shape[1] != k_dim or not supported(w.shape[0], k_dim,
@@ -163,36 +122,16 @@ def gemv_many(x, ws, *, norm=None, eps: float | None = None, add=None, emit: int
     bn, bk, warps = block or tiles(math.gcd(*(w.shape[0] for w in ws)), k_dim)
     if any(w.shape[0] % bn for w in ws) or k_dim % bk:
         raise ValueError(f"gemv: block {(bn, bk)} does not divide the weights {[w.shape for w in ws]}")
-    if route and not routable(tuple(w.shape[0] for w in ws)):
-        raise ValueError(f"gemv: routing takes one weight of a power-of-two number of rows from 16 (a router's "
-                         f"experts); got {[w.shape for w in ws]}")
     starts = tuple(itertools.accumulate((w.shape[0] // bn for w in ws), initial=0))
     args = ([x] + ([add.astype(x.dtype)] if add is not None else []) + list(ws)
             + ([norm.astype(x.dtype)] if norm is not None else []))
     outs = tuple(jax.ShapeDtypeStruct((1, w.shape[0]), x.dtype) for w in ws)
     outs += (jax.ShapeDtypeStruct((emit, k_dim), x.dtype),) if emit else ()
-    aliases = {}
-    if route:
-        k_pad = max(16, 1 << (route[0] - 1).bit_length())
-        if live is not None:
-            args.append(live.reshape(1).astype(jnp.int32))
-        aliases[len(args)] = len(outs) + 2  # the counts: zeros in, the programs add themselves
-        args.append(jnp.zeros((1,), jnp.int32))
-        outs += (jax.ShapeDtypeStruct((1, k_pad), jnp.int32), jax.ShapeDtypeStruct((1, k_pad), x.dtype),
-                 jax.ShapeDtypeStruct((1,), jnp.int32))
     params = triton_params(warps, 1, interpret)
-    res = tuple(pl.pallas_call(
-        functools.partial(_kernel, starts=starts, bn=bn, bk=bk, eps=eps, add=add is not None, emit=emit,
-                          route=route and (route[0], route[1], live is not None), interpret=interpret),
-        out_shape=outs, grid=(starts[-1],), input_output_aliases=aliases, compiler_params=params,
-        interpret=interpret, name="gemv",
+    return tuple(pl.pallas_call(
+        functools.partial(_kernel, starts=starts, bn=bn, bk=bk, eps=eps, add=add is not None, emit=emit),
+        out_shape=outs, grid=(starts[-1],), compiler_params=params, interpret=interpret, name="gemv",
     )(*args))
-    return res[:-1] if route else res
-
-
-def routable(rows: tuple[int, ...]) -> bool:
-    """Whether gemv_many can route the product's row at its end: one weight of E rows, E a power of two from 16."""
-    return len(rows) == 1 and rows[0] >= 16 and rows[0] & (rows[0] - 1) == 0
 
 
 def gemv(x, w, *, norm=None, eps: float | None = None, interpret: bool = False,

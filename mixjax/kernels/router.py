@@ -30,19 +30,12 @@ def softmax_topk(logits, k: int, norm: bool):
     return ids.astype(jnp.int32), (w / w.sum(-1, keepdims=True) if norm else w)
 
 
-# How `select` finds the top k in the router product's last program (gemv.gemv_many(route=)): "rounds" (k rounds of
-# a max and a min, as the router kernel) or "rank" (every expert's rank from one [E, E] comparison: fewer
-# reductions, each across the program's warps). A knob for probes; the router kernel always takes "rounds".
-SELECT_IN_PRODUCT = "rounds"
-
-
-def select(logit, k: int, k_pad: int, norm: bool, how: str = "rounds"):
-    """One row's routing inside a kernel: float32 logits [E] (E a power of two, padded with -inf) -> (ids int32
-    [k_pad], weights float32 [k_pad]), the slots after k zero. Also run by the router's product kernel
-    (gemv.gemv_many(route=)) at its end. `how`: see SELECT_IN_PRODUCT; both give the same ids and weights."""
-    if how == "rank":
-        return _select_by_rank(logit, k, k_pad, norm)
+def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
+    live_ref, ids_ref, w_ref = refs if masked else (None, *refs)
+    r = pl.program_id(0)
+    logit = logits_ref[r, :].astype(jnp.float32)  # [E], padded with -inf to a power of two
     e_n = logit.shape[0]
+    k_pad = ids_ref.shape[1]
     m = jnp.max(logit)
     total = jnp.sum(jnp.exp(logit - m))
     idx = lax.broadcasted_iota(jnp.int32, (e_n,), 0)
@@ -59,35 +52,6 @@ def select(logit, k: int, k_pad: int, norm: bool, how: str = "rounds"):
         left = jnp.where(idx == pick, -jnp.inf, left)
     if norm:
         w = w / jnp.sum(w)  # the unused slots hold zeros
-    return ids, w
-
-
-def _select_by_rank(logit, k: int, k_pad: int, norm: bool):
-    """`select` from ranks: expert e's rank is the number of experts ahead of it (a larger logit, or an equal one
-    at a lower index: lax.top_k's order), and slot j < k takes the expert of rank j."""
-    e_n = logit.shape[0]
-    m = jnp.max(logit)
-    p = jnp.exp(logit - m)
-    total = jnp.sum(p)
-    idx = lax.broadcasted_iota(jnp.int32, (e_n, e_n), 1)  # [other, e]: e along the columns
-    other = lax.broadcasted_iota(jnp.int32, (e_n, e_n), 0)
-    lo, le = logit[None, :], logit[:, None]  # lo: e's logit, le: the other's
-    ahead = (le > lo) | ((le == lo) & (other < idx))
-    rank = jnp.sum(ahead.astype(jnp.int32), axis=0)  # [E]
-    slot = lax.broadcasted_iota(jnp.int32, (k_pad, e_n), 0)
-    hit = (rank[None, :] == slot) & (slot < k)  # [k_pad, E]: one expert per slot j < k
-    ids = jnp.sum(jnp.where(hit, lax.broadcasted_iota(jnp.int32, (k_pad, e_n), 1), 0), axis=1)
-    # each slot's weight is its expert's softmax probability, exp(l - m) / total, as the rounds compute it
-    w = jnp.sum(jnp.where(hit, (p / total)[None, :], 0.0), axis=1)
-    if norm:
-        w = w / jnp.sum(w)
-    return ids, w
-
-
-def _kernel(logits_ref, *refs, k: int, norm: bool, masked: bool):
-    live_ref, ids_ref, w_ref = refs if masked else (None, *refs)
-    r = pl.program_id(0)
-    ids, w = select(logits_ref[r, :].astype(jnp.float32), k, ids_ref.shape[1], norm)  # [E]: -inf padded
     if live_ref is not None:  # a row without a token: weight 0, no expert computes it
         w = jnp.where(live_ref[r] != 0, w, 0.0)
     ids_ref[r, :] = ids

@@ -167,17 +167,12 @@ class Qwen3MoE(MoE):
 
     def route_token(self, x, a, norm, pallas: str, live, rows: int):
         """One token (MoE.one_token): the router's product computes h = x + a, its norm and the logits, and writes
-        the normed row for the experts; the router's top k (in the product kernel's last program, or a kernel of
-        its own with gemv.ROUTE_IN_PRODUCT off) masks the weights of a row without a token and rounds them to x's
-        dtype, as `route` and MoE.__call__ do in XLA."""
+        the normed row for the experts; the router kernel masks the weights of a row without a token and rounds
+        them to x's dtype, as `route` and MoE.__call__ do in XLA."""
         w_router = self.router.w[...]
         if not self.router.out_major or not gemv_kernel.supported(*w_router.shape, gpu=pallas == "gpu"):
             return None
         interpret = pallas == "interpret"
-        if gemv_kernel.ROUTE_IN_PRODUCT and gemv_kernel.routable((w_router.shape[0],)):  # one kernel routes too
-            _, u, ids, w = gemv_kernel.gemv_many(x, (w_router,), norm=norm.w[...], eps=norm.eps, add=a, emit=rows,
-                                                 route=(self.top_k, self.norm_topk), live=live, interpret=interpret)
-            return ids, w, u
         logits, u = gemv_kernel.gemv_many(x, (w_router,), norm=norm.w[...], eps=norm.eps, add=a, emit=rows,
                                           interpret=interpret)
         ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, live=live, dtype=x.dtype,
