@@ -16,7 +16,7 @@ from mixjax.sharding.strategies import STRATEGIES
 ap = argparse.ArgumentParser(); ap.add_argument("batch", nargs="?", type=int, default=2)
 ap.add_argument("--preset", default="qwen3-30b-a3b"); ap.add_argument("--layers", type=int, default=2)
 ap.add_argument("--save", help="also write each path's per-row differences (and argmax agreement) to this .npz")
-a = ap.parse_args()
+args = a = ap.parse_args()
 cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
 w = nnx.state(bench_model(cfg))
 t, b = 512, a.batch
@@ -54,5 +54,5 @@ for name, r, a, g in zip(("whole prompt", "second chunk", "decode steps"), res["
               f"per row: median {np.median(per_row):.2e}, 90th percentile {np.percentile(per_row, 90):.2e}, "
               f"over 5e-2 {(per_row > 5e-2).mean():.1%}; argmax agreement {(x.argmax(-1) == r.argmax(-1)).mean():.1%}",
               flush=True)
-if a.save:
-    np.savez(a.save, **saved)
+if args.save:
+    np.savez(args.save, **saved)
