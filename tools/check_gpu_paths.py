@@ -1,10 +1,13 @@
 """On a GPU: the bf16 Pallas/cuDNN paths (expert_impl="grouped") and the bf16 XLA paths ("dense"), each against a
-float32 XLA run of the same bench model (same weights): a whole 512-token prompt (cuDNN attention), the same prompt in two chunks (Triton flash attention for the
-second), and decode steps (grouped experts). Prints each one's largest logit difference relative to the
-largest float32 logit and its argmax agreement: the Pallas paths should be no further from float32 than XLA's.
-    python tools/check_gpu_paths.py [BATCH] [--preset deepseek-v3 --layers 1]
+float32 XLA run of the same bench model (same weights): a whole 512-token prompt (cuDNN attention), the same prompt
+in two chunks (Triton flash attention for the second), and decode steps (grouped experts). Prints each one's largest
+logit difference relative to the largest float32 logit, the same per row (median, 90th percentile, share of rows over
+5e-2: one row whose routing flipped at a near-tie makes the largest difference) and the argmax agreement: the Pallas
+paths should be no further from float32 than XLA's.
+    python tools/check_gpu_paths.py [BATCH] [--preset deepseek-v3 --layers 1] [--prompt T] [--save F.npz]
 BATCH: default 2; 1 takes the batch-1 gemv kernels in the decode steps. DeepSeek-V3 prompts take cuDNN (whole) and
-the MLA flash kernel (second chunk)."""
+the MLA flash kernel (second chunk). --interpret runs the Pallas path's kernels interpreted (any backend: on the CPU,
+JAX_PLATFORMS=cpu, with a short --prompt and a small --vocab), the same comparison without the GPU's kernels."""
 import argparse
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -16,10 +19,13 @@ from mixjax.sharding.strategies import STRATEGIES
 ap = argparse.ArgumentParser(); ap.add_argument("batch", nargs="?", type=int, default=2)
 ap.add_argument("--preset", default="qwen3-30b-a3b"); ap.add_argument("--layers", type=int, default=2)
 ap.add_argument("--save", help="also write each path's per-row differences (and argmax agreement) to this .npz")
+ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (a multiple of 32: two chunks)")
+ap.add_argument("--vocab", type=int, default=None); ap.add_argument("--interpret", action="store_true")
 args = a = ap.parse_args()
-cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, None))
+cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, a.vocab))
 w = nnx.state(bench_model(cfg))
-t, b = 512, a.batch
+t, b = a.prompt, a.batch
+grouped = "grouped-interpret" if a.interpret else "grouped"
 tok = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)), jnp.int32)
 pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))
 res = {}
@@ -27,11 +33,11 @@ fed = []  # the float32 run's argmax tokens, which every path is fed at its deco
 w32 = jax.tree.map(lambda a: a.astype(jnp.float32), w)
 for impl, dt, ws in (("f32", jnp.float32, w32), ("dense", jnp.bfloat16, w), ("grouped", jnp.bfloat16, w)):
     m = ShardedModel(cfg, make_mesh("1x1"), STRATEGIES["tp"], dtype=dt,
-                     expert_impl="dense" if impl == "f32" else impl).set_state(ws)
+                     expert_impl={"f32": "dense", "grouped": grouped}.get(impl, impl)).set_state(ws)
     whole, _ = m.forward(tok, pos, m.init_cache(b, t + 64), fresh=True)
     cache = m.init_cache(b, t + 64)
-    _, cache = m.forward(tok[:, :256], pos[:, :256], cache)
-    second, cache = m.forward(tok[:, 256:], pos[:, 256:], cache)
+    _, cache = m.forward(tok[:, :t // 2], pos[:, :t // 2], cache)
+    second, cache = m.forward(tok[:, t // 2:], pos[:, t // 2:], cache)
     steps = []
     nxt = second[:, -1].argmax(-1).astype(jnp.int32)
     for s in range(8 if b == 1 else 4):
@@ -39,10 +45,12 @@ for impl, dt, ws in (("f32", jnp.float32, w32), ("dense", jnp.bfloat16, w), ("gr
             fed.append(nxt)
         lg, cache = m.forward(fed[s][:, None], jnp.full((b, 1), t + s, jnp.int32), cache)
         steps.append(lg[:, 0]); nxt = lg[:, 0].argmax(-1).astype(jnp.int32)
-    res[impl] = (np.asarray(whole, np.float32), np.asarray(second, np.float32), np.stack([np.asarray(x, np.float32) for x in steps]))
+    res[impl] = (np.asarray(whole, np.float32), np.asarray(second, np.float32),
+                 np.stack([np.asarray(x, np.float32) for x in steps]))
 saved = {}
 for name, r, a, g in zip(("whole prompt", "second chunk", "decode steps"), res["f32"], res["dense"], res["grouped"]):
-    for label, x in (("bf16 XLA (dense)", a), ("bf16 Pallas/cuDNN (grouped)", g)):
+    pallas = "bf16 Pallas interpreted (grouped)" if args.interpret else "bf16 Pallas/cuDNN (grouped)"
+    for label, x in (("bf16 XLA (dense)", a), (pallas, g)):
         rel = np.abs(x - r).max() / np.abs(r).max()
         # per row (and step): one routing decision flipped by a rounding (an expert swapped for a near-tied one)
         # moves a row's logits far more than rounding does, so the largest difference can be one row's; the
