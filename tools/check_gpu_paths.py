@@ -4,7 +4,7 @@ in two chunks (Triton flash attention for the second), and decode steps (grouped
 logit difference relative to the largest float32 logit, the same per row (median, 90th percentile, share of rows over
 5e-2: one row whose routing flipped at a near-tie makes the largest difference) and the argmax agreement: the Pallas
 paths should be no further from float32 than XLA's.
-    python tools/check_gpu_paths.py [BATCH] [--preset deepseek-v3 --layers 1] [--prompt T] [--save F.npz]
+    python tools/check_gpu_paths.py [BATCH] [--preset deepseek-v3 --layers 1] [--prompt T] [--save F.npz] [--xla P]
 BATCH: default 2; 1 takes the batch-1 gemv kernels in the decode steps. DeepSeek-V3 prompts take cuDNN (whole) and
 the MLA flash kernel (second chunk). --interpret runs the Pallas path's kernels interpreted (any backend: on the CPU,
 JAX_PLATFORMS=cpu, with a short --prompt and a small --vocab), the same comparison without the GPU's kernels."""
@@ -21,7 +21,20 @@ ap.add_argument("--preset", default="qwen3-30b-a3b"); ap.add_argument("--layers"
 ap.add_argument("--save", help="also write each path's per-row differences (and argmax agreement) to this .npz")
 ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (a multiple of 32: two chunks)")
 ap.add_argument("--vocab", type=int, default=None); ap.add_argument("--interpret", action="store_true")
+ap.add_argument("--xla", default="", help="parts of the grouped path run by XLA instead, to find which part makes a "
+                "difference: comma-separated from prompt-attention (XLA's attend for prompts, not cuDNN / the flash "
+                "kernel), norm-rope (the prompt's q/k norm and RoPE), experts (XLA's dense experts, every step)")
 args = a = ap.parse_args()
+import mixjax.models.layers as layers_mod, mixjax.models.qwen3_moe as qwen3_mod  # noqa: E401,E402
+for part in filter(None, a.xla.split(",")):  # patched before anything is traced
+    if part == "prompt-attention":
+        qwen3_mod.tiles_for = lambda *_, **__: None
+    elif part == "norm-rope":
+        qwen3_mod.norm_rope_supported = lambda *_, **__: False
+    elif part == "experts":
+        layers_mod.choose_blocks = lambda *_, **__: None
+    else:
+        ap.error(f"--xla: unknown part {part!r}")
 cfg = bench_config(a.preset, a.layers, decode_vocab(a.preset, a.vocab))
 w = nnx.state(bench_model(cfg))
 t, b = a.prompt, a.batch
