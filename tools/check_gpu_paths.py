@@ -24,7 +24,7 @@ ap.add_argument("--vocab", type=int, default=None); ap.add_argument("--interpret
 ap.add_argument("--xla", default="", help="parts of the grouped path run by XLA instead, to find which part makes a "
                 "difference: comma-separated from prompt-attention (XLA's attend for prompts, not cuDNN / the flash "
                 "kernel), norm-rope (the prompt's q/k norm and RoPE), experts (XLA's dense experts, every step)")
-args = a = ap.parse_args()
+a = ap.parse_args()
 import mixjax.models.layers as layers_mod, mixjax.models.qwen3_moe as qwen3_mod  # noqa: E401,E402
 for part in filter(None, a.xla.split(",")):  # patched before anything is traced
     if part == "prompt-attention":
@@ -61,9 +61,9 @@ for impl, dt, ws in (("f32", jnp.float32, w32), ("dense", jnp.bfloat16, w), ("gr
     res[impl] = (np.asarray(whole, np.float32), np.asarray(second, np.float32),
                  np.stack([np.asarray(x, np.float32) for x in steps]))
 saved = {}
-for name, r, a, g in zip(("whole prompt", "second chunk", "decode steps"), res["f32"], res["dense"], res["grouped"]):
-    pallas = "bf16 Pallas interpreted (grouped)" if args.interpret else "bf16 Pallas/cuDNN (grouped)"
-    for label, x in (("bf16 XLA (dense)", a), (pallas, g)):
+pallas = "bf16 Pallas interpreted (grouped)" if a.interpret else "bf16 Pallas/cuDNN (grouped)"
+for name, r, d, g in zip(("whole prompt", "second chunk", "decode steps"), res["f32"], res["dense"], res["grouped"]):
+    for label, x in (("bf16 XLA (dense)", d), (pallas, g)):
         rel = np.abs(x - r).max() / np.abs(r).max()
         # per row (and step): one routing decision flipped by a rounding (an expert swapped for a near-tied one)
         # moves a row's logits far more than rounding does, so the largest difference can be one row's; the
@@ -75,5 +75,5 @@ for name, r, a, g in zip(("whole prompt", "second chunk", "decode steps"), res["
               f"per row: median {np.median(per_row):.2e}, 90th percentile {np.percentile(per_row, 90):.2e}, "
               f"over 5e-2 {(per_row > 5e-2).mean():.1%}; argmax agreement {(x.argmax(-1) == r.argmax(-1)).mean():.1%}",
               flush=True)
-if args.save:
-    np.savez(args.save, **saved)
+if a.save:
+    np.savez(a.save, **saved)

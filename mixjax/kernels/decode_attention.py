@@ -152,20 +152,27 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *rest, bk: int, chun
 def _one_chunk_output(o_ref, m_ref, l_ref, out_ref, b, h, group: int, interpret: bool):
     """With the cache read in one chunk, the combine kernel's work is the program's own: after a barrier (its
     partials were stored by all its threads; CUDA's __syncthreads makes them visible to the block) it reads back the
-    group's rows and merges them exactly as `_combine_kernel` does, so the output is the same, bit for bit (one
-    chunk: weight exp(0) = 1, sums of one term). A launch saved per layer at batch 32 and up (Qwen3-30B-A3B, 1024
+    group's rows and merges them as `_combine_kernel` does (`_merge_rows`), so the output is the same, bit for bit
+    (one chunk: weight exp(0) = 1, sums of one term). A launch saved per layer at batch 32 and up (Qwen3-30B-A3B, 1024
     slots: 128 programs of one chunk), ~1.5 us of a layer on an H200 (2026-12-03). Reading the rows back rather than
     keeping them in registers: Triton cannot take the group's first G of the 16 rows it holds. With several chunks,
     the merge by the last program to finish (an atomic count) was tried and not kept (docs/BENCHMARKS.md)."""
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         plgpu.debug_barrier()
-    rows = pl.ds(0, group)
-    m = m_ref[b, h, :, rows]  # [1, G]
-    w = jnp.exp(m - jnp.max(m, axis=0)[None, :])
-    num = jnp.sum(o_ref[b, h, :, rows, :] * w[:, :, None], axis=0)  # [G, D]
+    _merge_rows(o_ref, m_ref, l_ref, out_ref, b, h, group, pl.ds(0, o_ref.shape[-1]))
+
+
+def _merge_rows(o_ref, m_ref, l_ref, out_ref, b, h, group: int, cols):
+    """Inside a kernel: merge the chunks' partials of (row b, KV head h)'s first `group` query heads, columns `cols`
+    of D, into out_ref[b, h, :, cols] (`combine`'s arithmetic, the one form both kernels run)."""
+    rows = pl.ds(0, group)  # the real query heads of the padded group
+    m = m_ref[b, h, :, rows]  # [C, G]
+    top = jnp.max(m, axis=0)
+    w = jnp.exp(m - top[None, :])  # chunks that read no key have m = -inf: weight 0
+    num = jnp.sum(o_ref[b, h, :, rows, cols] * w[:, :, None], axis=0)  # [G, len(cols)]
     den = jnp.sum(l_ref[b, h, :, rows] * w, axis=0)
-    out_ref[b, h, :, :] = (num / den[:, None]).astype(out_ref.dtype)
+    out_ref[b, h, :, cols] = (num / den[:, None]).astype(out_ref.dtype)
 
 
 def combine(o, m, l):
@@ -177,13 +184,7 @@ def combine(o, m, l):
 
 def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, group: int, dt: int):
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows, cols = pl.ds(0, group), pl.ds(t * dt, dt)  # the real query heads of the padded group; a slice of D
-    m = m_ref[b, h, :, rows]  # [C, G]
-    top = jnp.max(m, axis=0)
-    w = jnp.exp(m - top[None, :])  # chunks that read no key have m = -inf: weight 0
-    num = jnp.sum(o_ref[b, h, :, rows, cols] * w[:, :, None], axis=0)  # [G, dt]
-    den = jnp.sum(l_ref[b, h, :, rows] * w, axis=0)
-    out_ref[b, h, :, cols] = (num / den[:, None]).astype(out_ref.dtype)
+    _merge_rows(o_ref, m_ref, l_ref, out_ref, b, h, group, pl.ds(t * dt, dt))  # a slice of D per program
 
 
 def combine_kernel(o, m, l, group: int, dtype, *, interpret: bool = False):
