@@ -77,3 +77,18 @@ def test_gemv_adds_the_residual_and_emits_the_row_it_read():
     np.testing.assert_allclose(np.asarray(y, np.float32), want_y, rtol=0, atol=1e-2 * np.abs(want_y).max())
     with pytest.raises(ValueError, match="x's shape"):
         gemv_many(x, (w,), add=a[:, :32], interpret=True)
+
+
+def test_gemv_out_dtype_keeps_the_float32_sums():
+    """out_dtype=float32 (a router's logits) returns the float32 sums of a bf16 row and weight unrounded: equal to
+    float64 arithmetic on the bf16 values within float32 summation error, and rounded to bf16 they are the default
+    output."""
+    rng = np.random.RandomState(11)
+    x, w = jnp.asarray(rng.randn(1, 64), jnp.bfloat16), jnp.asarray(rng.randn(16, 64), jnp.bfloat16)
+    (f32,) = gemv_many(x, (w,), interpret=True, out_dtype=jnp.float32)
+    (bf16,) = gemv_many(x, (w,), interpret=True)
+    assert f32.dtype == jnp.float32 and bf16.dtype == jnp.bfloat16
+    want = _ref(np.asarray(x, np.float32), np.asarray(w, np.float32))
+    np.testing.assert_allclose(np.asarray(f32), want, rtol=1e-6, atol=1e-5)
+    assert np.abs(np.asarray(f32) - np.asarray(f32.astype(jnp.bfloat16), np.float32)).max() > 0  # not rounded
+    np.testing.assert_array_equal(np.asarray(f32.astype(jnp.bfloat16), np.float32), np.asarray(bf16, np.float32))

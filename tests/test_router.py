@@ -56,3 +56,35 @@ def test_router_kernel_masks_rows_without_a_token_and_rounds_the_weights():
     np.testing.assert_array_equal(np.asarray(pids[:, :8]), np.asarray(ids))
     want = jnp.where(live[:, None], w, 0).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(pw[:, :8], np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("pallas", [None, "interpret"])
+def test_qwen3_routes_on_float32_logits_of_a_bf16_model(pallas):
+    """A bf16 model's router logits are not rounded to bf16 before the choice: two experts whose logits differ by
+    less than a bf16 unit (1 and 1 + 2^-10 after the norm's scaling, equal once rounded) are told apart as the
+    float32 model tells them, on XLA's path, the router kernel's (prompts, batch > 1) and the one-token path's
+    (the router's gemv with the residual sum and the norm). A rounding there flips a near-tie, which moves the row
+    further than any other rounding does."""
+    from flax import nnx
+    from mixjax.models.layers import RMSNorm
+    from mixjax.models.qwen3_moe import Qwen3MoE, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=16, moe_intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=8,
+                         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(),
+                         rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    moe = Qwen3MoE(cfg, "mlp", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    w = np.full((8, 16), 0.0, np.float32)
+    w[:, 0] = -2.0
+    w[0, 0] = w[1, 0] = 1.0
+    w[1, 1] = 2.0 ** -10  # expert 1's logit: 1 + 2^-10 times expert 0's
+    w[2, 0] = 2.0  # expert 2: the first choice; 0 and 1 compete for the second
+    moe.router.w[...] = jnp.asarray(w, jnp.bfloat16)
+    x = jnp.asarray(np.eye(16, dtype=np.float32)[:2].sum(0, keepdims=True), jnp.bfloat16)  # [1, 16]: 1, 1, 0, ...
+    ids, _ = moe.route(jnp.concatenate([x, x]), pallas)  # two rows: the router kernel's path under Pallas
+    np.testing.assert_array_equal(np.sort(np.asarray(ids), axis=1), [[1, 2], [1, 2]])
+    if pallas:
+        norm = RMSNorm(16, "norm", eps=1e-6, dtype=jnp.bfloat16)
+        ids, _, _ = moe.route_token(x, jnp.zeros_like(x), norm, pallas, live=None, rows=16)
+        np.testing.assert_array_equal(np.sort(np.asarray(ids[:, :2]), axis=1), [[1, 2]])

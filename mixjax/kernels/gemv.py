@@ -80,7 +80,7 @@ def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float 
         for j in range(k_dim // bk):  # unrolled: the loads are independent and Triton issues them ahead
             xk = operand(pl.ds(j * bk, bk))
             acc += w_ref[pl.ds(row0, bn), pl.ds(j * bk, bk)].astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
-        o_ref[0, pl.ds(row0, bn)] = jnp.sum(acc, axis=1).astype(dtype)
+        o_ref[0, pl.ds(row0, bn)] = jnp.sum(acc, axis=1).astype(o_ref.dtype)
 
     for i in range(n_w):  # weight i owns programs [starts[i], starts[i + 1])
         pl.when((pid >= starts[i]) & (pid < starts[i + 1]))(
@@ -100,11 +100,11 @@ def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float 
                                         jnp.zeros((emit, cols), dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block", "emit"))
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block", "emit", "out_dtype"))
 def gemv_many(x, ws, *, norm=None, eps: float | None = None, add=None, emit: int = 0, interpret: bool = False,
-              block: tuple[int, int, int] | None = None):
-    """x [1, K], ws: weights [N_i, K] -> a tuple of [1, N_i] in x's dtype, (norm(x) if `norm` is given) @ w_i.T
-    with products accumulated in float32, one kernel for all. `norm` is an RMSNorm weight [K] applied with `eps`;
+              block: tuple[int, int, int] | None = None, out_dtype=None):
+    """x [1, K], ws: weights [N_i, K] -> a tuple of [1, N_i] in x's dtype (or `out_dtype`: a router's float32
+    logits), (norm(x) if `norm` is given) @ w_i.T with products accumulated in float32, one kernel for all. `norm` is an RMSNorm weight [K] applied with `eps`;
     `add` [1, K], when given, is added to x first (in x's dtype: the residual sum h = x + add of a decoder layer);
     `emit` = R > 0 also returns the row the products read (norm(x + add)) on top of R - 1 zero rows, [R, K] in x's
     dtype, after the outputs (the 16-row tile that the one-token expert kernels read for every expert);
@@ -125,7 +125,7 @@ def gemv_many(x, ws, *, norm=None, eps: float | None = None, add=None, emit: int
     starts = tuple(itertools.accumulate((w.shape[0] // bn for w in ws), initial=0))
     args = ([x] + ([add.astype(x.dtype)] if add is not None else []) + list(ws)
             + ([norm.astype(x.dtype)] if norm is not None else []))
-    outs = tuple(jax.ShapeDtypeStruct((1, w.shape[0]), x.dtype) for w in ws)
+    outs = tuple(jax.ShapeDtypeStruct((1, w.shape[0]), out_dtype or x.dtype) for w in ws)
     outs += (jax.ShapeDtypeStruct((emit, k_dim), x.dtype),) if emit else ()
     params = triton_params(warps, 1, interpret)
     return tuple(pl.pallas_call(

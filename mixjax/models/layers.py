@@ -65,8 +65,9 @@ def zeros_param(shape, axes, source: Source, dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), axes=tuple(axes), source=source)
 
 
-def matmul(x, w):
-    """x @ w with float32 accumulation, result in x's dtype."""
+def matmul(x, w, out_dtype=None):
+    """x @ w with float32 accumulation, result in x's dtype (or out_dtype)."""
+    out_dtype = out_dtype or x.dtype
     if math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "gpu":
         # One row (batch-1 decode) on a GPU: XLA rewrites a vector-matrix dot as multiply + reduce, which writes the
         # whole product and reduces it over the weight's leading axis: 5x slower than reading the weight once
@@ -74,8 +75,8 @@ def matmul(x, w):
         # back, or the slice into the product) stay a matrix product; the second row is discarded.
         x2 = lax.optimization_barrier(jnp.broadcast_to(x.reshape(1, x.shape[-1]), (2, x.shape[-1])))
         y = lax.optimization_barrier(jnp.einsum("ri,io->ro", x2, w, preferred_element_type=jnp.float32))[:1]
-        return y.reshape(*x.shape[:-1], w.shape[-1]).astype(x.dtype)
-    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype)
+    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 class Linear(nnx.Module):
@@ -91,9 +92,10 @@ class Linear(nnx.Module):
         self.w = param(shape, axes, Source(name, transpose=not out_major, repeat_heads=repeat_heads), dtype, rngs)
         self.out_major = out_major
 
-    def __call__(self, x, norm: "RMSNorm | None" = None, pallas: str | None = None):
-        """(norm(x) if norm else x) @ W; `pallas` (ParallelContext.pallas) lets one row take the gemv kernel."""
-        return project(x, (self,), norm, pallas)[0]
+    def __call__(self, x, norm: "RMSNorm | None" = None, pallas: str | None = None, out_dtype=None):
+        """(norm(x) if norm else x) @ W in x's dtype (or out_dtype); `pallas` (ParallelContext.pallas) lets one row
+        take the gemv kernel."""
+        return project(x, (self,), norm, pallas, out_dtype)[0]
 
 
 class FusedLinear(nnx.Module):
@@ -156,19 +158,20 @@ class FusedLinear(nnx.Module):
         return [y[..., a:b] for a, b in self._bounds(y.shape[-1])]
 
 
-def project(x, linears, norm: "RMSNorm | None" = None, pallas: str | None = None) -> list:
-    """[(norm(x) if norm else x) @ l.W for l in linears]. One row on the Pallas path with out-major weights: one
+def project(x, linears, norm: "RMSNorm | None" = None, pallas: str | None = None, out_dtype=None) -> list:
+    """[(norm(x) if norm else x) @ l.W for l in linears], in x's dtype or out_dtype. One row on the Pallas path with out-major weights: one
     gemv kernel for all of them, the norm computed inside it."""
     ws = [lin.w[...] for lin in linears]
     if pallas and math.prod(x.shape[:-1]) == 1 and all(lin.out_major for lin in linears) and all(
             gemv_kernel.supported(*w.shape, gpu=pallas == "gpu") for w in ws):
         ys = gemv_kernel.gemv_many(x.reshape(1, -1), ws, norm=None if norm is None else norm.w[...],
-                                   eps=None if norm is None else norm.eps, interpret=pallas == "interpret")
+                                   eps=None if norm is None else norm.eps, interpret=pallas == "interpret",
+                                   out_dtype=out_dtype)
         return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]
     if norm is not None:
         x = norm(x)
     xs = _unshared(x, len(ws))
-    return [matmul(xi, w.T) if lin.out_major else matmul(xi, w) for xi, lin, w in zip(xs, linears, ws)]
+    return [matmul(xi, w.T if lin.out_major else w, out_dtype) for xi, lin, w in zip(xs, linears, ws)]
 
 
 UNSHARED_ROWS = 2048  # rows from which products of one operand are kept apart (`_unshared`)
