@@ -159,8 +159,8 @@ class FusedLinear(nnx.Module):
 
 
 def project(x, linears, norm: "RMSNorm | None" = None, pallas: str | None = None, out_dtype=None) -> list:
-    """[(norm(x) if norm else x) @ l.W for l in linears], in x's dtype or out_dtype. One row on the Pallas path with out-major weights: one
-    gemv kernel for all of them, the norm computed inside it."""
+    """[(norm(x) if norm else x) @ l.W for l in linears], in x's dtype or out_dtype. One row on the Pallas path
+    with out-major weights: one gemv kernel for all of them, the norm computed inside it."""
     ws = [lin.w[...] for lin in linears]
     if pallas and math.prod(x.shape[:-1]) == 1 and all(lin.out_major for lin in linears) and all(
             gemv_kernel.supported(*w.shape, gpu=pallas == "gpu") for w in ws):
