@@ -104,8 +104,8 @@ def _kernel(x_ref, *refs, starts: tuple[int, ...], bn: int, bk: int, eps: float 
 def gemv_many(x, ws, *, norm=None, eps: float | None = None, add=None, emit: int = 0, interpret: bool = False,
               block: tuple[int, int, int] | None = None, out_dtype=None):
     """x [1, K], ws: weights [N_i, K] -> a tuple of [1, N_i] in x's dtype (or `out_dtype`: a router's float32
-    logits), (norm(x) if `norm` is given) @ w_i.T with products accumulated in float32, one kernel for all. `norm`
-    is an RMSNorm weight [K] applied with `eps`;
+    logits), (norm(x) if `norm` is given) @ w_i.T with products accumulated in float32, one kernel for all.
+    `norm` is an RMSNorm weight [K] applied with `eps`;
     `add` [1, K], when given, is added to x first (in x's dtype: the residual sum h = x + add of a decoder layer);
     `emit` = R > 0 also returns the row the products read (norm(x + add)) on top of R - 1 zero rows, [R, K] in x's
     dtype, after the outputs (the 16-row tile that the one-token expert kernels read for every expert);

@@ -161,10 +161,10 @@ class Qwen3MoE(MoE):
         # The logits in float32, not rounded to x's dtype as Hugging Face's bf16 router does: at a near-tie a bf16
         # rounding flips the choice of an expert, which moves the row's output far more than any other rounding.
         # On the GPU XLA's prompt products kept them in float32 anyway (it drops a rounding to bf16 that a
-        # conversion back to float32 follows); the router kernel and the one-row products read rounded ones. In
-        # 512-token prompts of 2 random layers 10-12% of the Pallas path's rows ended over 5e-2 from the float32
-        # model against 5-6% on XLA's; with float32 logits 7-9%, and at 2048 tokens 6.7-7.0% on both (H200,
-        # 2026-12-04).
+        # conversion back to float32 follows); the router kernel and the one-row products read rounded ones. In a
+        # 512-token prompt of 2 random layers (batch 1) 10-12% of the Pallas path's rows ended over 5e-2 from the
+        # float32 model against 5-6% on XLA's; with float32 logits 7.6-9.0%, and at 2048 tokens 6.7-7.0% on both
+        # (H200, 2026-12-04; docs/BENCHMARKS.md, twenty-fourth session).
         logits = self.router(x, pallas=pallas, out_dtype=jnp.float32)
         if pallas:
             ids, w = router_kernel.route(logits, k=self.top_k, norm=self.norm_topk, interpret=pallas == "interpret")
